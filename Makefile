@@ -1,0 +1,46 @@
+# Every target creates the virtualenv first when it is missing, so that a fresh
+# clone can run `make test` or `make demo` as its very first command.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format typecheck bench demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev extra
+
+test: $(STAMP) lint typecheck ## lint, typecheck and run the tests (real Redis at REDIS_URL)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check bus workers tests bench
+	$(BIN)/ruff format --check bus workers tests bench
+
+format: $(STAMP) ## apply ruff formatting and fixes
+	$(BIN)/ruff format bus workers tests bench
+	$(BIN)/ruff check --fix bus workers tests bench
+
+typecheck: $(STAMP) ## mypy --strict on bus/ and workers/
+	$(BIN)/mypy
+
+bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
+	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.publish
+
+demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
+	$(BIN)/python -m bus.demo $(ARGS)
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""Every Redis key and channel name the bus uses, built in one place.
+
+Keys that belong to one partition or one trace carry a hash tag (``{...}``)
+so that the layout also runs on Redis Cluster: all keys of a trace live in
+one slot, and each event partition is its own slot.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+def partition_of(trace_id: str, partitions: int) -> int:
+    """The event partition that carries every event of ``trace_id``.
+
+    CRC32 is stable across processes and Python versions (unlike ``hash``),
+    which is what keeps one trace on one partition everywhere.
+    """
+    return zlib.crc32(trace_id.encode()) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one prefix."""
+
+    prefix: str = "lcbus"
+
+    # Event streams and the consumer runtime.
+    def events(self, partition: int) -> str:
+        return f"{self.prefix}:events:{{{partition}}}"
+
+    def lease(self, group: str, partition: int) -> str:
+        return f"{self.prefix}:lease:{group}:{{{partition}}}"
+
+    def members(self, group: str) -> str:
+        return f"{self.prefix}:members:{group}"
+
+    def dlq(self, group: str) -> str:
+        return f"{self.prefix}:dlq:{group}"
+
+    def stats(self, group: str) -> str:
+        return f"{self.prefix}:stats:{group}"
+
+    def arq_queue(self, worker: str) -> str:
+        return f"{self.prefix}:arq:{worker}"
+
+    def publisher_stats(self) -> str:
+        return f"{self.prefix}:publishers"
+
+    # Per trace (streaming history, live channel, run tree).
+    def history(self, trace_id: str) -> str:
+        return f"{self.prefix}:history:{{{trace_id}}}"
+
+    def channel(self, trace_id: str) -> str:
+        return f"{self.prefix}:live:{{{trace_id}}}"
+
+    def thread(self, thread_id: str) -> str:
+        return f"{self.prefix}:thread:{{{thread_id}}}"
+
+    def tree(self, trace_id: str) -> str:
+        return f"{self.prefix}:tree:{{{trace_id}}}"
+
+    def trace_index(self) -> str:
+        return f"{self.prefix}:traces"
+
+    # Webhooks.
+    def endpoints(self) -> str:
+        return f"{self.prefix}:wh:endpoints"
+
+    def endpoint(self, endpoint_id: str) -> str:
+        return f"{self.prefix}:wh:endpoint:{{{endpoint_id}}}"
+
+    def attempts(self, endpoint_id: str) -> str:
+        return f"{self.prefix}:wh:attempts:{{{endpoint_id}}}"
+
+    def webhook_dlq(self) -> str:
+        return f"{self.prefix}:wh:dead"
+
+    def webhook_message(self, message_id: str) -> str:
+        return f"{self.prefix}:wh:msg:{{{message_id}}}"
+
+    def all_keys_pattern(self) -> str:
+        """A SCAN pattern matching every key under this prefix."""
+        return f"{self.prefix}:*"

@@ -1,0 +1,109 @@
+"""One immutable settings object for every part of the bus.
+
+Library code takes a :class:`Settings` as an argument; only entrypoints (the
+CLI, worker modules, the demo) call :meth:`Settings.from_env`, so that the
+environment is read in one place and tests can build settings directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from bus.errors import ConfigError
+
+ENV_PREFIX = "LCBUS_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+DropPolicy = Literal["oldest", "newest"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Configuration shared by the handler, the workers and the frontends.
+
+    Every field maps to an environment variable ``LCBUS_<FIELD>`` (upper case);
+    the README's configuration table lists them.
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = "lcbus"
+    partitions: int = 8
+
+    # Publisher (app side).
+    buffer_size: int = 100_000
+    drop_policy: DropPolicy = "oldest"
+    batch_size: int = 512
+    flush_interval_ms: float = 2.0
+    close_timeout_s: float = 2.0
+    stream_maxlen: int = 1_000_000
+    max_field_bytes: int = 64 * 1024
+
+    # Consumers (worker side).
+    lease_ttl_ms: int = 5_000
+    read_count: int = 256
+    read_block_ms: int = 1_000
+    max_attempts: int = 3
+    metrics_port: int = 0
+
+    # Per-trace history kept for streaming clients.
+    history_maxlen: int = 100_000
+    history_ttl_s: int = 24 * 3600
+
+    # Run trees kept by the trace worker.
+    trace_ttl_s: int = 7 * 24 * 3600
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "{} "):
+            raise ConfigError(f"prefix must be non-empty without braces or spaces: {self.prefix!r}")
+        if self.partitions < 1:
+            raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
+        if self.buffer_size < 1 or self.batch_size < 1:
+            raise ConfigError("buffer_size and batch_size must be >= 1")
+        if self.drop_policy not in ("oldest", "newest"):
+            raise ConfigError(f"drop_policy must be 'oldest' or 'newest', got {self.drop_policy!r}")
+        if self.max_field_bytes < 256:
+            raise ConfigError("max_field_bytes must be >= 256")
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (settings are immutable)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``LCBUS_*`` variables (``REDIS_URL`` is honoured too)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        if "REDIS_URL" in env:
+            values["redis_url"] = env["REDIS_URL"]
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            values[field.name] = _parse(field.name, raw, field.type)
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, raw: str, annotation: object) -> object:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+def env_fields() -> list[tuple[str, str, object]]:
+    """(variable, type, default) for each setting; used to document them."""
+    return [
+        (ENV_PREFIX + f.name.upper(), str(f.type), f.default)
+        for f in dataclasses.fields(Settings)
+    ]
