@@ -104,6 +104,5 @@ def _parse(name: str, raw: str, annotation: object) -> object:
 def env_fields() -> list[tuple[str, str, object]]:
     """(variable, type, default) for each setting; used to document them."""
     return [
-        (ENV_PREFIX + f.name.upper(), str(f.type), f.default)
-        for f in dataclasses.fields(Settings)
+        (ENV_PREFIX + f.name.upper(), str(f.type), f.default) for f in dataclasses.fields(Settings)
     ]
