@@ -54,6 +54,8 @@ def safe(value: Any, *, max_bytes: int) -> Any:
 
 def safe_str(value: str, *, max_bytes: int) -> str:
     """``value`` cut to ``max_bytes`` (UTF-8) with a marker when longer."""
+    if type(value) is not str:  # str subclasses (LangChain's TextAccessor) do not encode
+        value = str.__str__(value)
     if len(value) * 4 <= max_bytes:  # fast path: cannot exceed the bound
         return value
     encoded = value.encode("utf-8", "surrogatepass")
