@@ -59,8 +59,17 @@ class Keys:
     def channel(self, trace_id: str) -> str:
         return f"{self.prefix}:live:{{{trace_id}}}"
 
-    def thread(self, thread_id: str) -> str:
+    def history_seq(self, trace_id: str) -> str:
+        return f"{self.prefix}:history-seq:{{{trace_id}}}"
+
+    def thread_history(self, thread_id: str) -> str:
         return f"{self.prefix}:thread:{{{thread_id}}}"
+
+    def thread_history_seq(self, thread_id: str) -> str:
+        return f"{self.prefix}:thread-seq:{{{thread_id}}}"
+
+    def thread_channel(self, thread_id: str) -> str:
+        return f"{self.prefix}:thread-live:{{{thread_id}}}"
 
     def tree(self, trace_id: str) -> str:
         return f"{self.prefix}:tree:{{{trace_id}}}"

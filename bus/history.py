@@ -1,0 +1,162 @@
+"""Per-topic event history for streaming clients, and its live channel.
+
+A *topic* is one trace or one thread. The fan-out worker appends protocol
+events to the topic's history stream and publishes each on the topic's
+channel in the same server-side step (one script), so the live message
+carries the history entry id: that id is the protocol ``eventId`` and the SSE
+``id:``, which is what makes resume exact. Frontends subscribe first, then read
+history after the client's position, and merge the two by id.
+
+Entry fields: ``s`` per-topic sequence number, ``m`` the protocol channel
+(``messages``, ``tools``, ``lifecycle``, ``custom``), ``f`` = ``1`` on the
+topic's final event, ``p`` the JSON of ``{"method": ..., "params": ...}``.
+A live message is the same, tab-separated: ``id, s, m, f, p``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from bus.keys import Keys
+
+TopicKind = Literal["trace", "thread"]
+Position = Literal["ok", "missed", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    kind: TopicKind
+    id: str
+
+    def history(self, keys: Keys) -> str:
+        return keys.history(self.id) if self.kind == "trace" else keys.thread_history(self.id)
+
+    def seq(self, keys: Keys) -> str:
+        return (
+            keys.history_seq(self.id) if self.kind == "trace" else keys.thread_history_seq(self.id)
+        )
+
+    def channel(self, keys: Keys) -> str:
+        return keys.channel(self.id) if self.kind == "trace" else keys.thread_channel(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One protocol event as stored, ready to be framed for a client."""
+
+    event_id: str
+    seq: int
+    method: str
+    final: bool
+    payload: bytes
+
+    def envelope(self) -> bytes:
+        """The protocol envelope ``{type, eventId, seq, method, params}`` as JSON.
+
+        Built by splicing bytes, not by re-encoding: this runs once per event
+        per client.
+        """
+        head = b'{"type":"event","eventId":"%s","seq":%d,' % (self.event_id.encode(), self.seq)
+        return head + self.payload[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A protocol event to append: its channel, whether it ends the topic, its JSON."""
+
+    method: str
+    payload: bytes
+    final: bool = False
+
+
+# KEYS: history stream, seq counter. ARGV: channel, maxlen, ttl, then (m, f, p) triples.
+_APPEND = """
+local last = ''
+for i = 4, #ARGV, 3 do
+  local seq = redis.call('INCR', KEYS[2])
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+                    's', seq, 'm', ARGV[i], 'f', ARGV[i + 1], 'p', ARGV[i + 2])
+  local tab = '\\t'
+  redis.call('PUBLISH', ARGV[1],
+             last .. tab .. seq .. tab .. ARGV[i] .. tab .. ARGV[i + 1] .. tab .. ARGV[i + 2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return last
+"""
+
+
+class HistoryWriter:
+    """Appends protocol events to topics (used by the fan-out worker)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
+        self._script = redis.register_script(_APPEND)
+        self._keys = keys
+        self._maxlen = maxlen
+        self._ttl_s = ttl_s
+
+    async def queue(self, pipe: Any, topic: Topic, events: Sequence[Outgoing]) -> None:
+        """Add one append of ``events`` to ``pipe`` (one script run; sent on execute)."""
+        if not events:
+            return
+        args: list[Any] = [topic.channel(self._keys), self._maxlen, self._ttl_s]
+        for item in events:
+            args += [item.method, b"1" if item.final else b"0", item.payload]
+        await self._script(
+            keys=[topic.history(self._keys), topic.seq(self._keys)], args=args, client=pipe
+        )
+
+
+def parse_message(data: bytes) -> StreamItem:
+    """A live channel message -> :class:`StreamItem`."""
+    event_id, seq, method, final, payload = data.split(b"\t", 4)
+    return StreamItem(event_id.decode(), int(seq), method.decode(), final == b"1", payload)
+
+
+def _item(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamItem:
+    event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return StreamItem(
+        event_id, int(fields[b"s"]), fields[b"m"].decode(), fields.get(b"f") == b"1", fields[b"p"]
+    )
+
+
+async def read_after(
+    redis: aioredis.Redis, keys: Keys, topic: Topic, after: str | None, *, count: int = 1000
+) -> list[StreamItem]:
+    """History entries after ``after`` (all of them when None), oldest first."""
+    start = f"({after}" if after else "-"
+    entries: list[Any] = await redis.xrange(topic.history(keys), min=start, max="+", count=count)
+    return [_item(entry_id, fields) for entry_id, fields in entries]
+
+
+async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) -> Position:
+    """Whether a client at ``after`` can resume without a gap.
+
+    ``ok``: ``after`` is still in history (history only loses its head, so
+    everything after it is there too) or history starts right after it.
+    ``missed``: older entries were trimmed or expired past that point.
+    ``unknown``: the id is malformed or lies beyond the end of history.
+    """
+    key = topic.history(keys)
+    try:
+        if await redis.xrange(key, min=after, max=after, count=1):
+            return "ok"
+        first: list[Any] = await redis.xrange(key, min="-", max="+", count=1)
+    except aioredis.ResponseError:
+        return "unknown"
+    if not first:
+        return "missed"
+    first_id, fields = first[0]
+    if _id_tuple(after) > _id_tuple(first_id):
+        return "unknown"
+    return "ok" if int(fields[b"s"]) == 1 else "missed"
+
+
+def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
