@@ -129,7 +129,7 @@ async def read_after(
 ) -> list[StreamItem]:
     """History entries after ``after`` (all of them when None), oldest first."""
     start = f"({after}" if after else "-"
-    entries: list[Any] = await redis.xrange(topic.history(keys), min=start, max="+", count=count)
+    entries: Any = await redis.xrange(topic.history(keys), min=start, max="+", count=count)
     return [_item(entry_id, fields) for entry_id, fields in entries]
 
 
@@ -145,7 +145,7 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     try:
         if await redis.xrange(key, min=after, max=after, count=1):
             return "ok"
-        first: list[Any] = await redis.xrange(key, min="-", max="+", count=1)
+        first: Any = await redis.xrange(key, min="-", max="+", count=1)
     except aioredis.ResponseError:
         return "unknown"
     if not first:
