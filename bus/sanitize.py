@@ -132,7 +132,7 @@ def _walk_items(value: Any, budget: _Budget, depth: int, path: set[int]) -> list
 
 
 def _take_str(value: str, budget: _Budget) -> str:
-    limit = max(budget.left, 64)
+    limit = max(budget.left // 2, 64)  # leave room for the siblings that follow
     text = safe_str(value, max_bytes=limit)
     if text is not value:
         budget.cut = True

@@ -1,0 +1,187 @@
+"""The handler publishes the complete, correctly nested event sequence of real chains."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import redis
+
+from bus import BusCallbackHandler, Keys, Settings, decode
+from bus import events as ev
+from tests.support.chains import ANSWER, build_chain
+
+
+def read_all(client: redis.Redis, settings: Settings) -> list[ev.Event]:
+    keys = Keys(settings.prefix)
+    found: list[ev.Event] = []
+    for partition in range(settings.partitions):
+        for _, fields in client.xrange(keys.events(partition)):
+            found.append(decode(fields[b"e"]))
+    return found
+
+
+def by_trace(events: list[ev.Event]) -> dict[str, list[ev.Event]]:
+    traces: dict[str, list[ev.Event]] = defaultdict(list)
+    for event in events:
+        traces[event.trace_id].append(event)
+    return traces
+
+
+def check_trace(events: list[ev.Event], root: str) -> None:
+    """One trace: seq 1..N in stream order, runs nested and each closed once."""
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert all(e.trace_id == root for e in events)
+    started: dict[str, str | None] = {}
+    ended: set[str] = set()
+    for event in events:
+        tag = ev.event_type(event)
+        if tag in ev.START_TYPES:
+            assert event.run_id not in started, "a run started twice"
+            assert event.parent_run_id is None or event.parent_run_id in started
+            assert event.parent_run_id not in ended, "child started after its parent ended"
+            started[event.run_id] = event.parent_run_id
+        elif tag in ev.END_TYPES | ev.ERROR_TYPES:
+            assert event.run_id in started and event.run_id not in ended
+            assert event.parent_run_id == started[event.run_id]
+            ended.add(event.run_id)
+        else:
+            assert event.run_id in started and event.run_id not in ended, tag
+    assert ended == set(started), "every run that started also ended"
+    assert started[root] is None
+
+
+def types_of(events: list[ev.Event]) -> set[str]:
+    return {ev.event_type(e) for e in events}
+
+
+EXPECTED_TYPES = {
+    "on_chain_start",
+    "on_chain_end",
+    "on_retriever_start",
+    "on_retriever_end",
+    "on_custom_event",
+    "on_chat_model_start",
+    "on_llm_new_token",
+    "on_llm_end",
+    "on_tool_start",
+    "on_tool_end",
+}
+
+
+def assert_complete_run(events: list[ev.Event], root: str) -> None:
+    check_trace(events, root)
+    assert EXPECTED_TYPES <= types_of(events)
+    tokens = [e.token for e in events if isinstance(e, ev.LLMNewToken)]
+    assert "".join(tokens) == ANSWER
+    model_end = next(e for e in events if isinstance(e, ev.LLMEnd))
+    assert model_end.text == ANSWER
+    custom = next(e for e in events if isinstance(e, ev.CustomEvent))
+    assert (custom.event_name, custom.data) == ("progress", {"step": "retrieved"})
+    retriever_end = next(e for e in events if isinstance(e, ev.RetrieverEnd))
+    assert retriever_end.documents[0]["page_content"] == "notes about what moves tokens?"
+    names = {e.name for e in events if ev.event_type(e) in ev.START_TYPES}
+    assert {"ChatPromptTemplate", "GenericFakeChatModel", "StrOutputParser", "word_count"} <= names
+    run_types = {e.run_type for e in events if ev.event_type(e) in ev.START_TYPES}
+    assert {"chain", "prompt", "parser", "chat_model", "tool", "retriever"} <= run_types
+
+
+def test_sync_stream_publishes_complete_nested_sequence(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    handler = BusCallbackHandler(settings=settings)
+    root = uuid.uuid4()
+    chunks = list(
+        build_chain().stream("what moves tokens?", config={"callbacks": [handler], "run_id": root})
+    )
+    assert chunks
+    assert handler.publisher.flush(5)
+    assert handler.failures == 0
+    traces = by_trace(read_all(sync_redis, settings))
+    assert list(traces) == [str(root)]
+    assert_complete_run(traces[str(root)], str(root))
+    handler.close()
+
+
+async def test_async_runs_publish_independent_traces(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    handler = BusCallbackHandler(settings=settings)
+    chain = build_chain()
+    roots = [uuid.uuid4() for _ in range(3)]
+    for root in roots:
+        async for _ in chain.astream(
+            "what moves tokens?", config={"callbacks": [handler], "run_id": root}
+        ):
+            pass
+    assert handler.publisher.flush(5)
+    traces = by_trace(read_all(sync_redis, settings))
+    assert set(traces) == {str(r) for r in roots}
+    for root in roots:
+        assert_complete_run(traces[str(root)], str(root))
+    handler.close()
+
+
+def test_trace_lives_on_one_partition(settings: Settings, sync_redis: redis.Redis) -> None:
+    handler = BusCallbackHandler(settings=settings)
+    chain = build_chain()
+    roots = [uuid.uuid4() for _ in range(8)]
+    for root in roots:
+        chain.invoke("q", config={"callbacks": [handler], "run_id": root})
+    assert handler.publisher.flush(5)
+    keys = Keys(settings.prefix)
+    partitions_of: dict[str, set[int]] = defaultdict(set)
+    for partition in range(settings.partitions):
+        for _, fields in sync_redis.xrange(keys.events(partition)):
+            partitions_of[decode(fields[b"e"]).trace_id].add(partition)
+    assert set(partitions_of) == {str(r) for r in roots}
+    assert all(len(p) == 1 for p in partitions_of.values())
+    handler.close()
+
+
+def test_error_branch_is_published(settings: Settings, sync_redis: redis.Redis) -> None:
+    handler = BusCallbackHandler(settings=settings)
+    root = uuid.uuid4()
+    with pytest.raises(ValueError, match="cannot handle"):
+        build_chain(failing_tool=True).invoke("q", config={"callbacks": [handler], "run_id": root})
+    assert handler.publisher.flush(5)
+    events = by_trace(read_all(sync_redis, settings))[str(root)]
+    check_trace(events, str(root))
+    errors = [e for e in events if isinstance(e, ev.ToolError | ev.ChainError)]
+    assert any(isinstance(e, ev.ToolError) and "cannot handle" in e.error for e in errors)
+    root_error = next(e for e in errors if e.run_id == str(root))
+    assert root_error.error_type == "ValueError"
+    handler.close()
+
+
+def test_handler_attached_to_the_chain(settings: Settings, sync_redis: redis.Redis) -> None:
+    handler = BusCallbackHandler(settings=settings)
+    chain = build_chain().with_config(callbacks=[handler])
+    chain.invoke("what moves tokens?")
+    assert handler.publisher.flush(5)
+    traces = by_trace(read_all(sync_redis, settings))
+    assert len(traces) == 1
+    [(root, events)] = traces.items()
+    check_trace(events, root)
+    handler.close()
+
+
+def test_metadata_and_tags_travel_with_every_event(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    handler = BusCallbackHandler(settings=settings)
+    config: Any = {
+        "callbacks": [handler],
+        "tags": ["demo"],
+        "metadata": {"thread_id": "t-1", "openai_api_key": "sk-live-123"},
+    }
+    build_chain().invoke("q", config=config)
+    assert handler.publisher.flush(5)
+    events = read_all(sync_redis, settings)
+    assert events
+    assert all("demo" in e.tags for e in events)
+    assert all(e.metadata.get("thread_id") == "t-1" for e in events)
+    assert all(e.metadata.get("openai_api_key") == "[redacted]" for e in events)
+    handler.close()
