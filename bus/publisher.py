@@ -146,7 +146,7 @@ class Publisher:
     def stats(self) -> PublisherStats:
         return PublisherStats(
             published=self._published,
-            dropped=self._dropped,
+            dropped=self._dropped + self._dropped_by_flusher,
             errors=self._errors,
             buffer_depth=len(self._buffer),
             reconnects=self._reconnects,
@@ -169,7 +169,9 @@ class Publisher:
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._client: redis.Redis | None = self._injected
-        self._published = self._dropped = self._errors = 0
+        # Drops are counted apart per thread: an unlocked += shared by two
+        # threads could lose counts.
+        self._published = self._dropped = self._dropped_by_flusher = self._errors = 0
         self._reconnects = self._batches = 0
         self._in_flight = False
         self._connected = False
@@ -187,10 +189,9 @@ class Publisher:
             self._wakeup.clear()
             if linger and 0 < len(self._buffer) < self.settings.batch_size:
                 time.sleep(linger)  # the time bound: let a batch form
-            while self._buffer and not self._drain_once():
-                self._stopping.wait(self._backoff())
-                if self._stopping.is_set():
-                    break
+            while self._buffer and not self._stopping.is_set():
+                if not self._drain_once():
+                    self._stopping.wait(self._backoff())
             if time.monotonic() - last_stats > _STATS_EVERY_S:
                 last_stats = time.monotonic()
                 self._report_stats()
@@ -248,14 +249,17 @@ class Publisher:
         if not self._failing:
             self._failing = True
             log.warning("lcbus publisher cannot reach Redis (%s); buffering", self._last_error)
-        # Put the batch back in front, in order; whatever exceeds the bound is dropped
-        # by the same policy as in publish().
-        room = self.settings.buffer_size - len(self._buffer)
-        if room < len(batch):
-            lost = len(batch) - max(room, 0)
-            self._dropped += lost
-            batch = batch[lost:] if self._drop_oldest else batch[: max(room, 0)]
-        self._buffer.extendleft(reversed(batch))
+        # Put the batch back in front, in order, then apply the drop policy to
+        # whatever exceeds the bound: the same outcome as if publish() had dropped.
+        buffer = self._buffer
+        buffer.extendleft(reversed(batch))
+        trim = buffer.popleft if self._drop_oldest else buffer.pop
+        try:
+            while len(buffer) > self.settings.buffer_size:
+                trim()
+                self._dropped_by_flusher += 1
+        except IndexError:
+            pass
 
     def _backoff(self) -> float:
         return min(_MAX_BACKOFF_S, 0.05 * 2.0 ** min(self._errors, 5))
