@@ -1,0 +1,161 @@
+"""What the bus handler costs the app per streamed token.
+
+``python -m bench.overhead [--tokens N] [--repeats R]``
+
+Streams N tokens through langchain-core's ``GenericFakeChatModel`` with sync
+``.stream()`` and async ``.astream()``, under three cases interleaved in each
+repeat: (a) no handler, (b) a no-op inline handler, (c) the bus handler
+publishing to real Redis. The ratio (c)/(b) is the bus's own overhead. A
+reference row measures the naive design: a handler doing one synchronous HTTP
+POST per event to a local receiver process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+
+from bench._support import REDIS_URL, median, report, throwaway_prefix
+from bus import BusCallbackHandler, Settings
+
+
+class NoopHandler(BaseCallbackHandler):
+    """Receives every callback inline and does nothing: the fair baseline."""
+
+    run_inline = True
+
+    def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        return None
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        return None
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        return None
+
+
+class NaivePostHandler(NoopHandler):
+    """One synchronous HTTP POST per callback: what the bus replaces."""
+
+    def __init__(self, url: str) -> None:
+        self.client = httpx.Client()
+        self.url = url
+
+    def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        self.client.post(self.url, json={"type": "token", "token": str(token)})
+
+
+RECEIVER = """
+import http.server, sys
+class Ok(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(204); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def model_for(tokens: int) -> GenericFakeChatModel:
+    text = " ".join(["tok"] * ((tokens + 1) // 2))  # words and spaces are both tokens
+    return GenericFakeChatModel(messages=iter([AIMessage(text)] * 10_000))
+
+
+def time_sync(tokens: int, callbacks: list[BaseCallbackHandler]) -> float:
+    model = model_for(tokens)
+    start = time.perf_counter()
+    count = sum(1 for _ in model.stream("go", config={"callbacks": callbacks}))
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def time_async(tokens: int, callbacks: list[BaseCallbackHandler]) -> float:
+    async def run() -> float:
+        model = model_for(tokens)
+        start = time.perf_counter()
+        count = 0
+        async for _ in model.astream("go", config={"callbacks": callbacks}):
+            count += 1
+        return (time.perf_counter() - start) / count * 1e6
+
+    return asyncio.run(run())
+
+
+def naive_reference(tokens: int) -> float:
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout is not None
+        port = int(receiver.stdout.readline())
+        handler = NaivePostHandler(f"http://127.0.0.1:{port}/")
+        time_sync(50, [handler])  # warm the connection
+        return time_sync(tokens, [handler])
+    finally:
+        receiver.terminate()
+        receiver.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=4000)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    with throwaway_prefix("overhead") as prefix:
+        bus_handler = BusCallbackHandler(settings=Settings(redis_url=REDIS_URL, prefix=prefix))
+        cases: dict[str, list[BaseCallbackHandler]] = {
+            "none": [],
+            "noop": [NoopHandler()],
+            "bus": [bus_handler],
+        }
+        runners: dict[str, Callable[[int, list[BaseCallbackHandler]], float]] = {
+            "sync": time_sync,
+            "async": time_async,
+        }
+        samples: dict[str, list[float]] = {f"{m}_{c}": [] for m in runners for c in cases}
+        for mode, runner in runners.items():  # warm-up
+            for handlers in cases.values():
+                runner(200, handlers)
+        for repeat in range(args.repeats):
+            for mode, runner in runners.items():
+                order = list(cases.items())
+                if repeat % 2:
+                    order.reverse()  # no case always runs first
+                for case, handlers in order:
+                    samples[f"{mode}_{case}"].append(runner(args.tokens, handlers))
+        bus_handler.publisher.flush(10)
+        stats = bus_handler.publisher.stats
+        naive = naive_reference(min(args.tokens, 400))
+        bus_handler.close()
+
+    us = {name: round(median(values), 2) for name, values in samples.items()}
+    for name, value in us.items():
+        print(f"{name:>12}: {value:8.2f} us/token")
+    print(f"{'naive POST':>12}: {naive:8.2f} us/token (reference: one HTTP POST per token)")
+    print(f"published={stats.published} dropped={stats.dropped} errors={stats.errors}")
+    report(
+        {
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+            "us_per_token": us,
+            "naive_post_us_per_token": round(naive, 2),
+            "ratio_sync": round(us["sync_bus"] / us["sync_noop"], 3),
+            "ratio_async": round(us["async_bus"] / us["async_noop"], 3),
+            "dropped": stats.dropped,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
