@@ -124,7 +124,7 @@ def main() -> None:
             "async": time_async,
         }
         samples: dict[str, list[float]] = {f"{m}_{c}": [] for m in runners for c in cases}
-        for mode, runner in runners.items():  # warm-up
+        for runner in runners.values():  # warm-up
             for handlers in cases.values():
                 runner(200, handlers)
         for repeat in range(args.repeats):
