@@ -1,0 +1,1 @@
+"""The demo: the whole bus on one machine, on an embedded Redis by default."""
