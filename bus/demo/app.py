@@ -7,8 +7,9 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForRetrieverRun, dispatch_custom_event
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel, GenericFakeChatModel
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompt_values import PromptValue
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnablePassthrough
@@ -68,4 +69,47 @@ def build_chain(model: BaseChatModel) -> Runnable[str, dict[str, Any]]:
         | model
         | StrOutputParser()
         | {"answer": RunnablePassthrough(), "words": word_count}
+    )
+
+
+def openai_model(
+    base_url: str | None, *, api_key: str = "local", model: str = "gpt-4o-mini"
+) -> BaseChatModel:
+    """``ChatOpenAI`` streaming with usage; ``base_url=None`` means the real API."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model=model,
+        base_url=base_url,
+        api_key=api_key,  # type: ignore[arg-type]
+        streaming=True,
+        stream_usage=True,
+        max_retries=0,
+        timeout=30,
+    )
+
+
+def build_tool_chain(model: BaseChatModel) -> Runnable[str, str]:
+    """retriever -> custom event -> prompt -> model with a tool -> tool -> model again."""
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer using these notes:\n{context}"), ("human", "{question}")]
+    )
+    tools = {"word_count": word_count}
+    bound = model.bind_tools([word_count])
+
+    def respond(prompt_value: PromptValue, config: RunnableConfig) -> str:
+        history: list[BaseMessage] = prompt_value.to_messages()
+        reply = bound.invoke(history, config)
+        history.append(reply)
+        for call in getattr(reply, "tool_calls", []):
+            history.append(tools[call["name"]].invoke(call, config))
+        if getattr(reply, "tool_calls", None):
+            reply = bound.invoke(history, config)
+        return str(reply.content)
+
+    return (
+        {"context": NotesRetriever() | _join, "question": RunnablePassthrough()}
+        | RunnableLambda(_note_progress)
+        | prompt
+        | RunnableLambda(respond, name="respond")
     )
