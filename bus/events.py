@@ -187,9 +187,7 @@ Event = (
 )
 
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
-    str(cls.__struct_config__.tag): cls
-    for cls in Event.__args__  # type: ignore[attr-defined]
-    if cls is not UnknownEvent
+    str(cls.__struct_config__.tag): cls for cls in Event.__args__ if cls is not UnknownEvent
 }
 
 END_TYPES = frozenset({"on_llm_end", "on_chain_end", "on_tool_end", "on_retriever_end"})
@@ -244,22 +242,22 @@ encode_json = _json_encoder.encode
 def decode(data: bytes) -> Event:
     """msgpack bytes -> Event; an unknown type becomes :class:`UnknownEvent`."""
     try:
-        return _msgpack_decoder.decode(data)
+        event: Event = _msgpack_decoder.decode(data)
     except msgspec.DecodeError as exc:
         return _fallback(data, exc, _msgpack_envelope)
+    return event
 
 
 def decode_json(data: bytes | str) -> Event:
     """JSON -> Event; an unknown type becomes :class:`UnknownEvent`."""
     try:
-        return _json_decoder.decode(data)
+        event: Event = _json_decoder.decode(data)
     except msgspec.DecodeError as exc:
         return _fallback(data, exc, _json_envelope)
+    return event
 
 
-def _fallback(
-    data: bytes | str, exc: Exception, envelope_decoder: msgspec.msgpack.Decoder[_Envelope] | Any
-) -> Event:
+def _fallback(data: bytes | str, exc: Exception, envelope_decoder: Any) -> Event:
     try:
         env: _Envelope = envelope_decoder.decode(data)
     except msgspec.DecodeError:

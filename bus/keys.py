@@ -45,8 +45,12 @@ class Keys:
     def arq_queue(self, worker: str) -> str:
         return f"{self.prefix}:arq:{worker}"
 
-    def publisher_stats(self) -> str:
-        return f"{self.prefix}:publishers"
+    def publisher(self, source: str) -> str:
+        """Expiring stats of one publishing process (for ``lcbus status``)."""
+        return f"{self.prefix}:publisher:{source}"
+
+    def publisher_pattern(self) -> str:
+        return f"{self.prefix}:publisher:*"
 
     # Per trace (streaming history, live channel, run tree).
     def history(self, trace_id: str) -> str:

@@ -58,6 +58,11 @@ class Settings:
     history_maxlen: int = 100_000
     history_ttl_s: int = 24 * 3600
 
+    # Read APIs (frontends): HMAC secret for stream tokens; open mode is for local development.
+    stream_secret: str = ""
+    open_access: bool = False
+    admin_token: str = ""
+
     # Run trees kept by the trace worker.
     trace_ttl_s: int = 7 * 24 * 3600
 

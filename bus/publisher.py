@@ -1,0 +1,278 @@
+"""The app-side publisher: a bounded buffer drained by one background flusher.
+
+``publish()`` is the hot path: it appends to a deque and at most sets an event.
+It never blocks on the network and never raises. A daemon thread, with its own
+Redis client, drains the buffer in batches (by size, or after a short linger)
+with one pipelined ``XADD ... MAXLEN ~`` round trip per batch.
+
+When Redis is slow or down the buffer fills up to ``buffer_size`` and then the
+drop policy applies: ``oldest`` (default) discards the oldest buffered event so
+that what is published when Redis returns is the most recent state; ``newest``
+refuses the incoming event. Drops are counted. The flusher backs off while
+Redis is unreachable and resumes by itself.
+
+Fork safety: after ``fork()`` the child gets an empty buffer, a new client and
+a new flusher thread (the parent keeps and flushes its own events). At exit the
+buffer is flushed within ``close_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgspec
+import redis
+
+from bus.keys import Keys
+from bus.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENTRY_FIELD = b"e"
+"""The one field of every event stream entry: the msgpack-encoded event."""
+
+_MAX_BACKOFF_S = 1.0
+_STATS_EVERY_S = 5.0
+_STATS_TTL_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    published: int
+    dropped: int
+    errors: int
+    buffer_depth: int
+    reconnects: int
+    batches: int
+    connected: bool
+    last_error: str
+
+
+class Publisher:
+    """Buffers encoded events and ships them to the partitioned event streams.
+
+    Pass ``redis=`` to use a client of your own (fakeredis for the embedded
+    mode); otherwise one is made from ``settings.redis_url``. Use
+    :meth:`shared` to get the one publisher of this process for some settings.
+    """
+
+    def __init__(self, *, settings: Settings, redis: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self._injected = redis
+        keys = Keys(settings.prefix)
+        self._stream_keys = [keys.events(p) for p in range(settings.partitions)]
+        self._keys = keys
+        self._closed = False
+        self._reset()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _call(ref, "_reset"))
+        atexit.register(_call, ref, "close")
+
+    _shared: dict[tuple[str, str, int], Publisher] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, settings: Settings) -> Publisher:
+        """The process-wide publisher for these settings (created on first use)."""
+        key = (settings.redis_url, settings.prefix, settings.partitions)
+        with cls._shared_lock:
+            publisher = cls._shared.get(key)
+            if publisher is None or publisher._closed:
+                publisher = cls._shared[key] = cls(settings=settings)
+            return publisher
+
+    # -- hot path ---------------------------------------------------------
+
+    def publish(self, partition: int, payload: bytes) -> None:
+        """Queue one encoded event for ``partition``. Never blocks, never raises."""
+        buffer = self._buffer
+        if len(buffer) >= self.settings.buffer_size:
+            self._dropped += 1
+            if self._drop_oldest:
+                try:  # noqa: SIM105 (hot path: cheaper than contextlib.suppress)
+                    buffer.popleft()
+                except IndexError:  # drained meanwhile by the flusher
+                    pass
+            else:
+                return
+        buffer.append((self._stream_keys[partition], payload))
+        depth = len(buffer)
+        if (depth == 1 or depth >= self.settings.batch_size) and not self._wakeup.is_set():
+            self._wakeup.set()
+
+    # -- control ------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is sent; False if the time ran out."""
+        deadline = time.monotonic() + (
+            self.settings.close_timeout_s if timeout is None else timeout
+        )
+        while self._buffer or self._in_flight:
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return False
+            self._wakeup.set()
+            time.sleep(0.001)
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush within ``timeout`` (default ``close_timeout_s``), then stop."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+        if self._injected is None and self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> PublisherStats:
+        return PublisherStats(
+            published=self._published,
+            dropped=self._dropped,
+            errors=self._errors,
+            buffer_depth=len(self._buffer),
+            reconnects=self._reconnects,
+            batches=self._batches,
+            connected=self._connected,
+            last_error=self._last_error,
+        )
+
+    @property
+    def source(self) -> str:
+        """This process's identity in event ``source`` fields and status."""
+        return self._source
+
+    # -- flusher --------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """(Re)create all per-process state; runs at init and in a forked child."""
+        self._buffer: deque[tuple[str, bytes]] = deque()
+        self._drop_oldest = self.settings.drop_policy == "oldest"
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._client: redis.Redis | None = self._injected
+        self._published = self._dropped = self._errors = 0
+        self._reconnects = self._batches = 0
+        self._in_flight = False
+        self._connected = False
+        self._failing = False
+        self._last_error = ""
+        self._source = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._thread = threading.Thread(target=self._run, name="lcbus-flusher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        linger = self.settings.flush_interval_ms / 1000
+        last_stats = 0.0
+        while not self._stopping.is_set():
+            self._wakeup.wait(timeout=_STATS_EVERY_S)
+            self._wakeup.clear()
+            if linger and 0 < len(self._buffer) < self.settings.batch_size:
+                time.sleep(linger)  # the time bound: let a batch form
+            while self._buffer and not self._drain_once():
+                self._stopping.wait(self._backoff())
+                if self._stopping.is_set():
+                    break
+            if time.monotonic() - last_stats > _STATS_EVERY_S:
+                last_stats = time.monotonic()
+                self._report_stats()
+
+    def _take_batch(self) -> list[tuple[str, bytes]]:
+        buffer = self._buffer
+        batch: list[tuple[str, bytes]] = []
+        popleft = buffer.popleft
+        try:
+            for _ in range(self.settings.batch_size):
+                batch.append(popleft())
+        except IndexError:
+            pass
+        return batch
+
+    def _drain_once(self) -> bool:
+        """Send one batch; False (batch put back) when Redis failed."""
+        self._in_flight = True
+        try:
+            batch = self._take_batch()
+            if not batch:
+                return True
+            try:
+                self._send(batch)
+            except (redis.RedisError, OSError) as exc:
+                self._on_failure(batch, exc)
+                return False
+        finally:
+            self._in_flight = False
+        self._published += len(batch)
+        self._batches += 1
+        if self._failing:
+            self._failing = False
+            self._reconnects += 1
+            log.warning("lcbus publisher reconnected to Redis; sending resumed")
+        self._connected = True
+        return True
+
+    def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        client = self._client
+        if client is None:
+            client = self._client = redis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+            )
+        maxlen = self.settings.stream_maxlen
+        with client.pipeline(transaction=False) as pipe:
+            for key, payload in batch:
+                pipe.xadd(key, {ENTRY_FIELD: payload}, maxlen=maxlen, approximate=True)
+            pipe.execute()
+
+    def _on_failure(self, batch: list[tuple[str, bytes]], exc: BaseException) -> None:
+        self._errors += 1
+        self._connected = False
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if not self._failing:
+            self._failing = True
+            log.warning("lcbus publisher cannot reach Redis (%s); buffering", self._last_error)
+        # Put the batch back in front, in order; whatever exceeds the bound is dropped
+        # by the same policy as in publish().
+        room = self.settings.buffer_size - len(self._buffer)
+        if room < len(batch):
+            lost = len(batch) - max(room, 0)
+            self._dropped += lost
+            batch = batch[lost:] if self._drop_oldest else batch[: max(room, 0)]
+        self._buffer.extendleft(reversed(batch))
+
+    def _backoff(self) -> float:
+        return min(_MAX_BACKOFF_S, 0.05 * 2.0 ** min(self._errors, 5))
+
+    def _report_stats(self) -> None:
+        """Leave this process's stats in Redis for ``lcbus status`` (expiring)."""
+        if self._client is None or not self._connected:
+            return
+        try:
+            payload = msgspec.json.encode(asdict(self.stats))
+            self._client.set(self._keys.publisher(self._source), payload, ex=_STATS_TTL_S)
+        except (redis.RedisError, OSError):
+            pass
+
+
+def _call(ref: weakref.ref[Publisher], method: str) -> Any:
+    target = ref()
+    if target is not None:
+        return getattr(target, method)()
+    return None

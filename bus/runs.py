@@ -1,0 +1,134 @@
+"""Which trace each run belongs to, as seen by one handler in one process.
+
+LangChain hands a callback the ``run_id`` and ``parent_run_id`` only; the
+trace id (the root run) and the per-trace sequence number are ours to keep.
+State lives from a run's start to its end, and a trace's from its first run's
+start until none of its runs is open, so memory stays bounded by the runs in
+flight (plus a hard cap against runs that never end).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+from uuid import UUID
+
+from bus.keys import partition_of
+
+MAX_OPEN_RUNS = 100_000
+TRACE_ID_METADATA_KEY = "lcbus_trace_id"
+"""Metadata key that names the trace of a run whose parent lives in another process."""
+
+
+class Trace:
+    __slots__ = ("open_runs", "partition", "seq", "trace_id")
+
+    def __init__(self, trace_id: str, partitions: int) -> None:
+        self.trace_id = trace_id
+        self.partition = partition_of(trace_id, partitions)
+        self.seq = itertools.count(1)
+        self.open_runs = 0
+
+
+class Run:
+    """What the end events of a run need but LangChain does not pass again."""
+
+    __slots__ = ("key", "metadata", "name", "parent_run_id", "run_id", "run_type", "tags", "trace")
+
+    def __init__(
+        self,
+        trace: Trace,
+        key: UUID,
+        parent_run_id: str | None,
+        name: str,
+        run_type: str,
+        tags: list[str],
+        metadata: dict[str, Any],
+    ) -> None:
+        self.trace = trace
+        self.key = key
+        self.run_id = str(key)
+        self.parent_run_id = parent_run_id
+        self.name = name
+        self.run_type = run_type
+        self.tags = tags
+        self.metadata = metadata
+
+
+class RunRegistry:
+    """Maps live run ids to their run and trace."""
+
+    def __init__(self, partitions: int) -> None:
+        self._partitions = partitions
+        self._runs: dict[UUID, Run] = {}
+        self._traces: dict[str, Trace] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def get(self, run_id: UUID) -> Run | None:
+        return self._runs.get(run_id)
+
+    def start(
+        self,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        *,
+        name: str,
+        run_type: str,
+        tags: list[str],
+        metadata: dict[str, Any],
+    ) -> Run:
+        """Register a run at its start event (or adopt one seen first mid-run)."""
+        existing = self._runs.get(run_id)
+        if existing is not None:
+            return existing
+        parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
+        if parent is not None:
+            trace = parent.trace
+        else:
+            trace_id = metadata.get(TRACE_ID_METADATA_KEY) or str(parent_run_id or run_id)
+            trace = self._traces.get(str(trace_id)) or self._new_trace(str(trace_id))
+        if len(self._runs) >= MAX_OPEN_RUNS:
+            self._evict_oldest()
+        trace.open_runs += 1
+        run = Run(
+            trace,
+            run_id,
+            str(parent_run_id) if parent_run_id is not None else None,
+            name,
+            run_type,
+            tags,
+            metadata,
+        )
+        self._runs[run_id] = run
+        return run
+
+    def lookup(self, run_id: UUID, parent_run_id: UUID | None) -> Run:
+        """The run of an event that is not a start event."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run
+        parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
+        if parent is not None:
+            # An event for a run we never saw start (e.g. a custom event of a child
+            # runnable): it belongs to the parent's trace.
+            return Run(parent.trace, run_id, parent.run_id, "", "", [], {})
+        return self.start(run_id, parent_run_id, name="", run_type="", tags=[], metadata={})
+
+    def end(self, run: Run) -> None:
+        """Forget a run after its end or error event."""
+        if self._runs.pop(run.key, None) is None:
+            return
+        trace = run.trace
+        trace.open_runs -= 1
+        if trace.open_runs <= 0:
+            self._traces.pop(trace.trace_id, None)
+
+    def _new_trace(self, trace_id: str) -> Trace:
+        trace = self._traces[trace_id] = Trace(trace_id, self._partitions)
+        return trace
+
+    def _evict_oldest(self) -> None:
+        oldest = next(iter(self._runs.values()))
+        self.end(oldest)

@@ -1,0 +1,157 @@
+"""Turn arbitrary LangChain payloads into bounded, JSON-safe values.
+
+Messages, documents and other pydantic models, dataclasses, bytes, UUIDs,
+datetimes, cyclic or very deep structures and objects that do not serialize at
+all become plain dicts, lists, strings and numbers. Each top-level field is
+bounded by a byte budget; whatever does not fit is cut with a visible marker.
+Secrets never leave the process: ``SecretStr`` values and the values of keys
+that name credentials are replaced by :data:`REDACTED`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+REDACTED = "[redacted]"
+CYCLE = "[cycle]"
+MAX_DEPTH = 24
+TRUNCATED = "…[truncated {} bytes]"
+
+_SECRET_KEY = re.compile(
+    r"(api[_-]?key|secret|password|passwd|authorization|access[_-]?token|refresh[_-]?token"
+    r"|auth[_-]?token|api[_-]?token|bearer|credentials?|private[_-]?key|cookie)",
+    re.IGNORECASE,
+)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a mapping key names a credential (``openai_api_key``, ``Authorization``…)."""
+    return _SECRET_KEY.search(key) is not None
+
+
+class _Budget:
+    """Bytes left for one field; shared by the whole walk of that field."""
+
+    __slots__ = ("cut", "left")
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.cut = False
+
+
+def safe(value: Any, *, max_bytes: int) -> Any:
+    """A JSON-safe copy of ``value`` of roughly at most ``max_bytes`` when encoded."""
+    return _walk(value, _Budget(max_bytes), 0, set())
+
+
+def safe_str(value: str, *, max_bytes: int) -> str:
+    """``value`` cut to ``max_bytes`` (UTF-8) with a marker when longer."""
+    if type(value) is not str:  # str subclasses (LangChain's TextAccessor) do not encode
+        value = str.__str__(value)
+    if len(value) * 4 <= max_bytes:  # fast path: cannot exceed the bound
+        return value
+    encoded = value.encode("utf-8", "surrogatepass")
+    if len(encoded) <= max_bytes:
+        return value
+    head = encoded[:max_bytes].decode("utf-8", "ignore")
+    return head + TRUNCATED.format(len(encoded) - max_bytes)
+
+
+def _walk(value: Any, budget: _Budget, depth: int, path: set[int]) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        budget.left -= 8
+        return value
+    if isinstance(value, str):
+        return _take_str(value, budget)
+    if isinstance(value, SecretStr | SecretBytes):
+        return REDACTED
+    if depth >= MAX_DEPTH:
+        return "[max depth]"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _take_str(bytes(value).decode("utf-8", "backslashreplace"), budget)
+    if isinstance(value, uuid.UUID | dt.datetime | dt.date | dt.time | enum.Enum):
+        return _take_str(_scalar_text(value), budget)
+    marker = id(value)
+    if marker in path:
+        return CYCLE
+    path.add(marker)
+    try:
+        return _walk_container(value, budget, depth, path)
+    finally:
+        path.discard(marker)
+
+
+def _walk_container(value: Any, budget: _Budget, depth: int, path: set[int]) -> Any:
+    if isinstance(value, Mapping):
+        return _walk_mapping(value, budget, depth, path)
+    if isinstance(value, list | tuple | set | frozenset):
+        return _walk_items(value, budget, depth, path)
+    if isinstance(value, BaseModel):
+        fields = {name: getattr(value, name, None) for name in type(value).model_fields}
+        return _walk_mapping(fields, budget, depth, path)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
+        return _walk_mapping(fields, budget, depth, path)
+    return _take_str(_describe(value), budget)
+
+
+def _walk_mapping(value: Mapping[Any, Any], budget: _Budget, depth: int, path: set[int]) -> Any:
+    result: dict[str, Any] = {}
+    for key, item in value.items():
+        if budget.left <= 0:
+            budget.cut = True
+            result["…"] = f"[truncated {len(value) - len(result)} more keys]"
+            break
+        name = key if isinstance(key, str) else str(key)
+        budget.left -= len(name) + 2
+        if is_secret_key(name) and item is not None:
+            result[name] = REDACTED
+        else:
+            result[name] = _walk(item, budget, depth + 1, path)
+    return result
+
+
+def _walk_items(value: Any, budget: _Budget, depth: int, path: set[int]) -> list[Any]:
+    items = list(value)
+    result: list[Any] = []
+    for item in items:
+        if budget.left <= 0:
+            budget.cut = True
+            result.append(f"[truncated {len(items) - len(result)} more items]")
+            break
+        result.append(_walk(item, budget, depth + 1, path))
+    return result
+
+
+def _take_str(value: str, budget: _Budget) -> str:
+    limit = max(budget.left, 64)
+    text = safe_str(value, max_bytes=limit)
+    if text is not value:
+        budget.cut = True
+    budget.left -= len(text) + 2
+    return text
+
+
+def _scalar_text(value: uuid.UUID | dt.datetime | dt.date | dt.time | enum.Enum) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value.isoformat()
+
+
+def _describe(value: Any) -> str:
+    """A safe text for an object that is not data: its repr, or its type if repr fails."""
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not break publishing
+        return f"<unrepresentable {type(value).__qualname__}>"
+    return text if isinstance(text, str) else f"<{type(value).__qualname__}>"
