@@ -32,7 +32,7 @@ from bus import deadletter
 from bus.errors import EventDecodeError
 from bus.events import Event, UnknownEvent, decode
 from bus.keys import Keys
-from bus.lease import Leases, assign, default_replica_id
+from bus.lease import HeldPartition, LeaseLost, Leases, assign, default_replica_id
 from bus.outage import TRANSIENT_ERRORS, Outage
 from bus.settings import Settings
 
@@ -75,30 +75,6 @@ class ConsumerStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-class _LeaseLost(Exception):
-    """The partition's lease is no longer ours: drop the batch unacknowledged."""
-
-
-class _Partition:
-    """One owned partition: its lease deadline and its reader task."""
-
-    __slots__ = ("index", "lost", "release", "task", "valid_until")
-
-    def __init__(self, index: int, valid_until: float) -> None:
-        self.index = index
-        self.valid_until = valid_until
-        self.lost = False
-        self.release = False
-        self.task: asyncio.Task[None] | None = None
-
-    def remaining_s(self) -> float:
-        return -1.0 if self.lost else self.valid_until - time.monotonic()
-
-    def check(self) -> None:
-        if self.remaining_s() <= 0:
-            raise _LeaseLost(self.index)
-
-
 class GroupConsumer:
     """Reads one consumer group's partitions that this replica holds leases on."""
 
@@ -128,7 +104,7 @@ class GroupConsumer:
         # Stop reading before Redis could expire the key: renewals are timed
         # from before the request was sent, and the margin absorbs latency.
         self._margin_s = max(settings.lease_ttl_ms * 0.1, 50) / 1000
-        self._parts: dict[int, _Partition] = {}
+        self._parts: dict[int, HeldPartition] = {}
         self._coordinator: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -233,7 +209,7 @@ class GroupConsumer:
 
     def _start_reader(self, partition: int, started: float) -> None:
         valid_until = started + self._settings.lease_ttl_ms / 1000 - self._margin_s
-        part = _Partition(partition, valid_until)
+        part = HeldPartition(partition, valid_until)
         self._parts[partition] = part
         self.stats.leases_acquired += 1
         part.task = asyncio.create_task(
@@ -242,11 +218,15 @@ class GroupConsumer:
 
     # -- readers -----------------------------------------------------------
 
-    async def _read_partition(self, part: _Partition) -> None:
+    async def _read_partition(self, part: HeldPartition) -> None:
         try:
             await self._read_loop(part)
-        except _LeaseLost:
+            part.check()
+            await self._flush_acks(part)
+        except LeaseLost:
             pass
+        except TRANSIENT_ERRORS:
+            pass  # unacked entries stay pending for the next lease holder
         except Exception:
             # A bug in the runtime or a Redis error we do not expect: the
             # entries stay pending and the next lease holder re-reads them.
@@ -257,7 +237,7 @@ class GroupConsumer:
                 await self._leases.release(part.index)
             self._wake.set()
 
-    async def _read_loop(self, part: _Partition) -> None:
+    async def _read_loop(self, part: HeldPartition) -> None:
         stream = self._keys.events(part.index)
         consumer = f"p{part.index}"
         outage = Outage(f"consumer {self.group} partition {part.index}", self.stats)
@@ -282,13 +262,10 @@ class GroupConsumer:
                 await asyncio.sleep(min(outage.failed(exc), max(part.remaining_s(), 0.01)))
 
     async def _read(
-        self, part: _Partition, stream: str, consumer: str, cursor: str
+        self, part: HeldPartition, stream: str, consumer: str, cursor: str
     ) -> tuple[list[tuple[bytes, dict[bytes, bytes] | None]], str]:
-        count = self._settings.read_count
         if cursor != ">":
-            reply = await self._redis.xreadgroup(
-                self.group, consumer, {stream: cursor}, count=count
-            )
+            reply = await self._xread(part, stream, consumer, cursor, None)
             entries = _entries(reply)
             if not entries:
                 return [], ">"
@@ -302,24 +279,60 @@ class GroupConsumer:
             await asyncio.sleep(max(block_ms, MIN_BLOCK_MS) / 1000)
             return [], ">"
         started = time.monotonic()
-        reply = await self._redis.xreadgroup(
-            self.group, consumer, {stream: ">"}, count=count, block=block_ms
-        )
+        reply = await self._xread(part, stream, consumer, ">", block_ms)
         entries = _entries(reply)
         if not entries and time.monotonic() - started < block_ms / 2000:
             await asyncio.sleep(IDLE_SLEEP_S)
         return entries, ">"
 
+    async def _xread(
+        self, part: HeldPartition, stream: str, consumer: str, cursor: str, block: int | None
+    ) -> Any:
+        count = self._settings.read_count
+        if not part.unacked:
+            return await self._redis.xreadgroup(
+                self.group, consumer, {stream: cursor}, count=count, block=block
+            )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(stream, self.group, *part.unacked)
+            pipe.xreadgroup(self.group, consumer, {stream: cursor}, count=count, block=block)
+            _acked, reply = await pipe.execute()
+        # Kept until here on purpose: XACK is idempotent, so after an error
+        # the same ids simply go out again with the next read.
+        part.unacked = []
+        return reply
+
+    async def _flush_acks(self, part: HeldPartition) -> None:
+        if part.unacked:
+            await self._redis.xack(self._keys.events(part.index), self.group, *part.unacked)
+            part.unacked = []
+
     async def _process(
-        self, part: _Partition, entries: list[tuple[bytes, dict[bytes, bytes] | None]]
+        self, part: HeldPartition, entries: list[tuple[bytes, dict[bytes, bytes] | None]]
     ) -> None:
+        deliveries, dead = self._decode(part, entries)
+        if deliveries:
+            failures = await self._handle(part, deliveries)
+            if failures:
+                # Only a failure needs the payloads back (for the dead letter).
+                payloads = {i.decode(): f.get(b"e", b"") for i, f in entries if f is not None}
+                reason = deadletter.REASON_HANDLER_FAILED
+                for delivery, error in failures:
+                    payload = payloads[delivery.entry_id]
+                    dead.append(self._dead(reason, error, part, delivery.entry_id, payload))
+                # Dead letters keep stream order, whichever way each one failed.
+                dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
+        part.check()
+        await self._settle(part, [entry_id for entry_id, _ in entries], dead)
+
+    def _decode(
+        self, part: HeldPartition, entries: list[tuple[bytes, dict[bytes, bytes] | None]]
+    ) -> tuple[list[Delivery], list[dict[bytes, bytes]]]:
+        """Deliveries for the handler, and dead letters for what is not a bus event."""
         deliveries: list[Delivery] = []
-        payloads: dict[str, bytes] = {}
         dead: list[dict[bytes, bytes]] = []
-        ack: list[bytes] = []
+        index = part.index
         for raw_id, fields in entries:
-            ack.append(raw_id)
-            entry_id = raw_id.decode()
             if fields is None:
                 self.stats.trimmed += 1
                 continue
@@ -328,25 +341,17 @@ class GroupConsumer:
                 event = decode(payload)
             except EventDecodeError as exc:
                 self.stats.undecodable += 1
-                dead.append(self._dead(deadletter.REASON_UNDECODABLE, exc, part, entry_id, payload))
+                reason = deadletter.REASON_UNDECODABLE
+                dead.append(self._dead(reason, exc, part, raw_id.decode(), payload))
                 continue
-            if isinstance(event, UnknownEvent):
+            if type(event) is UnknownEvent:
                 self.stats.unknown_skipped += 1
                 continue
-            deliveries.append(Delivery(entry_id, part.index, event))
-            payloads[entry_id] = payload
-        if deliveries:
-            for delivery, error in await self._handle(part, deliveries):
-                payload = payloads[delivery.entry_id]
-                reason = deadletter.REASON_HANDLER_FAILED
-                dead.append(self._dead(reason, error, part, delivery.entry_id, payload))
-        # Dead letters keep stream order, whichever way each one failed.
-        dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
-        part.check()
-        await self._settle(part, ack, dead)
+            deliveries.append(Delivery(raw_id.decode(), index, event))
+        return deliveries, dead
 
     def _dead(
-        self, reason: str, exc: BaseException, part: _Partition, entry_id: str, payload: bytes
+        self, reason: str, exc: BaseException, part: HeldPartition, entry_id: str, payload: bytes
     ) -> dict[bytes, bytes]:
         log.warning(
             "dead-lettering %s entry %s of partition %d: %s",
@@ -364,20 +369,23 @@ class GroupConsumer:
         )
 
     async def _settle(
-        self, part: _Partition, ack: list[bytes], dead: list[dict[bytes, bytes]]
+        self, part: HeldPartition, ack: list[bytes], dead: list[dict[bytes, bytes]]
     ) -> None:
         # Dead letters are written before the ack: a crash in between leaves
         # a duplicate dead letter, never a lost entry.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for fields in dead:
-                pipe.xadd(self._keys.dlq(self.group), fields)  # type: ignore[arg-type]
-            pipe.xack(self._keys.events(part.index), self.group, *ack)
-            await pipe.execute()
+        if not dead:
+            part.unacked = ack
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for fields in dead:
+                    pipe.xadd(self._keys.dlq(self.group), fields)  # type: ignore[arg-type]
+                pipe.xack(self._keys.events(part.index), self.group, *ack)
+                await pipe.execute()
         self.stats.dead_lettered += len(dead)
         self.stats.batches += 1
 
     async def _handle(
-        self, part: _Partition, deliveries: list[Delivery]
+        self, part: HeldPartition, deliveries: list[Delivery]
     ) -> list[tuple[Delivery, BaseException]]:
         """Run the handler with retries; return the deliveries that keep failing."""
         error = await self._attempt(part, deliveries)
@@ -393,7 +401,7 @@ class GroupConsumer:
                 failures.append((delivery, error))
         return failures
 
-    async def _attempt(self, part: _Partition, batch: list[Delivery]) -> BaseException | None:
+    async def _attempt(self, part: HeldPartition, batch: list[Delivery]) -> BaseException | None:
         error: BaseException | None = None
         for attempt in range(self._settings.max_attempts):
             part.check()

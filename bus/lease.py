@@ -9,8 +9,10 @@ and derive the same partition assignment from the same sorted member list.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from collections.abc import Iterable, Sequence
 
 import redis.asyncio as aioredis
@@ -124,3 +126,30 @@ class Leases:
     async def owner(self, partition: int) -> str | None:
         raw = await self._redis.get(self._keys.lease(self.group, partition))
         return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class LeaseLost(Exception):
+    """The partition's lease is no longer ours: drop the batch unacknowledged."""
+
+
+class HeldPartition:
+    """A partition this replica holds: its local lease deadline and its reader task."""
+
+    __slots__ = ("index", "lost", "release", "task", "unacked", "valid_until")
+
+    def __init__(self, index: int, valid_until: float) -> None:
+        self.index = index
+        self.valid_until = valid_until
+        self.lost = False
+        self.release = False
+        self.task: asyncio.Task[None] | None = None
+        # Ids handled but not yet acknowledged: the XACK rides along with the
+        # next read (one round trip per batch instead of two).
+        self.unacked: list[bytes] = []
+
+    def remaining_s(self) -> float:
+        return -1.0 if self.lost else self.valid_until - time.monotonic()
+
+    def check(self) -> None:
+        if self.remaining_s() <= 0:
+            raise LeaseLost(self.index)
