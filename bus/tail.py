@@ -38,9 +38,10 @@ def follow(
         keys.events(p): "0-0" if from_start else "$" for p in range(settings.partitions)
     }
     while True:
-        replies: Any = client.xread(positions, count=500, block=block_ms)  # type: ignore[arg-type]
+        block = block_ms if block_ms > 0 else None
+        replies: Any = client.xread(positions, count=500, block=block)  # type: ignore[arg-type]
         if not replies:
-            time.sleep(0.05)  # an embedded server may answer a blocking read at once
+            time.sleep(0.02)  # an embedded server answers a blocking read at once
             continue
         for stream, entries in replies:
             name = stream.decode() if isinstance(stream, bytes) else stream

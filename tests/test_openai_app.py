@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -25,7 +26,7 @@ def openai_url() -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        stop(server)
+        stop(server, signal.SIGTERM)
 
 
 def test_server_refuses_malformed_requests(openai_url: str) -> None:

@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     matches = event_filter(types=args.types, trace_id=args.trace)
     shown = 0
     try:
-        for item in follow(client, settings, from_start=args.from_start):
+        for item in follow(
+            client, settings, from_start=args.from_start, block_ms=settings.read_block_ms
+        ):
             if isinstance(item, EventDecodeError):
                 print(f"undecodable: {item}", file=sys.stderr)
                 continue
