@@ -86,8 +86,6 @@ class FanoutHandler:
             replies = await pipe.execute()
         for trace, (version, blob) in zip(traces, replies, strict=True):
             self._cache[trace] = fanstate.load(blob, version)
-        while len(self._cache) > self._cache_max:
-            del self._cache[next(iter(self._cache))]
 
     async def _apply(self, groups: dict[str, list[Delivery]]) -> list[str]:
         """Convert and write every trace's entries in one round trip; return refused traces."""
@@ -111,6 +109,9 @@ class FanoutHandler:
             elif state.runs:
                 state.version = int(reply)
                 self._cache[trace] = state  # re-inserted: the cache evicts oldest first
+        # Evicting costs one reload later; the version guard keeps it correct either way.
+        while len(self._cache) > self._cache_max:
+            del self._cache[next(iter(self._cache))]
         return refused
 
     async def _queue(

@@ -11,6 +11,10 @@ Entry fields: ``s`` per-topic sequence number, ``m`` the protocol channel
 (``messages``, ``tools``, ``lifecycle``, ``custom``), ``f`` = ``1`` on the
 topic's final event, ``p`` the JSON of ``{"method": ..., "params": ...}``.
 A live message is the same, tab-separated: ``id, s, m, f, p``.
+
+The fan-out worker writes through :class:`GuardedWriter`, which appends the
+same entries and publishes the same messages, and saves the trace's
+conversion state in the same script run (see :mod:`bus.fanout`).
 """
 
 from __future__ import annotations

@@ -241,3 +241,26 @@ async def test_a_stale_replica_is_refused_and_catches_up_without_duplicates(
     assert [e["final"] for e in events].count(True) == 1 and events[-1]["final"]
     ids = [e["eventId"] for e in events]
     assert len(ids) == len(set(ids))
+
+
+async def test_many_traces_in_one_batch_with_a_tiny_state_cache(
+    sync_redis: redis.Redis, async_redis: aioredis.Redis, settings: Settings
+) -> None:
+    settings = settings.replace(partitions=1, fanout_cache_traces=1)
+    texts = [f"trace {n} says hello to everyone here" for n in range(3)]
+
+    def run(bus_handler: BusCallbackHandler) -> None:
+        for text in texts:
+            model = GenericFakeChatModel(messages=iter([AIMessage(content=text)]))
+            list(model.stream("q", config={"callbacks": [bus_handler]}))
+
+    _publish(sync_redis, settings, run)
+    items = await deliveries(async_redis, settings)
+    handler = FanoutHandler(redis=async_redis, settings=settings)
+    for start in range(0, len(items), 5):
+        await handler(items[start : start + 5])
+    traces = list(dict.fromkeys(d.event.trace_id for d in items))
+    for trace, text in zip(traces, texts, strict=True):
+        events = await history(async_redis, settings, Topic("trace", trace))
+        assert text_of(events) == text and events[-1]["final"]
+    assert handler.stats.conflicts == 0 and handler.stats.duplicates == 0
