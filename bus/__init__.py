@@ -11,6 +11,7 @@ from bus.errors import (
     ConfigError,
     EndpointNotFound,
     EventDecodeError,
+    FanoutConflict,
     UnsafeURLError,
     WebhookError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "EndpointNotFound",
     "Event",
     "EventDecodeError",
+    "FanoutConflict",
     "Keys",
     "Publisher",
     "PublisherStats",

@@ -6,6 +6,7 @@ The tree::
     ├── ConfigError        settings that cannot work (bad prefix, bad number)
     ├── EventDecodeError   bytes on a stream that are not a bus event
     ├── AccessError        a stream token that is missing, forged, expired or for another scope
+    ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
@@ -31,6 +32,10 @@ class EventDecodeError(BusError):
 
 class AccessError(BusError):
     """A stream or admin token that does not grant access."""
+
+
+class FanoutConflict(BusError):
+    """The fan-out worker lost the race for a trace's state too many times in a row."""
 
 
 class WebhookError(BusError):

@@ -58,6 +58,11 @@ class Settings:
     history_maxlen: int = 100_000
     history_ttl_s: int = 24 * 3600
 
+    # Fan-out worker: merge consecutive text deltas of one block produced within
+    # this window (0 disables), and how many traces' state to keep in memory.
+    fanout_coalesce_ms: float = 5.0
+    fanout_cache_traces: int = 10_000
+
     # Read APIs (frontends): HMAC secret for stream tokens; open mode is for local development.
     stream_secret: str = ""
     open_access: bool = False
