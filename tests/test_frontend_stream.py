@@ -302,3 +302,66 @@ async def test_bad_requests_get_clear_errors(
             await ws.send(command)
             reply = json.loads(await ws.recv())
             assert reply["type"] == "error" and reply["error"] == code, reply
+
+
+async def test_websocket_filters_and_reconnect_on_another_frontend(
+    frontends: list[Frontend], module_prefix: str, aredis: aioredis.Redis
+) -> None:
+    thread_id = f"th-{uuid.uuid4().hex}"
+    topic = Topic("thread", thread_id)
+    outer = conversation(TOKENS[:5])[:-1]  # not final: the thread goes on
+    inner = conversation(TOKENS[5:10], namespace=["agent", "tool:1"])
+    await append(aredis, module_prefix, [topic], outer + inner)
+    sub = {"channels": ["messages"], "namespaces": [["agent"]], "depth": 1}
+    async with websockets.connect(_ws_url(frontends[0], thread_id)) as ws:
+        await ws.send(json.dumps({"id": 1, "method": "subscription.subscribe", "params": sub}))
+        reply = json.loads(await ws.recv())
+        sub_id = reply["result"]["subscription_id"]
+        first = [json.loads(await ws.recv()) for _ in range(3)]
+    assert [e["params"]["namespace"] for e in first] == [["agent", "tool:1"]] * 3
+    assert all(e["method"] == "messages" for e in first)
+
+    async with websockets.connect(_ws_url(frontends[1], thread_id)) as ws:
+        params = {
+            "run_id": thread_id,
+            "last_event_id": first[-1]["eventId"],
+            "subscriptions": [sub_id],
+        }
+        await ws.send(json.dumps({"id": 2, "method": "subscription.reconnect", "params": params}))
+        assert json.loads(await ws.recv()) == {
+            "type": "success",
+            "id": 2,
+            "result": {"restored": True},
+        }
+        rest = [json.loads(message) async for message in ws]
+        assert ws.close_code == 1000
+    got = Received(envelopes=first + rest)
+    assert got.text() == "".join(TOKENS[5:10])
+    assert [e["seq"] for e in got.envelopes] == list(range(len(outer) + 2, len(outer) + len(inner)))
+
+
+async def test_clients_lose_nothing_when_the_pubsub_connection_drops(
+    frontends: list[Frontend], module_prefix: str, aredis: aioredis.Redis, http: httpx.AsyncClient
+) -> None:
+    trace_id = f"t-{uuid.uuid4().hex}"
+    events = conversation(TOKENS)
+    topic = Topic("trace", trace_id)
+    started = [asyncio.Event() for _ in range(4)]
+    clients = [
+        asyncio.create_task(
+            collect(http, "GET", _trace_url(frontends[i % 2], trace_id), started=started[i])
+        )
+        for i in range(4)
+    ]
+    await asyncio.gather(*(event.wait() for event in started))
+    before = frontends[0].health()["pubsub_reconnects"]
+    await append(aredis, module_prefix, [topic], events[:40])
+    hub = f"{module_prefix}:frontend-hub:{frontends[0].process.pid}"
+    hub_ids = [c["id"] for c in await aredis.client_list() if c.get("name") == hub]
+    assert len(hub_ids) == 1
+    await aredis.execute_command("CLIENT", "KILL", "ID", hub_ids[0])
+    # Published while that frontend had no subscription: only history has these.
+    await append(aredis, module_prefix, [topic], events[40:])
+    for got in await asyncio.gather(*clients):
+        _assert_complete(got, len(events))
+    assert frontends[0].health()["pubsub_reconnects"] > before
