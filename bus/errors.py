@@ -10,6 +10,7 @@ The tree::
     │   ├── EventsMissed       its resume point is no longer in history
     │   ├── InvalidPosition    its resume point is malformed or lies beyond history
     │   └── SlowConsumer       it fell behind its bounded queue
+    ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
@@ -59,6 +60,10 @@ class SlowConsumer(StreamError):
     """The client did not keep up with its bounded queue and was dropped."""
 
     code = "slow_consumer"
+
+
+class FanoutConflict(BusError):
+    """The fan-out worker lost the race for a trace's state too many times in a row."""
 
 
 class WebhookError(BusError):

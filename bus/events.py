@@ -90,6 +90,8 @@ class ChainError(BaseEvent, tag="on_chain_error"):
 class ToolStart(BaseEvent, tag="on_tool_start"):
     input_str: str = ""
     inputs: JsonValue = None
+    tool_call_id: str = ""
+    """The id of the model's tool call this run answers, when LangChain passes one."""
 
 
 class ToolEnd(BaseEvent, tag="on_tool_end"):

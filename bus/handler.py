@@ -356,6 +356,8 @@ class BusCallbackHandler(BaseCallbackHandler):
                 "input_str": safe_str(str(input_str), max_bytes=self._max),
                 "inputs": self._safe(inputs),
             }
+            if kwargs.get("tool_call_id"):
+                fields["tool_call_id"] = str(kwargs["tool_call_id"])
             self._start(
                 ev.ToolStart,
                 serialized,

@@ -111,6 +111,79 @@ class HistoryWriter:
         )
 
 
+# The fan-out worker's guarded append: the topics of one trace and that trace's
+# conversion state change together or not at all. KEYS: state hash, then
+# (history stream, seq counter) per topic. ARGV: expected state version, state
+# blob, state ttl, maxlen, ttl, topic count n, n channels, then (m, f, p)
+# triples. Only the first topic (the trace) keeps the final flag: a thread
+# outlives each of its traces. Returns the new version, or -1 when the stored
+# version is not the expected one (another writer got there first).
+_APPLY = """
+local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if version ~= tonumber(ARGV[1]) then return -1 end
+local n = tonumber(ARGV[6])
+local first = 7 + n
+local tab = '\\t'
+for t = 1, n do
+  local hist, seqkey, channel = KEYS[2 * t], KEYS[2 * t + 1], ARGV[6 + t]
+  for i = first, #ARGV, 3 do
+    local final = ARGV[i + 1]
+    if t > 1 then final = '0' end
+    local seq = redis.call('INCR', seqkey)
+    local id = redis.call('XADD', hist, 'MAXLEN', '~', ARGV[4], '*',
+                          's', seq, 'm', ARGV[i], 'f', final, 'p', ARGV[i + 2])
+    redis.call('PUBLISH', channel,
+               id .. tab .. seq .. tab .. ARGV[i] .. tab .. final .. tab .. ARGV[i + 2])
+  end
+  if #ARGV >= first then
+    redis.call('EXPIRE', hist, ARGV[5])
+    redis.call('EXPIRE', seqkey, ARGV[5])
+  end
+end
+redis.call('HSET', KEYS[1], 'v', version + 1, 's', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return version + 1
+"""
+
+
+class GuardedWriter:
+    """Appends a trace's protocol events to its topics and saves its state, atomically.
+
+    One script run per trace per batch: the history entries of every topic,
+    the trace's conversion state and the id of the last bus entry applied are
+    written together, and only if the state is still at the version the
+    writer loaded. A replica that lost its lease mid-batch is thus refused
+    instead of appending a second copy. Keys of several topics in one script
+    need a single-node Redis (or a thread id hash-tagged like its traces).
+    """
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
+        self._script = redis.register_script(_APPLY)
+        self._keys = keys
+        self._maxlen = maxlen
+        self._ttl_s = ttl_s
+
+    async def queue(
+        self,
+        pipe: Any,
+        *,
+        state_key: str,
+        version: int,
+        state: bytes,
+        topics: Sequence[Topic],
+        events: Sequence[Outgoing],
+    ) -> None:
+        """Add one guarded append to ``pipe``; its reply is the new version or -1."""
+        keys = [state_key]
+        args: list[Any] = [version, state, self._ttl_s, self._maxlen, self._ttl_s, len(topics)]
+        for topic in topics:
+            keys += [topic.history(self._keys), topic.seq(self._keys)]
+            args.append(topic.channel(self._keys))
+        for item in events:
+            args += [item.method, b"1" if item.final else b"0", item.payload]
+        await self._script(keys=keys, args=args, client=pipe)
+
+
 def parse_message(data: bytes) -> StreamItem:
     """A live channel message -> :class:`StreamItem`."""
     event_id, seq, method, final, payload = data.split(b"\t", 4)

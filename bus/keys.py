@@ -62,6 +62,10 @@ class Keys:
     def history_seq(self, trace_id: str) -> str:
         return f"{self.prefix}:history-seq:{{{trace_id}}}"
 
+    def fanout_state(self, trace_id: str) -> str:
+        """The fan-out worker's conversion state of a trace (a hash: ``v``, ``s``)."""
+        return f"{self.prefix}:fanout:{{{trace_id}}}"
+
     def thread_history(self, thread_id: str) -> str:
         return f"{self.prefix}:thread:{{{thread_id}}}"
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("serve", "token")
+COMMAND_MODULES: tuple[str, ...] = ("serve", "token", "status", "dlq")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,79 @@
+"""What the fan-out worker remembers about a trace between batches.
+
+The conversion from bus events to protocol events needs a little memory per
+run: where its events go (its namespace), which message blocks are open and
+how much of each was already sent. The worker keeps it per trace in one
+msgpack blob that it writes in the same script run as the trace's history
+entries (see :mod:`bus.history`), together with the id of the last bus entry
+applied. That makes a batch's effect atomic per trace: a replica taking over
+mid-trace loads the blob and continues exactly where the history stops, and a
+redelivered entry is recognised by its id and skipped.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+MessageMode = str
+"""``""`` (no message yet), ``"token"`` (from on_llm_new_token), ``"stream"``
+(from on_stream_event) or ``"done"`` (message finished)."""
+
+
+class Block(msgspec.Struct, omit_defaults=True):
+    """One content block of an open message; its wire index is its list position."""
+
+    key: str
+    """Source identity: ``text``, ``reasoning`` or ``tc:<index>`` for tool-call chunks."""
+    kind: str
+    sent: int = 0
+    """Characters of delta payload (text, reasoning or args) already sent."""
+    seen: int = 0
+    """Characters seen from stream events (to skip what tokens already sent)."""
+    id: str | None = None
+    name: str | None = None
+    index: int | str | None = None
+    args: str = ""
+    """Accumulated tool-call arguments (token mode), finalized at the message end."""
+
+
+class RunState(msgspec.Struct, omit_defaults=True):
+    ns: list[str]
+    """Namespace of this run's events (its own for chains, the parent's for leaves)."""
+    chain: bool = False
+    """Whether the run opened a namespace (and so gets lifecycle events)."""
+    mode: MessageMode = ""
+    blocks: list[Block] = []
+    tool_call_id: str = ""
+
+
+class TraceState(msgspec.Struct, omit_defaults=True):
+    version: int = 0
+    """Bumped on every write; a writer whose expected version is stale is refused."""
+    last: str = ""
+    """Stream entry id of the last bus event applied (entries at or before it are skipped)."""
+    thread: str = ""
+    """The ``thread_id`` this trace is also published to, once known."""
+    runs: dict[str, RunState] = {}
+
+    def applied(self, entry_id: str) -> bool:
+        return bool(self.last) and entry_order(entry_id) <= entry_order(self.last)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(TraceState)
+
+
+def dump(state: TraceState) -> bytes:
+    return _encoder.encode(state)
+
+
+def load(blob: bytes | None, version: bytes | None) -> TraceState:
+    """The stored state (the version lives beside the blob), or a fresh one."""
+    state = _decoder.decode(blob) if blob else TraceState()
+    state.version = int(version) if version else 0
+    return state
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
