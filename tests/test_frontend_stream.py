@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +25,7 @@ import websockets
 
 from bus.history import Topic
 from bus.keys import Keys
+from bus.settings import Settings
 from bus.tokens import issue_token, stream_token, thread_token
 from tests.conftest import REDIS_URL, require_redis
 from tests.frontend_support import (
@@ -33,6 +38,7 @@ from tests.frontend_support import (
     frontend,
     validate,
 )
+from tests.support.processes import ROOT, settings_env, start_worker, stop
 
 TOKENS = [f"tok{i} " for i in range(120)]
 EXPECTED = "".join(TOKENS)
@@ -365,3 +371,72 @@ async def test_clients_lose_nothing_when_the_pubsub_connection_drops(
     for got in await asyncio.gather(*clients):
         _assert_complete(got, len(events))
     assert frontends[0].health()["pubsub_reconnects"] > before
+
+
+async def _ws_until_root_completed(url: str, ready: asyncio.Event) -> Received:
+    """A thread has no final event: read until the root run's lifecycle completes."""
+    got = Received()
+    async with websockets.connect(url) as ws:
+        params = {"channels": ["messages", "lifecycle", "tools", "custom"]}
+        await ws.send(json.dumps({"id": 1, "method": "subscription.subscribe", "params": params}))
+        assert json.loads(await ws.recv())["type"] == "success"
+        ready.set()
+        async for message in ws:
+            envelope = json.loads(message)
+            got.envelopes.append(envelope)
+            params = envelope["params"]
+            if params["namespace"] == [] and params["data"].get("event") == "completed":
+                break
+    return got
+
+
+async def test_full_chain_app_fanout_worker_two_frontends(
+    frontends: list[Frontend],
+    module_prefix: str,
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+) -> None:
+    """App process -> handler -> Redis -> fan-out worker (arq) -> two frontends -> 21 clients."""
+    settings = Settings(redis_url=REDIS_URL, prefix=module_prefix, partitions=4)
+    trace_id, thread_id = str(uuid.uuid4()), f"th-{uuid.uuid4().hex}"
+    text = " ".join(f"word{i}" for i in range(150))
+    worker = start_worker(settings, tmp_path / "fanout.log", target="workers.fanout.WorkerSettings")
+    try:
+        started = [asyncio.Event() for _ in range(21)]
+        sse = [
+            asyncio.create_task(
+                collect(http, "GET", _trace_url(frontends[i % 2], trace_id), started=started[i])
+            )
+            for i in range(20)
+        ]
+        ws = asyncio.create_task(
+            _ws_until_root_completed(_ws_url(frontends[0], thread_id), started[20])
+        )
+        await asyncio.gather(*(event.wait() for event in started))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **settings_env(settings)}
+        app = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.support.chat_app",
+            trace_id,
+            thread_id,
+            text,
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        output, _ = await app.communicate()
+        assert app.returncode == 0 and output.decode().strip() == text
+        results = await asyncio.wait_for(asyncio.gather(*sse, ws), timeout=60)
+    finally:
+        stop(worker, signal.SIGTERM)
+    reference = results[0]
+    assert reference.ended and reference.text() == text
+    for got in results:
+        assert got.error is None
+        assert got.seqs == list(range(1, len(got.seqs) + 1))
+        assert got.text() == text
+        for envelope in got.envelopes:
+            validate(envelope)
+    for got in results[:20]:
+        assert got.seqs == reference.seqs and got.ended
