@@ -39,6 +39,8 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.consume
+	$(BIN)/python -m bench.fanout_worker
+	$(BIN)/python -m bench.fanout
 
 demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
 	$(BIN)/python -m bus.demo $(ARGS)

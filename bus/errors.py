@@ -6,6 +6,10 @@ The tree::
     ├── ConfigError        settings that cannot work (bad prefix, bad number)
     ├── EventDecodeError   bytes on a stream that are not a bus event
     ├── AccessError        a stream token that is missing, forged, expired or for another scope
+    ├── StreamError        a streaming client that cannot be served further
+    │   ├── EventsMissed       its resume point is no longer in history
+    │   ├── InvalidPosition    its resume point is malformed or lies beyond history
+    │   └── SlowConsumer       it fell behind its bounded queue
     ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
@@ -32,6 +36,30 @@ class EventDecodeError(BusError):
 
 class AccessError(BusError):
     """A stream or admin token that does not grant access."""
+
+
+class StreamError(BusError):
+    """A streaming client that cannot be served further; ``code`` goes on the wire."""
+
+    code = "stream_error"
+
+
+class EventsMissed(StreamError):
+    """The client's resume point is no longer in history: it would get a gap."""
+
+    code = "events_missed"
+
+
+class InvalidPosition(StreamError):
+    """The client's resume point is malformed or lies beyond the end of history."""
+
+    code = "invalid_position"
+
+
+class SlowConsumer(StreamError):
+    """The client did not keep up with its bounded queue and was dropped."""
+
+    code = "slow_consumer"
 
 
 class FanoutConflict(BusError):

@@ -68,6 +68,12 @@ class Settings:
     open_access: bool = False
     admin_token: str = ""
 
+    # Streaming frontends: keep-alive period, per-client queue bound, and how long one
+    # write to a client may block before the client is dropped.
+    ping_interval_s: float = 15.0
+    client_queue_size: int = 1024
+    send_timeout_s: float = 30.0
+
     # Run trees kept by the trace worker.
     trace_ttl_s: int = 7 * 24 * 3600
 
@@ -80,6 +86,10 @@ class Settings:
             raise ConfigError("buffer_size and batch_size must be >= 1")
         if self.drop_policy not in ("oldest", "newest"):
             raise ConfigError(f"drop_policy must be 'oldest' or 'newest', got {self.drop_policy!r}")
+        if self.ping_interval_s <= 0 or self.send_timeout_s <= 0:
+            raise ConfigError("ping_interval_s and send_timeout_s must be > 0")
+        if self.client_queue_size < 1:
+            raise ConfigError(f"client_queue_size must be >= 1, got {self.client_queue_size}")
         if self.lease_ttl_ms < 100 or self.read_count < 1 or self.max_attempts < 1:
             raise ConfigError("lease_ttl_ms must be >= 100, read_count and max_attempts >= 1")
         if self.max_field_bytes < 256:

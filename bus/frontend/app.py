@@ -1,0 +1,76 @@
+"""The frontend ASGI application: streaming endpoints, health, and mounted extras."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+
+from bus.frontend.hub import Hub, hub_name
+from bus.frontend.sse import thread_stream, trace_stream
+from bus.frontend.state import AppState
+from bus.frontend.ws import thread_socket
+from bus.keys import Keys
+from bus.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """200 when Redis answers and the pub/sub connection is up; 503 otherwise."""
+    state: AppState = request.app.state.bus
+    try:
+        await state.redis.ping()
+    except (RedisError, OSError) as exc:
+        return JSONResponse({"ok": False, "redis": str(exc)}, status_code=503)
+    body = {
+        "ok": state.hub.connected,
+        "pubsub": state.hub.connected,
+        "channels": state.hub.channel_count,
+        "pubsub_reconnects": state.hub.reconnects,
+    }
+    return JSONResponse(body, status_code=200 if state.hub.connected else 503)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis: aioredis.Redis | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The frontend app. ``redis`` (a bytes client) is used as given and not closed."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
+        hub = Hub(
+            client,
+            queue_size=settings.client_queue_size,
+            ping_interval_s=settings.ping_interval_s,
+            name=hub_name(settings.prefix),
+        )
+        app.state.bus = AppState(settings, client, Keys(settings.prefix), hub)
+        if not settings.open_access and not settings.stream_secret and not settings.admin_token:
+            log.warning("no LCBUS_STREAM_SECRET or LCBUS_ADMIN_TOKEN: every stream is refused")
+        async with hub:
+            try:
+                yield
+            finally:
+                if redis is None:
+                    await client.aclose()
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/traces/{trace_id}/stream", trace_stream, methods=["GET"]),
+        Route("/threads/{thread_id}/stream", thread_stream, methods=["POST"]),
+        WebSocketRoute("/threads/{thread_id}/stream", thread_socket),
+        *extra_routes,
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,156 @@
+"""Replay, then live: one client's gap-free, duplicate-free view of a topic.
+
+The order of steps is what makes it exact: subscribe (and wait for Redis to
+confirm), then read history after the client's position, then take live
+items, dropping any whose sequence number was already delivered. Every event
+of a topic carries a per-topic sequence number that grows by one, so a live
+item that skips ahead means something was lost on the way (a reconnect); the
+client then re-reads history instead of getting a gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bus.errors import EventsMissed, InvalidPosition
+from bus.frontend.hub import Hub, Subscriber
+from bus.history import StreamItem, Topic, position, read_after
+from bus.keys import Keys
+
+REPLAY_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a client resumes: after an event id, after a sequence number, or from the start."""
+
+    event_id: str | None = None
+    seq: int | None = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.event_id is not None or self.seq is not None
+
+
+@dataclass(slots=True)
+class _Cursor:
+    seq: int = 0  # last sequence number delivered (0: nothing yet)
+    event_id: str | None = None  # its history id, where the next history read starts
+    ended: bool = False  # the topic's final event is at or before the cursor
+
+
+async def follow(
+    hub: Hub, redis: aioredis.Redis, keys: Keys, topic: Topic, start: Start
+) -> AsyncIterator[StreamItem]:
+    """Every event of ``topic`` after ``start``, in order, ending after the final one.
+
+    Raises :class:`EventsMissed` when history no longer reaches back to a
+    resuming client's position (also later, should history be trimmed past a
+    client that fell behind), :class:`InvalidPosition` for a position that is
+    not in this topic, and :class:`~bus.errors.SlowConsumer` from the hub.
+    A fresh client (no position) gets whatever history still holds.
+    """
+    async with hub.subscribe(topic.channel(keys)) as sub:
+        cursor = await resolve(redis, keys, topic, start)
+        strict = start.resuming
+        while not cursor.ended:
+            if sub.resync:
+                async for item in _replay(sub, redis, keys, topic, cursor, strict=strict):
+                    yield item
+                strict = True
+                continue
+            live = await sub.next()
+            if live is None or live.seq <= cursor.seq:
+                continue
+            if live.seq > cursor.seq + 1:
+                sub.request_resync()  # a live message was lost: history has it
+                continue
+            _advance(cursor, live)
+            yield live
+
+
+async def _replay(
+    sub: Subscriber,
+    redis: aioredis.Redis,
+    keys: Keys,
+    topic: Topic,
+    cursor: _Cursor,
+    *,
+    strict: bool,
+) -> AsyncIterator[StreamItem]:
+    sub.resync = False
+    sub.replaying = True
+    try:
+        while not cursor.ended:
+            page = await read_after(redis, keys, topic, cursor.event_id, count=REPLAY_PAGE)
+            if not page:
+                return
+            if page[0].seq > cursor.seq + 1 and (strict or cursor.seq > 0):
+                raise EventsMissed(
+                    f"history starts at seq {page[0].seq}, after the client's seq {cursor.seq}"
+                )
+            for item in page:
+                cursor.event_id = item.event_id
+                if item.seq > cursor.seq:
+                    _advance(cursor, item)
+                    yield item
+                    if cursor.ended:
+                        return
+    finally:
+        sub.replaying = False
+
+
+def _advance(cursor: _Cursor, item: StreamItem) -> None:
+    cursor.seq = item.seq
+    cursor.event_id = item.event_id
+    cursor.ended = item.final
+
+
+async def resolve(redis: aioredis.Redis, keys: Keys, topic: Topic, start: Start) -> _Cursor:
+    """The cursor for ``start``; :class:`EventsMissed` or :class:`InvalidPosition` otherwise."""
+    if start.event_id is not None:
+        return await _resolve_id(redis, keys, topic, start.event_id)
+    if start.seq is not None and start.seq > 0:
+        return await _resolve_seq(redis, keys, topic, start.seq)
+    return _Cursor()
+
+
+async def _resolve_id(redis: aioredis.Redis, keys: Keys, topic: Topic, event_id: str) -> _Cursor:
+    try:
+        found: Any = await redis.xrange(topic.history(keys), min=event_id, max=event_id, count=1)
+    except aioredis.ResponseError:
+        raise InvalidPosition(f"not an event id: {event_id!r}") from None
+    if found:
+        _, fields = found[0]
+        return _Cursor(int(fields[b"s"]), event_id, fields.get(b"f") == b"1")
+    state = await position(redis, keys, topic, event_id)
+    if state == "missed":
+        raise EventsMissed(f"event {event_id} is no longer in history")
+    if state == "unknown":
+        raise InvalidPosition(f"event {event_id} is not in this stream's history")
+    return _Cursor(0, event_id)
+
+
+async def _resolve_seq(redis: aioredis.Redis, keys: Keys, topic: Topic, seq: int) -> _Cursor:
+    """The cursor at sequence number ``seq``.
+
+    History ids are not sequence numbers, so this walks history from its head
+    (bounded by the history's length); a resume by event id needs no walk.
+    """
+    after: str | None = None
+    while True:
+        page = await read_after(redis, keys, topic, after, count=REPLAY_PAGE)
+        if not page and after is not None:
+            raise InvalidPosition(f"seq {seq} lies beyond this stream's history")
+        if not page or (after is None and page[0].seq > seq):
+            raise EventsMissed(f"seq {seq} is no longer in history")
+        for item in page:
+            if item.seq == seq:
+                return _Cursor(seq, item.event_id, item.final)
+        if page[-1].seq > seq:
+            raise InvalidPosition(f"seq {seq} is not in this stream's history")
+        after = page[-1].event_id
