@@ -104,6 +104,16 @@ class Settings:
         """A copy with some fields changed (settings are immutable)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def to_env(self) -> dict[str, str]:
+        """The ``LCBUS_*`` variables that rebuild these settings in another process."""
+        env: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            env[ENV_PREFIX + field.name.upper()] = (
+                ("true" if value else "false") if isinstance(value, bool) else str(value)
+            )
+        return env
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from ``LCBUS_*`` variables (``REDIS_URL`` is honoured too)."""
