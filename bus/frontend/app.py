@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from bus.frontend.hub import Hub, hub_name
 from bus.frontend.sse import thread_stream, trace_stream
@@ -37,6 +39,14 @@ async def healthz(request: Request) -> JSONResponse:
         "pubsub_reconnects": state.hub.reconnects,
     }
     return JSONResponse(body, status_code=200 if state.hub.connected else 503)
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+async def index(request: Request) -> FileResponse:
+    """The browser page: watch a trace live (``?trace=&token=``), or start runs in the demo."""
+    return FileResponse(STATIC_DIR / "index.html")
 
 
 def create_app(
@@ -71,6 +81,8 @@ def create_app(
         Route("/traces/{trace_id}/stream", trace_stream, methods=["GET"]),
         Route("/threads/{thread_id}/stream", thread_stream, methods=["POST"]),
         WebSocketRoute("/threads/{thread_id}/stream", thread_socket),
+        Route("/", index, methods=["GET"]),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         *extra_routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan)
