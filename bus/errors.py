@@ -6,6 +6,7 @@ The tree::
     ├── ConfigError        settings that cannot work (bad prefix, bad number)
     ├── EventDecodeError   bytes on a stream that are not a bus event
     ├── AccessError        a stream token that is missing, forged, expired or for another scope
+    ├── TraceConflictError a run tree kept changing under the trace worker's writes
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
@@ -31,6 +32,10 @@ class EventDecodeError(BusError):
 
 class AccessError(BusError):
     """A stream or admin token that does not grant access."""
+
+
+class TraceConflictError(BusError):
+    """A run tree kept changing under the trace worker's writes (the batch is retried)."""
 
 
 class WebhookError(BusError):

@@ -75,7 +75,17 @@ class Keys:
         return f"{self.prefix}:tree:{{{trace_id}}}"
 
     def trace_index(self) -> str:
+        """ZSET of trace ids scored by the time their tree was last written."""
         return f"{self.prefix}:traces"
+
+    def trace_open(self) -> str:
+        """ZSET of trace ids not complete yet, scored like the index (for the timeout sweep)."""
+        return f"{self.prefix}:traces-open"
+
+    def trace_done(self, trace_id: str, partition: int) -> str:
+        """Flag set when ``trace.completed`` was published; tagged like the event partition
+        so that one script sets it and appends the event."""
+        return f"{self.prefix}:trace-done:{{{partition}}}:{trace_id}"
 
     # Webhooks.
     def endpoints(self) -> str:
