@@ -34,6 +34,7 @@ from bus.errors import TraceConflictError
 from bus.keys import Keys, partition_of
 from bus.publisher import ENTRY_FIELD
 from bus.runtree import TraceState, apply, is_complete, is_run_event, summarize
+from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 from bus.tracestore import Loaded, TraceStore
 
@@ -47,13 +48,13 @@ _SWEEP_BATCH = 200
 
 # KEYS: done flag, event stream (same slot). ARGV: ttl, event, maxlen, entry field.
 # -> 1 if published, 0 if it had been already.
-_ANNOUNCE = """
+_ANNOUNCE = LuaScript("""
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[2])
   return 1
 end
 return 0
-"""
+""")
 
 
 class TraceAggregator:
@@ -68,7 +69,6 @@ class TraceAggregator:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.store = TraceStore(redis=redis, settings=settings)
-        self._announce = redis.register_script(_ANNOUNCE)
         self._announced: OrderedDict[str, None] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
         self.published = 0
@@ -86,9 +86,10 @@ class TraceAggregator:
     async def apply(self, by_trace: Mapping[str, Sequence[ev.BaseEvent]]) -> None:
         """Merge each trace's events into its stored tree; announce those now complete."""
         pending = list(by_trace)
+        new = {t for t, events in by_trace.items() if any(_starts_root(e) for e in events)}
         fresh = False
         for _ in range(MAX_SAVE_ATTEMPTS):
-            loaded = await self.store.load(pending, fresh=fresh)
+            loaded = await self.store.load(pending, fresh=fresh, new=new)
             now = time.time()
             for trace_id in pending:
                 state = loaded[trace_id].state
@@ -114,17 +115,21 @@ class TraceAggregator:
         ]
         if not done:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for state in done:
-                await self._queue_announcement(pipe, state)
-            replies = await pipe.execute()
+        announcements = [self._announcement(state) for state in done]
+
+        def build(pipe: Any) -> None:
+            for keys, args in announcements:
+                _ANNOUNCE.queue(pipe, keys, args)
+
+        replies = await execute(self.redis, [_ANNOUNCE], build)
         self.published += sum(1 for reply in replies if reply == 1)
         for state in done:
             self._announced[state.trace_id] = None
             if len(self._announced) > _ANNOUNCED_MEMORY:
                 self._announced.popitem(last=False)
 
-    async def _queue_announcement(self, pipe: Any, state: TraceState) -> None:
+    def _announcement(self, state: TraceState) -> tuple[list[str], list[Any]]:
+        """The keys and args of the script that publishes ``trace_completed`` once."""
         summary = summarize(state)
         rollup = {
             "usage": msgspec.to_builtins(summary.usage),
@@ -153,16 +158,14 @@ class TraceAggregator:
             rollup=rollup,
         )
         partition = partition_of(state.trace_id, self.settings.partitions)
-        await self._announce(
-            keys=[self.keys.trace_done(state.trace_id, partition), self.keys.events(partition)],
-            args=[
-                self.settings.trace_ttl_s,
-                ev.encode(event),
-                self.settings.stream_maxlen,
-                ENTRY_FIELD,
-            ],
-            client=pipe,
-        )
+        keys = [self.keys.trace_done(state.trace_id, partition), self.keys.events(partition)]
+        args = [
+            self.settings.trace_ttl_s,
+            ev.encode(event),
+            self.settings.stream_maxlen,
+            ENTRY_FIELD,
+        ]
+        return keys, args
 
     # -- timeout sweep ---------------------------------------------------------------
 
@@ -220,3 +223,7 @@ class TraceAggregator:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _starts_root(event: ev.BaseEvent) -> bool:
+    return event.run_id == event.trace_id and ev.event_type(event) in ev.START_TYPES

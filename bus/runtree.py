@@ -36,7 +36,9 @@ RUNNING, SUCCESS, ERROR, TIMEOUT = "running", "success", "error", "timeout"
 # -- view: the public schema ------------------------------------------------------
 
 
-class TokenUsage(msgspec.Struct, kw_only=True):
+# gc=False on the state and usage Structs: they hold acyclic, JSON-like data, and the
+# trace worker allocates many; untracked, they do not slow the cyclic collector.
+class TokenUsage(msgspec.Struct, kw_only=True, gc=False):
     input_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
@@ -112,7 +114,7 @@ class Trace(TraceSummary, kw_only=True):
 # -- state: merged facts ------------------------------------------------------------
 
 
-class RunState(msgspec.Struct, kw_only=True, omit_defaults=True):
+class RunState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: str
     parent_run_id: str | None = None
     name: str = ""
@@ -138,19 +140,24 @@ class RunState(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Per source, the seqs of the token events counted, as sorted [lo, hi] ranges."""
 
 
-class TraceState(msgspec.Struct, kw_only=True, omit_defaults=True):
+class TraceState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     trace_id: str
     runs: dict[str, RunState] = {}
     timed_out: bool = False
     updated_at: float = 0.0
 
 
-_NOT_THIS = object()
-_RUN_EVENTS = ev.START_TYPES | ev.END_TYPES | ev.ERROR_TYPES | {"on_llm_new_token"}
+_START, _TOKEN, _END, _ERROR = range(4)
+_KINDS: dict[type[ev.BaseEvent], int] = {
+    **{ev.EVENT_TYPES[t]: _START for t in ev.START_TYPES},
+    **{ev.EVENT_TYPES[t]: _END for t in ev.END_TYPES},
+    **{ev.EVENT_TYPES[t]: _ERROR for t in ev.ERROR_TYPES},
+    ev.LLMNewToken: _TOKEN,
+}
 
 
 def _start_inputs(event: ev.BaseEvent) -> Any:
-    """The run's inputs as LangChain's tracer records them, or ``_NOT_THIS``."""
+    """The run's inputs as LangChain's tracer records them."""
     match event:
         case ev.LLMStart():
             return {"prompts": event.prompts}
@@ -162,7 +169,7 @@ def _start_inputs(event: ev.BaseEvent) -> Any:
             return event.inputs if event.inputs is not None else {"input": event.input_str}
         case ev.RetrieverStart():
             return {"query": event.query}
-    return _NOT_THIS
+    return None
 
 
 def _end_outputs(event: ev.BaseEvent) -> Any:
@@ -180,46 +187,57 @@ def _end_outputs(event: ev.BaseEvent) -> Any:
 
 def is_run_event(event: ev.BaseEvent) -> bool:
     """Whether the trace worker folds this event into a run tree."""
-    return bool(event.trace_id) and ev.event_type(event) in _RUN_EVENTS
+    return type(event) in _KINDS and bool(event.trace_id) and bool(event.run_id)
 
 
 def apply(state: TraceState, event: ev.BaseEvent) -> None:
     """Merge one event's facts into ``state`` (other event types are ignored)."""
-    kind = ev.event_type(event)
-    if not event.run_id or kind not in _RUN_EVENTS:
+    kind = _KINDS.get(type(event))
+    if kind is None or not event.run_id:
         return
     run = state.runs.get(event.run_id)
     if run is None:
         run = state.runs[event.run_id] = RunState(id=event.run_id)
-    inputs = _start_inputs(event)
-    rank = (1 if inputs is _NOT_THIS else 0, event.source, event.seq)
-    if rank < run.info_rank:
-        run.info_rank = rank
-        run.parent_run_id = event.parent_run_id
-        run.name, run.run_type = event.name, event.run_type
-        run.tags, run.metadata = list(event.tags), dict(event.metadata)
-    if inputs is not _NOT_THIS:
+    if kind == _START:
         if not run.started:
+            _take_fields(run, event, (0, event.source, event.seq))
             run.started, run.start_time, run.start_seq = True, event.time, event.seq
-            run.inputs = inputs
-    elif kind == "on_llm_new_token":
+            run.inputs = _start_inputs(event)
+    elif not run.started and (1, event.source, event.seq) < run.info_rank:
+        _take_fields(run, event, (1, event.source, event.seq))
+    if kind == _TOKEN:
         _count_token(run, event)
-    elif kind in ev.ERROR_TYPES:
+    elif kind == _ERROR:
         if run.end_kind != "error":
             run.end_kind, run.end_time = "error", event.time
             run.error = getattr(event, "error", "")
             run.error_type = getattr(event, "error_type", "")
-    elif not run.end_kind:
+    elif kind == _END and not run.end_kind:
         run.end_kind, run.end_time = "end", event.time
         run.outputs = _end_outputs(event)
         if isinstance(event, ev.LLMEnd):
             run.usage = usage_of(event)
 
 
+def _take_fields(run: RunState, event: ev.BaseEvent, rank: tuple[int, str, int]) -> None:
+    run.info_rank = rank
+    run.parent_run_id = event.parent_run_id
+    run.name, run.run_type = event.name, event.run_type
+    run.tags, run.metadata = event.tags, event.metadata  # never mutated in place
+
+
 def _count_token(run: RunState, event: ev.BaseEvent) -> None:
-    if add_seq(run.tokens.setdefault(event.source, []), event.seq):
-        first = run.first_token_time
-        run.first_token_time = event.time if first is None else min(first, event.time)
+    ranges = run.tokens.get(event.source)
+    if ranges is None:
+        ranges = run.tokens[event.source] = []
+    seq = event.seq
+    if ranges and ranges[-1][1] == seq - 1:  # the usual case: tokens in order
+        ranges[-1][1] = seq
+    elif not add_seq(ranges, seq):
+        return
+    first = run.first_token_time
+    if first is None or event.time < first:
+        run.first_token_time = event.time
 
 
 def add_seq(ranges: list[list[int]], seq: int) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from bus.keys import Keys
 from bus.runtree import Trace, TraceState, TraceSummary, build, is_complete, summarize
+from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 
 __all__ = ["Loaded", "TracePage", "TraceStore", "get_trace", "list_traces"]
@@ -39,14 +40,14 @@ _state_decoder = msgspec.msgpack.Decoder(TraceState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
 # KEYS: tree. ARGV: expected version, state, summary, ttl. -> new version, or -1 (conflict).
-_SAVE = """
+_SAVE = LuaScript("""
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'v', new, 's', ARGV[2], 'm', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return new
-"""
+""")
 
 
 class TracePage(msgspec.Struct, kw_only=True):
@@ -74,16 +75,24 @@ class TraceStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix)
-        self._save = redis.register_script(_SAVE)
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
 
-    async def load(self, trace_ids: Iterable[str], *, fresh: bool = False) -> dict[str, Loaded]:
-        """Each trace's state and version (an empty state at version 0 when unknown)."""
+    async def load(
+        self, trace_ids: Iterable[str], *, fresh: bool = False, new: Container[str] = ()
+    ) -> dict[str, Loaded]:
+        """Each trace's state and version (an empty state at version 0 when unknown).
+
+        Traces in ``new`` (their root's start is in hand) are assumed not to be
+        stored yet, without asking Redis: if one is (a redelivery), its save
+        loses the compare-and-set and the caller reloads it.
+        """
         found: dict[str, Loaded] = {}
         missing: list[str] = []
         for trace_id in trace_ids:
             cached = None if fresh else self._cache.get(trace_id)
-            if cached is None:
+            if cached is None and not fresh and trace_id in new:
+                found[trace_id] = Loaded(0, TraceState(trace_id=trace_id))
+            elif cached is None:
                 missing.append(trace_id)
             else:
                 self._cache.move_to_end(trace_id)
@@ -104,26 +113,33 @@ class TraceStore:
         """
         keys, ttl = self.keys, self.settings.trace_ttl_s
         items = list(loaded.items())
+        writes = [
+            (trace_id, item.version, _state_encoder.encode(item.state), summarize(item.state))
+            for trace_id, item in items
+        ]
+
+        done = [trace_id for trace_id, _, _, summary in writes if summary.completed]
+        still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
+
+        def build(pipe: Any) -> None:
+            for trace_id, version, blob, summary in writes:
+                args = [version, blob, msgspec.json.encode(summary), ttl]
+                _SAVE.queue(pipe, [keys.tree(trace_id)], args)
+            pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
+            if still_open:
+                pipe.zadd(keys.trace_open(), still_open)
+            if done:
+                pipe.zrem(keys.trace_open(), *done)
+            pipe.zremrangebyscore(keys.trace_index(), "-inf", now - ttl)
+
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for trace_id, item in items:
-                    blob = _state_encoder.encode(item.state)
-                    summary = msgspec.json.encode(summarize(item.state))
-                    args: list[bytes | int] = [item.version, blob, summary, ttl]
-                    await self._save(keys=[keys.tree(trace_id)], args=args, client=pipe)
-                    pipe.zadd(keys.trace_index(), {trace_id: now})
-                    if is_complete(item.state) or item.state.timed_out:
-                        pipe.zrem(keys.trace_open(), trace_id)
-                    else:
-                        pipe.zadd(keys.trace_open(), {trace_id: now})
-                pipe.zremrangebyscore(keys.trace_index(), "-inf", now - ttl)
-                replies = await pipe.execute()
+            replies = await execute(self.redis, [_SAVE], build)
         except BaseException:
             for trace_id, _ in items:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
             raise
         conflicts = []
-        for (trace_id, item), version in zip(items, replies[: 3 * len(items) : 3], strict=True):
+        for (trace_id, item), version in zip(items, replies[: len(items)], strict=True):
             if version == -1:
                 conflicts.append(trace_id)
                 self._cache.pop(trace_id, None)
