@@ -10,9 +10,10 @@ idempotent, so redelivered batches and replicas handing off are harmless.
 When a trace completes (its root ended and no run is open), or no event came
 for ``trace_complete_timeout_s`` (a periodic sweep), a ``trace_completed``
 event goes onto the trace's event partition, exactly as the callback handler
-would publish it, so that webhook subscribers see it. One script sets a flag
-and appends the event, so it is published once per trace whatever replicas and
-redeliveries do.
+would publish it, so that webhook subscribers see it. The script that saves
+the tree also sets a flag and appends the event, atomically, so it is published
+once per trace whatever replicas and redeliveries do, and never for a save that
+lost the compare-and-set.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -31,10 +31,8 @@ import redis.asyncio as aioredis
 from bus import events as ev
 from bus.consumer import Delivery
 from bus.errors import TraceConflictError
-from bus.keys import Keys, partition_of
-from bus.publisher import ENTRY_FIELD
+from bus.keys import Keys
 from bus.runtree import TraceState, apply, is_complete, is_run_event, summarize
-from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 from bus.tracestore import Loaded, TraceStore
 
@@ -45,16 +43,6 @@ SOURCE = "lcbus-traces"
 MAX_SAVE_ATTEMPTS = 5
 _ANNOUNCED_MEMORY = 10_000
 _SWEEP_BATCH = 200
-
-# KEYS: done flag, event stream (same slot). ARGV: ttl, event, maxlen, entry field.
-# -> 1 if published, 0 if it had been already.
-_ANNOUNCE = LuaScript("""
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[2])
-  return 1
-end
-return 0
-""")
 
 
 class TraceAggregator:
@@ -96,76 +84,29 @@ class TraceAggregator:
                 for event in by_trace[trace_id]:
                     apply(state, event)
                 state.updated_at = now
-            conflicts = await self.store.save(loaded, now=now)
-            lost = set(conflicts)
-            await self._announce_completed({t: i for t, i in loaded.items() if t not in lost})
+            conflicts = await self._save(loaded, now)
             if not conflicts:
                 return
             self.conflicts += len(conflicts)
             pending, fresh = conflicts, True
         raise TraceConflictError(f"traces kept changing under this worker: {pending[:5]}")
 
-    # -- completion ------------------------------------------------------------------
-
-    async def _announce_completed(self, loaded: Mapping[str, Loaded]) -> None:
-        done = [
-            item.state
+    async def _save(self, loaded: Mapping[str, Loaded], now: float) -> list[str]:
+        """Save, publishing ``trace_completed`` for the traces that just completed."""
+        announce = {
+            trace_id: ev.encode(completed_event(item.state))
             for trace_id, item in loaded.items()
             if trace_id not in self._announced and (is_complete(item.state) or item.state.timed_out)
-        ]
-        if not done:
-            return
-        announcements = [self._announcement(state) for state in done]
-
-        def build(pipe: Any) -> None:
-            for keys, args in announcements:
-                _ANNOUNCE.queue(pipe, keys, args)
-
-        replies = await execute(self.redis, [_ANNOUNCE], build)
-        self.published += sum(1 for reply in replies if reply == 1)
-        for state in done:
-            self._announced[state.trace_id] = None
-            if len(self._announced) > _ANNOUNCED_MEMORY:
-                self._announced.popitem(last=False)
-
-    def _announcement(self, state: TraceState) -> tuple[list[str], list[Any]]:
-        """The keys and args of the script that publishes ``trace_completed`` once."""
-        summary = summarize(state)
-        rollup = {
-            "usage": msgspec.to_builtins(summary.usage),
-            "latency_ms": summary.latency_ms,
-            "start_time": summary.start_time,
-            "end_time": summary.end_time,
-            "first_token_time": summary.first_token_time,
-            "model_calls": summary.model_calls,
-            "errors": summary.errors,
-            "run_count": summary.run_count,
-            "open_runs": summary.open_runs,
         }
-        root = state.runs.get(state.trace_id)
-        event = ev.TraceCompleted(
-            id=f"trace-completed-{state.trace_id}",
-            time=time.time(),
-            run_id=state.trace_id,
-            trace_id=state.trace_id,
-            seq=0,
-            name=summary.name,
-            run_type=root.run_type if root is not None else "",
-            tags=summary.tags,
-            metadata=summary.metadata,
-            source=SOURCE,
-            status=summary.status,
-            rollup=rollup,
-        )
-        partition = partition_of(state.trace_id, self.settings.partitions)
-        keys = [self.keys.trace_done(state.trace_id, partition), self.keys.events(partition)]
-        args = [
-            self.settings.trace_ttl_s,
-            ev.encode(event),
-            self.settings.stream_maxlen,
-            ENTRY_FIELD,
-        ]
-        return keys, args
+        saved = await self.store.save(loaded, now=now, announce=announce)
+        self.published += len(saved.published)
+        lost = set(saved.conflicts)
+        for trace_id in announce:
+            if trace_id not in lost:  # published now or before: no need to ask again
+                self._announced[trace_id] = None
+        while len(self._announced) > _ANNOUNCED_MEMORY:
+            self._announced.popitem(last=False)
+        return saved.conflicts
 
     # -- timeout sweep ---------------------------------------------------------------
 
@@ -194,8 +135,7 @@ class TraceAggregator:
         if not stale:
             return 0
         # updated_at stays the last event's: the sweep is not news about the trace.
-        lost = set(await self.store.save(stale, now=now))
-        await self._announce_completed({t: i for t, i in stale.items() if t not in lost})
+        lost = await self._save(stale, now)
         return len(stale) - len(lost)
 
     async def _sweep_forever(self) -> None:
@@ -227,3 +167,37 @@ class TraceAggregator:
 
 def _starts_root(event: ev.BaseEvent) -> bool:
     return event.run_id == event.trace_id and ev.event_type(event) in ev.START_TYPES
+
+
+def completed_event(state: TraceState) -> ev.TraceCompleted:
+    """The ``trace_completed`` event of a trace: its status and rollups.
+
+    Its id is derived from the trace, so a receiver can deduplicate by it.
+    """
+    summary = summarize(state)
+    rollup = {
+        "usage": msgspec.to_builtins(summary.usage),
+        "latency_ms": summary.latency_ms,
+        "start_time": summary.start_time,
+        "end_time": summary.end_time,
+        "first_token_time": summary.first_token_time,
+        "model_calls": summary.model_calls,
+        "errors": summary.errors,
+        "run_count": summary.run_count,
+        "open_runs": summary.open_runs,
+    }
+    root = state.runs.get(state.trace_id)
+    return ev.TraceCompleted(
+        id=f"trace-completed-{state.trace_id}",
+        time=time.time(),
+        run_id=state.trace_id,
+        trace_id=state.trace_id,
+        seq=0,
+        name=summary.name,
+        run_type=root.run_type if root is not None else "",
+        tags=summary.tags,
+        metadata=summary.metadata,
+        source=SOURCE,
+        status=summary.status,
+        rollup=rollup,
+    )

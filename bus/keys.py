@@ -71,8 +71,10 @@ class Keys:
     def thread_channel(self, thread_id: str) -> str:
         return f"{self.prefix}:thread-live:{{{thread_id}}}"
 
-    def tree(self, trace_id: str) -> str:
-        return f"{self.prefix}:tree:{{{trace_id}}}"
+    def tree(self, trace_id: str, partition: int) -> str:
+        """A trace's run tree. Tagged with its event partition, not the trace: the
+        trace worker's one script saves it and publishes ``trace_completed`` there."""
+        return f"{self.prefix}:tree:{{{partition}}}:{trace_id}"
 
     def trace_index(self) -> str:
         """ZSET of trace ids scored by the time their tree was last written."""

@@ -1,12 +1,15 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
-Each trace is one hash ``keys.tree(trace_id)`` with fields ``v`` (a version
+Each trace is one hash ``keys.tree(trace_id, partition)`` with fields ``v`` (a version
 counter), ``s`` (the msgpack :class:`~bus.runtree.TraceState`) and ``m`` (the
 JSON :class:`~bus.runtree.TraceSummary` the list filters read), expiring
 ``trace_ttl_s`` after its last write. A write is a compare-and-set on ``v``:
 leases make one worker replica the writer of a trace's partition, but a
 replica that lost its lease mid-batch, or the timeout sweep of another replica,
 may write too; the loser reloads and re-applies (applying is idempotent).
+The same script, when asked, publishes the trace's ``trace_completed`` event
+on its event partition, guarded by a flag so that it happens once per trace:
+the tree key is tagged with the partition so that all three keys share a slot.
 
 ``keys.trace_index()`` is a ZSET of trace ids scored by their last write; the
 trees expire by TTL, and the index drops members older than the TTL on every
@@ -24,12 +27,13 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from bus.keys import Keys
+from bus.keys import Keys, partition_of
+from bus.publisher import ENTRY_FIELD
 from bus.runtree import Trace, TraceState, TraceSummary, build, is_complete, summarize
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 
-__all__ = ["Loaded", "TracePage", "TraceStore", "get_trace", "list_traces"]
+__all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
 
 LIST_SCAN_CAP = 5000
 """Index entries one ``list_traces`` call examines at most (filters are applied to
@@ -39,14 +43,20 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(TraceState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
-# KEYS: tree. ARGV: expected version, state, summary, ttl. -> new version, or -1 (conflict).
+# KEYS: tree, done flag, event stream. ARGV: expected version, state, summary, ttl,
+# completed event ('' for none), stream maxlen, entry field.
+# -> {new version, 1 if the event was published}, or -1 when the version moved on.
 _SAVE = LuaScript("""
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'v', new, 's', ARGV[2], 'm', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return new
+if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', ARGV[7], ARGV[5])
+  return {new, 1}
+end
+return {new, 0}
 """)
 
 
@@ -56,6 +66,14 @@ class TracePage(msgspec.Struct, kw_only=True):
     traces: list[TraceSummary]
     next_cursor: str | None
     """Pass back as ``cursor`` for the next page; None when the index is exhausted."""
+
+
+@dataclass(slots=True)
+class Saved:
+    conflicts: list[str]
+    """Traces whose stored version moved on: reload and merge again."""
+    published: list[str]
+    """Traces whose ``trace_completed`` event this save published."""
 
 
 @dataclass(slots=True)
@@ -100,31 +118,37 @@ class TraceStore:
         if missing:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for trace_id in missing:
-                    pipe.hmget(self.keys.tree(trace_id), ["v", "s"])
+                    pipe.hmget(self._tree(trace_id), ["v", "s"])
                 replies = await pipe.execute()
             for trace_id, (version, blob) in zip(missing, replies, strict=True):
                 found[trace_id] = _loaded(trace_id, version, blob)
         return found
 
-    async def save(self, loaded: Mapping[str, Loaded], *, now: float) -> list[str]:
-        """Write each state if its version is unchanged; the ids that lost the race.
+    async def save(
+        self, loaded: Mapping[str, Loaded], *, now: float, announce: Mapping[str, bytes] = {}
+    ) -> Saved:
+        """Write each state if its version is unchanged; publish the ``announce`` events
+        (encoded ``trace_completed``, by trace id) of those written, once per trace.
 
         The index and the open-trace set are updated in the same round trip.
         """
-        keys, ttl = self.keys, self.settings.trace_ttl_s
+        keys, ttl, partitions = self.keys, self.settings.trace_ttl_s, self.settings.partitions
         items = list(loaded.items())
         writes = [
             (trace_id, item.version, _state_encoder.encode(item.state), summarize(item.state))
             for trace_id, item in items
         ]
-
         done = [trace_id for trace_id, _, _, summary in writes if summary.completed]
         still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
+        tail = [self.settings.stream_maxlen, ENTRY_FIELD]
 
         def build(pipe: Any) -> None:
             for trace_id, version, blob, summary in writes:
-                args = [version, blob, msgspec.json.encode(summary), ttl]
-                _SAVE.queue(pipe, [keys.tree(trace_id)], args)
+                p = partition_of(trace_id, partitions)
+                script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
+                event = announce.get(trace_id, b"")
+                args = [version, blob, msgspec.json.encode(summary), ttl, event, *tail]
+                _SAVE.queue(pipe, script_keys, args)
             pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
             if still_open:
                 pipe.zadd(keys.trace_open(), still_open)
@@ -138,15 +162,20 @@ class TraceStore:
             for trace_id, _ in items:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
             raise
-        conflicts = []
-        for (trace_id, item), version in zip(items, replies[: len(items)], strict=True):
-            if version == -1:
-                conflicts.append(trace_id)
+        saved = Saved(conflicts=[], published=[])
+        for (trace_id, item), reply in zip(items, replies[: len(items)], strict=True):
+            if reply == -1:
+                saved.conflicts.append(trace_id)
                 self._cache.pop(trace_id, None)
-            else:
-                item.version = int(version)
-                self._remember(trace_id, item)
-        return conflicts
+                continue
+            item.version = int(reply[0])
+            if reply[1] == 1:
+                saved.published.append(trace_id)
+            self._remember(trace_id, item)
+        return saved
+
+    def _tree(self, trace_id: str) -> str:
+        return self.keys.tree(trace_id, partition_of(trace_id, self.settings.partitions))
 
     def forget(self, trace_id: str) -> None:
         self._cache.pop(trace_id, None)
@@ -172,7 +201,7 @@ def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
 
 async def get_trace(redis: aioredis.Redis, settings: Settings, trace_id: str) -> Trace | None:
     """The run tree of ``trace_id`` (live or finished), or None when unknown or expired."""
-    blob: Any = await redis.hget(Keys(settings.prefix).tree(trace_id), "s")
+    blob: Any = await redis.hget(_tree_key(settings, trace_id), "s")
     if blob is None:
         return None
     return build(_state_decoder.decode(blob))
@@ -210,7 +239,7 @@ async def list_traces(
         rows = [(_text(m), float(s)) for m, s in raw]
         if after is not None:  # equal scores come in descending member order
             rows = [(m, s) for m, s in rows if not (s == top and m >= after)]
-        blobs = await _summaries(redis, keys, [m for m, _ in rows])
+        blobs = await _summaries(redis, settings, [m for m, _ in rows])
         gone = [m for (m, _), blob in zip(rows, blobs, strict=True) if blob is None]
         await _prune(redis, index, gone)
         for (member, score), blob in zip(rows, blobs, strict=True):
@@ -241,12 +270,18 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str | None]:
     return value, member
 
 
-async def _summaries(redis: aioredis.Redis, keys: Keys, ids: Sequence[str]) -> list[bytes | None]:
+def _tree_key(settings: Settings, trace_id: str) -> str:
+    return Keys(settings.prefix).tree(trace_id, partition_of(trace_id, settings.partitions))
+
+
+async def _summaries(
+    redis: aioredis.Redis, settings: Settings, ids: Sequence[str]
+) -> list[bytes | None]:
     if not ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for trace_id in ids:
-            pipe.hget(keys.tree(trace_id), "m")
+            pipe.hget(_tree_key(settings, trace_id), "m")
         replies: list[bytes | None] = await pipe.execute()
     return replies
 

@@ -30,7 +30,9 @@ def owners(client: redis.Redis, settings: Settings) -> list[int | None]:
 
 
 def tree_runs(client: redis.Redis, settings: Settings, trace_id: str) -> int:
-    summary = client.hget(Keys(settings.prefix).tree(trace_id), "m")
+    summary = client.hget(
+        Keys(settings.prefix).tree(trace_id, partition_of(trace_id, settings.partitions)), "m"
+    )
     return 0 if summary is None else int(msgspec.json.decode(summary)["run_count"])
 
 
