@@ -38,6 +38,7 @@ typecheck: $(STAMP) ## mypy --strict on bus/ and workers/
 bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.publish
+	$(BIN)/python -m bench.traces
 
 demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
 	$(BIN)/python -m bus.demo $(ARGS)
