@@ -41,6 +41,7 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.consume
 	$(BIN)/python -m bench.fanout_worker
 	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.traces
 
 demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
 	$(BIN)/python -m bus.demo $(ARGS)

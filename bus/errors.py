@@ -11,6 +11,7 @@ The tree::
     │   ├── InvalidPosition    its resume point is malformed or lies beyond history
     │   └── SlowConsumer       it fell behind its bounded queue
     ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
+    ├── TraceConflictError a run tree kept changing under the trace worker's writes
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
@@ -64,6 +65,10 @@ class SlowConsumer(StreamError):
 
 class FanoutConflict(BusError):
     """The fan-out worker lost the race for a trace's state too many times in a row."""
+
+
+class TraceConflictError(BusError):
+    """A run tree kept changing under the trace worker's writes (the batch is retried)."""
 
 
 class WebhookError(BusError):

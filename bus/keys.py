@@ -75,11 +75,23 @@ class Keys:
     def thread_channel(self, thread_id: str) -> str:
         return f"{self.prefix}:thread-live:{{{thread_id}}}"
 
-    def tree(self, trace_id: str) -> str:
-        return f"{self.prefix}:tree:{{{trace_id}}}"
+    def tree(self, trace_id: str, partition: int) -> str:
+        """A trace's run tree. Tagged with its event partition, not the trace: the
+        trace worker's one script saves it and publishes ``trace_completed`` there."""
+        return f"{self.prefix}:tree:{{{partition}}}:{trace_id}"
 
     def trace_index(self) -> str:
+        """ZSET of trace ids scored by the time their tree was last written."""
         return f"{self.prefix}:traces"
+
+    def trace_open(self) -> str:
+        """ZSET of trace ids not complete yet, scored like the index (for the timeout sweep)."""
+        return f"{self.prefix}:traces-open"
+
+    def trace_done(self, trace_id: str, partition: int) -> str:
+        """Flag set when ``trace.completed`` was published; tagged like the event partition
+        so that one script sets it and appends the event."""
+        return f"{self.prefix}:trace-done:{{{partition}}}:{trace_id}"
 
     # Webhooks.
     def endpoints(self) -> str:

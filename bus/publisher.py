@@ -219,10 +219,12 @@ class Publisher:
             except (redis.RedisError, OSError) as exc:
                 self._on_failure(batch, exc)
                 return False
+            # Counted before in_flight clears, so that flush() never returns
+            # before the stats show what it waited for.
+            self._published += len(batch)
+            self._batches += 1
         finally:
             self._in_flight = False
-        self._published += len(batch)
-        self._batches += 1
         if self._failing:
             self._failing = False
             self._reconnects += 1

@@ -76,6 +76,11 @@ class Settings:
 
     # Run trees kept by the trace worker.
     trace_ttl_s: int = 7 * 24 * 3600
+    trace_complete_timeout_s: float = 600.0
+    """A trace with no event for this long is completed with status ``timeout``."""
+    trace_sweep_interval_s: float = 1.0
+    trace_cache_size: int = 2000
+    """Open traces whose state the trace worker keeps in memory between batches."""
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} "):
@@ -92,6 +97,8 @@ class Settings:
             raise ConfigError(f"client_queue_size must be >= 1, got {self.client_queue_size}")
         if self.lease_ttl_ms < 100 or self.read_count < 1 or self.max_attempts < 1:
             raise ConfigError("lease_ttl_ms must be >= 100, read_count and max_attempts >= 1")
+        if self.trace_ttl_s < 1 or self.trace_complete_timeout_s <= 0:
+            raise ConfigError("trace_ttl_s must be >= 1 and trace_complete_timeout_s > 0")
         if self.max_field_bytes < 256:
             raise ConfigError("max_field_bytes must be >= 256")
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("serve", "token", "tail", "status", "dlq")
+COMMAND_MODULES: tuple[str, ...] = ("serve", "token", "tail", "trace", "status", "dlq")
 
 
 def build_parser() -> argparse.ArgumentParser:

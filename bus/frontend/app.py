@@ -21,6 +21,7 @@ from bus.frontend.state import AppState
 from bus.frontend.ws import thread_socket
 from bus.keys import Keys
 from bus.settings import Settings
+from bus.trace_api import trace_routes
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,11 @@ def create_app(
 ) -> Starlette:
     """The frontend app. ``redis`` (a bytes client) is used as given and not closed."""
 
+    # Created now (it connects lazily) so that mounted APIs can share it.
+    client = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
         hub = Hub(
             client,
             queue_size=settings.client_queue_size,
@@ -83,6 +86,7 @@ def create_app(
         WebSocketRoute("/threads/{thread_id}/stream", thread_socket),
         Route("/", index, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+        *trace_routes(settings, client),
         *extra_routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan)
