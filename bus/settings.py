@@ -47,6 +47,12 @@ class Settings:
     read_block_ms: int = 1_000
     max_attempts: int = 3
     metrics_port: int = 0
+    heartbeat_ms: int = 0
+    """How often a replica renews leases and membership; 0 = min(lease_ttl_ms / 3, 1000)."""
+    retry_backoff_ms: int = 50
+    """First pause between handler attempts; doubles per attempt, capped at 2 s."""
+    outage_tolerance_s: float = 120.0
+    """How long an arq worker's own queue polling rides out a Redis outage before exiting."""
 
     # Per-trace history kept for streaming clients.
     history_maxlen: int = 100_000
@@ -69,8 +75,15 @@ class Settings:
             raise ConfigError("buffer_size and batch_size must be >= 1")
         if self.drop_policy not in ("oldest", "newest"):
             raise ConfigError(f"drop_policy must be 'oldest' or 'newest', got {self.drop_policy!r}")
+        if self.lease_ttl_ms < 100 or self.read_count < 1 or self.max_attempts < 1:
+            raise ConfigError("lease_ttl_ms must be >= 100, read_count and max_attempts >= 1")
         if self.max_field_bytes < 256:
             raise ConfigError("max_field_bytes must be >= 256")
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        ms = self.heartbeat_ms or min(self.lease_ttl_ms / 3, 1000)
+        return ms / 1000
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (settings are immutable)."""

@@ -1,0 +1,126 @@
+"""Partition leases and group membership for the consumer runtime.
+
+Each partition of a consumer group has one lease key holding the replica id of
+its owner, set with ``SET NX PX`` and kept alive with a compare-and-pexpire
+script; only the owner may renew or delete it. Replicas also heartbeat into a
+ZSET scored by expiry (on the Redis clock, so replicas with skewed clocks agree)
+and derive the same partition assignment from the same sorted member list.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+
+import redis.asyncio as aioredis
+
+from bus.keys import Keys
+
+# Taking a lease we already hold (say after a short outage where our local
+# deadline passed but the key survived) must succeed, hence the GET first.
+_ACQUIRE = """
+local owner = redis.call('get', KEYS[1])
+if owner == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return 1
+end
+if owner then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+return 1
+"""
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+# The Redis clock scores every member, so expiry does not depend on the
+# replicas agreeing on the time. The ZSET itself expires once nobody beats.
+_HEARTBEAT = """
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('zadd', KEYS[1], now + ttl, ARGV[1])
+redis.call('zremrangebyscore', KEYS[1], '-inf', now)
+redis.call('pexpire', KEYS[1], ttl * 2)
+return redis.call('zrange', KEYS[1], 0, -1)
+"""
+
+
+def default_replica_id() -> str:
+    """host:pid:nonce, unique per process and readable in ``lcbus status``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def assign(partitions: int, members: Sequence[str], me: str) -> frozenset[int]:
+    """The partitions ``me`` should own: p where sorted(members)[p % n] is me.
+
+    Every replica computes this from the same member list, so in a steady
+    state each partition has exactly one candidate owner.
+    """
+    ordered = sorted(set(members))
+    if me not in ordered:
+        return frozenset()
+    n = len(ordered)
+    return frozenset(p for p in range(partitions) if ordered[p % n] == me)
+
+
+class Leases:
+    """Lease and membership operations of one replica in one group."""
+
+    def __init__(
+        self, *, redis: aioredis.Redis, keys: Keys, group: str, replica_id: str, ttl_ms: int
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.group = group
+        self.replica_id = replica_id
+        self.ttl_ms = ttl_ms
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+
+    async def heartbeat(self) -> list[str]:
+        """Announce this replica and return the live members, sorted."""
+        raw = await self._heartbeat(
+            keys=[self._keys.members(self.group)], args=[self.replica_id, self.ttl_ms]
+        )
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+
+    async def leave(self) -> None:
+        await self._redis.zrem(self._keys.members(self.group), self.replica_id)
+
+    async def acquire(self, partition: int) -> bool:
+        key = self._keys.lease(self.group, partition)
+        return bool(await self._acquire(keys=[key], args=[self.replica_id, self.ttl_ms]))
+
+    async def renew(self, partitions: Iterable[int]) -> dict[int, bool]:
+        """Renew several leases in one round trip; False means the lease is lost."""
+        parts = list(partitions)
+        if not parts:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for p in parts:
+                key = self._keys.lease(self.group, p)
+                await self._renew(keys=[key], args=[self.replica_id, self.ttl_ms], client=pipe)
+            results = await pipe.execute()
+        return {p: bool(r) for p, r in zip(parts, results, strict=True)}
+
+    async def release(self, partition: int) -> bool:
+        key = self._keys.lease(self.group, partition)
+        return bool(await self._release(keys=[key], args=[self.replica_id]))
+
+    async def owner(self, partition: int) -> str | None:
+        raw = await self._redis.get(self._keys.lease(self.group, partition))
+        return None if raw is None else raw.decode()
