@@ -46,7 +46,7 @@ class Endpoint(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     url: str
     secrets: list[Secret]
-    events: list[str] = ["*"]
+    events: list[str] = msgspec.field(default_factory=lambda: ["*"])
     tags: list[str] = []
     """If set, an event must carry at least one of these tags."""
     metadata: dict[str, str] = {}
@@ -116,7 +116,7 @@ def new_secret() -> str:
 def validate_secret(secret: str) -> str:
     raw = secret.removeprefix(SECRET_PREFIX)
     try:
-        key = base64.b64decode(raw + "==", validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise WebhookError("a webhook secret is 'whsec_' followed by base64") from exc
     if not 16 <= len(key) <= 64:
