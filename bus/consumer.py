@@ -336,10 +336,12 @@ class GroupConsumer:
             deliveries.append(Delivery(entry_id, part.index, event))
             payloads[entry_id] = payload
         if deliveries:
-            for delivery, exc in await self._handle(part, deliveries):
+            for delivery, error in await self._handle(part, deliveries):
                 payload = payloads[delivery.entry_id]
                 reason = deadletter.REASON_HANDLER_FAILED
-                dead.append(self._dead(reason, exc, part, delivery.entry_id, payload))
+                dead.append(self._dead(reason, error, part, delivery.entry_id, payload))
+        # Dead letters keep stream order, whichever way each one failed.
+        dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
         part.check()
         await self._settle(part, ack, dead)
 
@@ -418,3 +420,8 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     if not reply:
         return []
     return list(reply[0][1])
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)

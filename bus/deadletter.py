@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -68,13 +68,13 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _parse(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
     def text(name: bytes, default: str = "") -> str:
         value = fields.get(name)
         return default if value is None else value.decode(errors="replace")
 
     return DeadLetter(
-        id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        id=entry_id.decode(),
         reason=text(b"reason"),
         error=text(b"error"),
         partition=int(text(b"partition", "0")),
@@ -84,11 +84,19 @@ def _parse(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
     )
 
 
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+async def _xrange(redis: aioredis.Redis, key: str, **kwargs: Any) -> _Entries:
+    # The client is a bytes client (decode_responses=False); its stubs do not know.
+    return cast(_Entries, await redis.xrange(key, **kwargs))
+
+
 async def list_dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
 ) -> list[DeadLetter]:
     """The oldest ``count`` dead letters of ``group``."""
-    raw = await redis.xrange(Keys(settings.prefix).dlq(group), count=count)
+    raw = await _xrange(redis, Keys(settings.prefix).dlq(group), count=count)
     return [_parse(entry_id, fields) for entry_id, fields in raw]
 
 
@@ -118,9 +126,9 @@ async def replay(
 
 async def _select(redis: aioredis.Redis, dlq: str, ids: Sequence[str]) -> list[DeadLetter]:
     if not ids:
-        return [_parse(i, f) for i, f in await redis.xrange(dlq)]
+        return [_parse(i, f) for i, f in await _xrange(redis, dlq)]
     letters = []
     for wanted in ids:
-        for entry_id, fields in await redis.xrange(dlq, min=wanted, max=wanted):
+        for entry_id, fields in await _xrange(redis, dlq, min=wanted, max=wanted):
             letters.append(_parse(entry_id, fields))
     return letters

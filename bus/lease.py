@@ -123,4 +123,4 @@ class Leases:
 
     async def owner(self, partition: int) -> str | None:
         raw = await self._redis.get(self._keys.lease(self.group, partition))
-        return None if raw is None else raw.decode()
+        return raw.decode() if isinstance(raw, bytes) else raw

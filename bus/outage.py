@@ -51,7 +51,7 @@ class Outage:
             )
         if self._counter is not None:
             self._counter.redis_errors += 1
-        delay = min(FIRST_BACKOFF_S * 2**self._failures, MAX_BACKOFF_S)
+        delay: float = min(FIRST_BACKOFF_S * 2.0**self._failures, MAX_BACKOFF_S)
         self._failures += 1
         return delay
 
