@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from bus import ssrf
 from bus.endpoints import Attempt, Endpoint, Endpoints, decode_endpoint
-from bus.errors import UnsafeURLError
+from bus.errors import EndpointNotFound, UnsafeURLError
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
 from bus.keys import Keys, partition_of
 from bus.publisher import ENTRY_FIELD
@@ -49,7 +49,7 @@ from bus.webhook_messages import dead_letter, enqueue_attempt
 log = logging.getLogger(__name__)
 
 SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
-_MAX_WAIT_S = 5.0
+_MAX_WAIT_S = 2.0
 _REDIS_RETRY_S = 2.0
 _USER_AGENT = "lcbus-webhooks/0.1"
 
@@ -369,6 +369,9 @@ async def deliver_webhook(
     deliverer: Deliverer = ctx["webhooks"]
     try:
         return await deliverer.attempt(endpoint_id, msg_id, attempt, wait, series)
+    except EndpointNotFound:
+        log.info("webhook %s: endpoint %s removed during the attempt", msg_id, endpoint_id)
+        return "endpoint-gone"
     except RedisError as exc:
         log.warning("webhook attempt %s/%s #%d: %s", endpoint_id, msg_id, attempt, exc)
         raise Retry(defer=_REDIS_RETRY_S) from exc
