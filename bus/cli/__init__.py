@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("status", "dlq")
+COMMAND_MODULES: tuple[str, ...] = ("status", "dlq", "webhooks")
 
 
 def build_parser() -> argparse.ArgumentParser:
