@@ -85,6 +85,8 @@ class Settings:
     webhook_max_jobs: int = 256
     """Concurrent attempts per worker process (slow endpoints wait in Redis, not here)."""
     webhook_poll_delay_ms: int = 10
+    webhook_redis_connections: int = 64
+    """Redis connections the webhook worker's attempts share (waiting when all are busy)."""
     webhook_registry_cache_ms: int = 1_000
 
     def __post_init__(self) -> None:

@@ -14,7 +14,9 @@ stops one slow endpoint from taking all of them.
 
 from __future__ import annotations
 
+from arq.connections import ArqRedis
 from arq.worker import func
+from redis.asyncio import BlockingConnectionPool
 
 from bus.consumer import BatchHandler
 from bus.delivery import Deliverer, deliver_webhook
@@ -27,15 +29,26 @@ _settings = Settings.from_env()
 
 
 async def build_handler(ctx: WorkerContext) -> BatchHandler:
-    arq = ctx.arq["redis"]
-    ctx.arq["webhooks"] = Deliverer(redis=ctx.redis, arq=arq, settings=ctx.settings)
-    return Router(redis=ctx.redis, arq=arq, settings=ctx.settings)
+    # Attempts and enqueues get a pool of their own that waits for a free
+    # connection: hundreds of concurrent attempts on the consumer's or arq's
+    # pool would exhaust it (redis-py then raises instead of waiting) and
+    # starve the consumer and arq's own polling.
+    pool = BlockingConnectionPool.from_url(
+        ctx.settings.redis_url, max_connections=ctx.settings.webhook_redis_connections, timeout=30
+    )
+    client = ArqRedis(connection_pool=pool)
+    ctx.arq["webhooks"] = Deliverer(redis=client, arq=client, settings=ctx.settings)
+    ctx.arq["webhooks_redis"] = client
+    return Router(redis=client, arq=client, settings=ctx.settings)
 
 
 async def on_shutdown(ctx: WorkerContext) -> None:
     deliverer: Deliverer | None = ctx.arq.get("webhooks")
     if deliverer is not None:
         await deliverer.aclose()
+    client: ArqRedis | None = ctx.arq.get("webhooks_redis")
+    if client is not None:
+        await client.aclose(close_connection_pool=True)
 
 
 WorkerSettings = consumer_worker_settings(
