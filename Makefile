@@ -42,6 +42,7 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.fanout_worker
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.traces
+	$(BIN)/python -m bench.webhooks
 
 demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
 	$(BIN)/python -m bus.demo $(ARGS)

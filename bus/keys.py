@@ -109,6 +109,24 @@ class Keys:
     def webhook_message(self, message_id: str) -> str:
         return f"{self.prefix}:wh:msg:{{{message_id}}}"
 
+    # Per-endpoint delivery limits; same hash tag as the endpoint, so one
+    # script may touch them all on Redis Cluster.
+    def endpoint_slots(self, endpoint_id: str) -> str:
+        """Sorted set of in-flight deliveries (member = attempt token, score = lease end)."""
+        return f"{self.prefix}:wh:slots:{{{endpoint_id}}}"
+
+    def endpoint_rate(self, endpoint_id: str) -> str:
+        """Deliveries started in the current second."""
+        return f"{self.prefix}:wh:rate:{{{endpoint_id}}}"
+
+    def endpoint_pause(self, endpoint_id: str) -> str:
+        """Set while the endpoint asked us to slow down (429/502/503/504)."""
+        return f"{self.prefix}:wh:pause:{{{endpoint_id}}}"
+
+    def endpoint_throttle(self, endpoint_id: str) -> str:
+        """How many slow-down answers in a row; limits the endpoint to one delivery at a time."""
+        return f"{self.prefix}:wh:throttle:{{{endpoint_id}}}"
+
     def all_keys_pattern(self) -> str:
         """A SCAN pattern matching every key under this prefix."""
         return f"{self.prefix}:*"

@@ -82,6 +82,29 @@ class Settings:
     trace_cache_size: int = 2000
     """Open traces whose state the trace worker keeps in memory between batches."""
 
+    # Webhook delivery (see bus/delivery.py and bus/ssrf.py).
+    webhook_timeout_s: float = 15.0
+    webhook_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    """Seconds before each attempt (the first is usually 0), comma-separated."""
+    webhook_jitter: float = 0.2
+    webhook_retry_after_max_s: float = 3600.0
+    """Upper bound on a receiver's Retry-After (a larger one is cut to this)."""
+    webhook_allow_networks: str = ""
+    """CIDRs the SSRF guard lets through although not public, e.g. "127.0.0.0/8,::1/128"."""
+    webhook_disable_after_s: float = 5 * 24 * 3600
+    """An endpoint failing this long without one success is disabled."""
+    webhook_secret_grace_s: int = 24 * 3600
+    """How long a rotated-out secret still signs deliveries."""
+    webhook_attempts_maxlen: int = 1_000
+    webhook_dead_maxlen: int = 100_000
+    webhook_response_max_bytes: int = 1_024
+    webhook_max_jobs: int = 256
+    """Concurrent attempts per worker process (slow endpoints wait in Redis, not here)."""
+    webhook_poll_delay_ms: int = 10
+    webhook_redis_connections: int = 64
+    """Redis connections the webhook worker's attempts share (waiting when all are busy)."""
+    webhook_registry_cache_ms: int = 1_000
+
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} "):
             raise ConfigError(f"prefix must be non-empty without braces or spaces: {self.prefix!r}")
@@ -101,11 +124,26 @@ class Settings:
             raise ConfigError("trace_ttl_s must be >= 1 and trace_complete_timeout_s > 0")
         if self.max_field_bytes < 256:
             raise ConfigError("max_field_bytes must be >= 256")
+        if self.webhook_timeout_s <= 0 or not 0 <= self.webhook_jitter < 1:
+            raise ConfigError("webhook_timeout_s must be > 0 and webhook_jitter in [0, 1)")
+        if not self.webhook_delays:
+            raise ConfigError("webhook_schedule needs at least one delay")
 
     @property
     def heartbeat_interval_s(self) -> float:
         ms = self.heartbeat_ms or min(self.lease_ttl_ms / 3, 1000)
         return ms / 1000
+
+    @property
+    def webhook_delays(self) -> tuple[float, ...]:
+        """The parsed schedule: seconds to wait before attempt 1, 2, ..."""
+        try:
+            delays = tuple(float(x) for x in self.webhook_schedule.split(",") if x.strip())
+        except ValueError as exc:
+            raise ConfigError(f"webhook_schedule {self.webhook_schedule!r}: {exc}") from exc
+        if any(d < 0 for d in delays):
+            raise ConfigError(f"webhook_schedule {self.webhook_schedule!r} has a negative delay")
+        return delays
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (settings are immutable)."""

@@ -12,7 +12,15 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("serve", "token", "tail", "trace", "status", "dlq")
+COMMAND_MODULES: tuple[str, ...] = (
+    "serve",
+    "token",
+    "tail",
+    "trace",
+    "webhooks",
+    "status",
+    "dlq",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

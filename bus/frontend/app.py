@@ -22,6 +22,7 @@ from bus.frontend.ws import thread_socket
 from bus.keys import Keys
 from bus.settings import Settings
 from bus.trace_api import trace_routes
+from bus.webhook_admin import admin_routes
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def create_app(
         Route("/", index, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         *trace_routes(settings, client),
+        Mount("/admin", routes=admin_routes(settings, client)),
         *extra_routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan)

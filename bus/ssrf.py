@@ -1,0 +1,222 @@
+"""The SSRF guard: webhook URLs may only reach public addresses.
+
+A webhook URL is chosen by whoever registers the endpoint, and the worker
+that POSTs to it runs inside the deployment's network. Without a guard a URL
+such as ``http://169.254.169.254/`` (cloud metadata) or ``http://10.0.0.1/``
+turns the worker into a proxy into that network.
+
+Refused by default: every address that is not globally routable (loopback,
+private, link-local, shared/CGNAT, reserved, unspecified, documentation
+ranges) and every multicast address, for IPv4 and IPv6. IPv6 forms that
+carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002::/16``,
+NAT64 ``64:ff9b::/96``, Teredo) are judged by the IPv4 address inside too.
+``LCBUS_WEBHOOK_ALLOW_NETWORKS`` (comma-separated CIDRs) opens chosen
+networks, e.g. ``127.0.0.0/8,::1/128`` for tests and the demo.
+
+The check runs twice: at registration (the host is resolved and every
+address checked), and at delivery on the address actually connected to.
+:class:`GuardedTransport` resolves the host itself, checks every candidate
+address and connects to a checked IP, while the Host header and the TLS SNI
+and certificate check still use the hostname; so a DNS answer that changes
+between registration and delivery (DNS rebinding) cannot reach a refused
+address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from bus.errors import ConfigError, UnsafeURLError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
+    """``"127.0.0.0/8, ::1/128"`` -> networks; ConfigError on a bad entry."""
+    networks: list[IPNetwork] = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"LCBUS_WEBHOOK_ALLOW_NETWORKS: {part!r} is not a CIDR") from exc
+    return tuple(networks)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _refusal(ip: IPAddress) -> str | None:
+    """Why ``ip`` is refused, or None if it is a public unicast address."""
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_unspecified:
+        return "unspecified"
+    if not ip.is_global:
+        return "private or reserved (not globally routable)"
+    return None
+
+
+def check_address(ip: IPAddress, allow: Iterable[IPNetwork] = ()) -> None:
+    """Raise :class:`UnsafeURLError` unless ``ip`` may be connected to."""
+    allowed = tuple(allow)
+    candidates: list[IPAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            candidates.append(inner)
+    for candidate in candidates:
+        if any(candidate.version == net.version and candidate in net for net in allowed):
+            return
+    for candidate in candidates:
+        reason = _refusal(candidate)
+        if reason is not None:
+            shown = ip if candidate == ip else f"{ip} (carrying {candidate})"
+            raise UnsafeURLError(
+                f"address {shown} is {reason}; webhooks may only reach public addresses "
+                "(LCBUS_WEBHOOK_ALLOW_NETWORKS opens chosen networks)"
+            )
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` resolves to (a literal IP resolves to itself)."""
+    try:
+        return [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UnsafeURLError(f"cannot resolve webhook host {host!r}: {exc}") from exc
+    found: list[IPAddress] = []
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if ip not in found:
+            found.append(ip)
+    if not found:
+        raise UnsafeURLError(f"webhook host {host!r} resolves to no address")
+    return found
+
+
+async def checked_addresses(host: str, port: int, allow: Iterable[IPNetwork]) -> list[IPAddress]:
+    """Resolve ``host`` and check every address; one refused address refuses all.
+
+    Refusing the whole answer (instead of skipping the bad address) keeps a
+    rebinding attacker from mixing a public and a private address.
+    """
+    allowed = tuple(allow)
+    addresses = await resolve(host, port)
+    for ip in addresses:
+        try:
+            check_address(ip, allowed)
+        except UnsafeURLError as exc:
+            raise UnsafeURLError(f"webhook host {host!r}: {exc}") from None
+    return addresses
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """(host, port) of an http(s) URL; UnsafeURLError for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UnsafeURLError(f"bad webhook URL {url!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeURLError(f"webhook URL must be http or https, got {url!r}")
+    if not parts.hostname:
+        raise UnsafeURLError(f"webhook URL has no host: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeURLError("webhook URL must not carry credentials; use the signature instead")
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+async def check_url(url: str, allow: Iterable[IPNetwork] = ()) -> list[IPAddress]:
+    """Registration check: the URL's scheme, and every address its host has now."""
+    host, port = split_url(url)
+    return await checked_addresses(host, port, allow)
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves, checks, then connects to the checked IP (never re-resolving)."""
+
+    def __init__(self, allow: tuple[IPNetwork, ...]) -> None:
+        self._allow = allow
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await checked_addresses(host, port, self._allow)
+        error: Exception | None = None
+        for ip in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(ip), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise UnsafeURLError("webhooks never connect to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """An httpx transport whose every connection passes the SSRF guard.
+
+    No proxy and no environment settings: a proxy would connect on our behalf
+    to an address we never checked.
+    """
+
+    def __init__(self, *, allow: Iterable[IPNetwork] = (), limits: httpx.Limits) -> None:
+        super().__init__(trust_env=False, limits=limits)
+        # httpx has no public hook for the network backend, so the pool it
+        # just built is replaced by one with the same options and our backend.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_GuardedBackend(tuple(allow)),
+        )

@@ -1,0 +1,94 @@
+"""The webhook worker's batch handler: bus events -> attempt jobs.
+
+For each event it finds the enabled endpoints whose filters match, stores the
+message once, and queues one first-attempt job per endpoint. Everything here
+is idempotent, as at-least-once consumption requires: the message is stored
+with ``SET NX`` and a job whose id already exists is refused by arq, so a
+batch handed over twice queues nothing new.
+
+The endpoint list is cached for ``webhook_registry_cache_ms``: registering or
+enabling an endpoint takes effect within that time. A disabled endpoint that
+the cache still lists gets nothing either, as the attempt re-reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+
+from bus.consumer import Delivery
+from bus.endpoints import Endpoint, Endpoints
+from bus.keys import Keys
+from bus.settings import Settings
+from bus.webhook_messages import build_body, enqueue_attempt, message_id, message_ttl_s
+from bus.webhook_types import webhook_type
+
+_ENQUEUE_CONCURRENCY = 32
+
+
+class Router:
+    """``Router(redis=..., arq=..., settings=...)``; ``await router(deliveries)``."""
+
+    def __init__(self, *, redis: aioredis.Redis, arq: ArqRedis, settings: Settings) -> None:
+        self.redis = redis
+        self.arq = arq
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.endpoints = Endpoints(redis=redis, settings=settings)
+        self._cache: list[Endpoint] = []
+        self._cached_at = -float("inf")
+        self._ttl_s = settings.webhook_registry_cache_ms / 1000
+        self._message_ttl = message_ttl_s(settings)
+        self.enqueued = 0
+        self.duplicates = 0
+
+    async def enabled_endpoints(self) -> list[Endpoint]:
+        now = time.monotonic()
+        if now - self._cached_at >= self._ttl_s:
+            self._cache = [e for e in await self.endpoints.all() if e.enabled]
+            self._cached_at = now
+        return self._cache
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> None:
+        endpoints = await self.enabled_endpoints()
+        if not endpoints:
+            return
+        messages: dict[str, bytes] = {}
+        jobs: list[tuple[str, str]] = []
+        for delivery in deliveries:
+            event = delivery.event
+            wtype = webhook_type(event)
+            if wtype is None:
+                continue
+            targets = [e.id for e in endpoints if e.wants(event, wtype)]
+            if not targets:
+                continue
+            msg_id = message_id(event)
+            messages[msg_id] = build_body(event, wtype)
+            jobs += [(endpoint_id, msg_id) for endpoint_id in targets]
+        if not jobs:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for msg_id, body in messages.items():
+                pipe.set(self.keys.webhook_message(msg_id), body, ex=self._message_ttl, nx=True)
+            await pipe.execute()
+        await self._enqueue(jobs)
+
+    async def _enqueue(self, jobs: list[tuple[str, str]]) -> None:
+        gate = asyncio.Semaphore(_ENQUEUE_CONCURRENCY)
+
+        async def one(endpoint_id: str, msg_id: str) -> None:
+            async with gate:
+                queued = await enqueue_attempt(
+                    self.arq, self.settings, endpoint_id=endpoint_id, msg_id=msg_id, attempt=1
+                )
+            if queued:
+                self.enqueued += 1
+            else:
+                self.duplicates += 1
+
+        await asyncio.gather(*(one(endpoint_id, msg_id) for endpoint_id, msg_id in jobs))

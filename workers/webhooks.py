@@ -1,0 +1,69 @@
+"""The webhook worker: ``arq workers.webhooks.WorkerSettings``.
+
+It consumes the bus as group ``webhooks``: the batch handler
+(:class:`bus.webhook_router.Router`) turns each event into one attempt job per
+matching endpoint, and the same process runs those jobs
+(:func:`bus.delivery.deliver_webhook`) from its arq queue. Run as many
+replicas as you like: partitions are shared through leases, and attempt jobs
+through arq's queue.
+
+``max_jobs`` is high (``LCBUS_WEBHOOK_MAX_JOBS``) because an attempt mostly
+waits on the network; an endpoint's own concurrency limit, kept in Redis,
+stops one slow endpoint from taking all of them.
+"""
+
+from __future__ import annotations
+
+from arq.connections import ArqRedis
+from arq.worker import func
+from redis.asyncio import BlockingConnectionPool
+
+from bus.consumer import BatchHandler
+from bus.delivery import Deliverer, deliver_webhook
+from bus.settings import Settings
+from bus.webhook_messages import JOB_FUNCTION, WORKER
+from bus.webhook_router import Router
+from bus.worker import WorkerContext, consumer_worker_settings
+
+_settings = Settings.from_env()
+
+
+async def build_handler(ctx: WorkerContext) -> BatchHandler:
+    # Attempts and enqueues get a pool of their own that waits for a free
+    # connection: hundreds of concurrent attempts on the consumer's or arq's
+    # pool would exhaust it (redis-py then raises instead of waiting) and
+    # starve the consumer and arq's own polling.
+    pool = BlockingConnectionPool.from_url(
+        ctx.settings.redis_url, max_connections=ctx.settings.webhook_redis_connections, timeout=30
+    )
+    client = ArqRedis(connection_pool=pool)
+    ctx.arq["webhooks"] = Deliverer(redis=client, arq=client, settings=ctx.settings)
+    ctx.arq["webhooks_redis"] = client
+    return Router(redis=client, arq=client, settings=ctx.settings)
+
+
+async def on_shutdown(ctx: WorkerContext) -> None:
+    deliverer: Deliverer | None = ctx.arq.get("webhooks")
+    if deliverer is not None:
+        await deliverer.aclose()
+    client: ArqRedis | None = ctx.arq.get("webhooks_redis")
+    if client is not None:
+        await client.aclose(close_connection_pool=True)
+
+
+WorkerSettings = consumer_worker_settings(
+    worker=WORKER,
+    group=WORKER,
+    build_handler=build_handler,
+    functions=[
+        # The attempt bounds its own time; arq's limit is only a backstop.
+        func(deliver_webhook, name=JOB_FUNCTION, timeout=_settings.webhook_timeout_s + 5),
+    ],
+    settings=_settings,
+    on_shutdown=on_shutdown,
+)
+# arq reads these from the class itself.
+WorkerSettings.max_jobs = _settings.webhook_max_jobs  # type: ignore[attr-defined]
+WorkerSettings.poll_delay = _settings.webhook_poll_delay_ms / 1000  # type: ignore[attr-defined]
+# A job whose worker died runs again once arq's in-progress mark (job_timeout + 10 s) expires.
+WorkerSettings.job_timeout = _settings.webhook_timeout_s + 5  # type: ignore[attr-defined]
