@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -61,11 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for each stage"
     )
+    parser.add_argument(
+        "--token-delay", type=float, default=0.01, help="seconds between the local model's tokens"
+    )
     return parser.parse_args(argv)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through the ExitStack: every process is stopped
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     result: dict[str, Any] = {"ok": False}
     log_dir = Path(tempfile.mkdtemp(prefix="lcbus-demo-"))
     try:
@@ -115,7 +124,17 @@ def run(args: argparse.Namespace, stack: ExitStack, log_dir: Path) -> dict[str, 
     )
 
     if openai_url:
-        procs.spawn("openai", ["-m", "bus.demo.openai_server", "--port", str(ports["openai"])])
+        procs.spawn(
+            "openai",
+            [
+                "-m",
+                "bus.demo.openai_server",
+                "--port",
+                str(ports["openai"]),
+                "--delay",
+                str(args.token_delay),
+            ],
+        )
     procs.spawn(
         "receiver",
         ["-m", "bus.demo.receiver", "--port", str(ports["receiver"]), "--secret", secret],
@@ -138,7 +157,7 @@ def run(args: argparse.Namespace, stack: ExitStack, log_dir: Path) -> dict[str, 
 
     if args.serve:
         return serve(base, procs)
-    return run_once(settings, base, openai_url, ports["receiver"], args.timeout)
+    return run_once(settings, base, openai_url, ports["receiver"], args.timeout, procs.pids())
 
 
 async def register_endpoint(settings: Settings, url: str, secret: str) -> str:
@@ -153,7 +172,12 @@ async def register_endpoint(settings: Settings, url: str, secret: str) -> str:
 
 
 def run_once(
-    settings: Settings, base: str, openai_url: str | None, receiver_port: int, timeout: float
+    settings: Settings,
+    base: str,
+    openai_url: str | None,
+    receiver_port: int,
+    timeout: float,
+    pids: list[int],
 ) -> dict[str, Any]:
     root = uuid.uuid4()
     token = stream_token(str(root), secret=settings.stream_secret)
@@ -201,6 +225,7 @@ def run_once(
         "trace_runs": count_runs(trace.get("root") if trace else None),
         "trace_status": trace.get("status") if trace else None,
         "failed_checks": [name for name, passed in checks.items() if not passed],
+        "pids": pids,
     }
 
 
@@ -242,7 +267,7 @@ def serve(base: str, procs: Stack) -> dict[str, Any]:
         while all(p.poll() is None for p in procs.processes.values()):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        return {"ok": True, "served": base}
+        return {"ok": True, "served": base, "pids": procs.pids()}
     dead = [n for n, p in procs.processes.items() if p.poll() is not None]
     raise DemoError(f"{', '.join(dead)} stopped")
 

@@ -196,8 +196,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A scripted OpenAI-compatible server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--delay", type=float, default=TOKEN_DELAY_S, help="seconds between tokens")
     args = parser.parse_args()
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    app = create_app(delay_s=args.delay)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

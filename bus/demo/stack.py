@@ -94,6 +94,10 @@ class Stack:
                 raise DemoError(f"timed out after {within:.0f} s waiting for {what}")
             time.sleep(0.05)
 
+    def pids(self) -> list[int]:
+        """The process ids of the children (all stopped once the stack closes)."""
+        return [p.pid for p in self.processes.values()]
+
     def close(self) -> None:
         """SIGTERM every process, then SIGKILL whatever outlives the grace period."""
         for process in self.processes.values():

@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const run = {
   traceId: params.get("trace"), token: params.get("token"), source: null, lastEventId: "",
-  seen: new Set(), text: "", events: 0, reconnects: 0, duplicates: 0, done: false, poll: null,
+  seen: new Set(), text: "", events: 0, reconnects: 0, duplicates: 0, done: false, doneAt: 0,
+  poll: null,
 };
 window.lcbus = run; // for tests and curious people
 
@@ -59,9 +60,9 @@ function dropConnection() {
 
 function finish(status) {
   run.done = true;
+  run.doneAt = Date.now();
   $("reconnect").disabled = true;
   setStatus(status);
-  refresh().then(() => { clearInterval(run.poll); run.poll = null; });
 }
 
 async function getJson(url) {
@@ -125,10 +126,15 @@ function drawDeliveries(rows) {
   }));
 }
 
+// The tree and the deliveries settle after the stream ends (the trace worker and
+// the webhook worker run on their own): keep polling a while after the end.
+const SETTLE_MS = 10000;
+
 async function refresh() {
   const trace = await getJson(`/traces/${encodeURIComponent(run.traceId)}`);
   drawWaterfall(trace);
   drawDeliveries(await getJson(`/demo/deliveries?trace=${encodeURIComponent(run.traceId)}`));
+  if (run.done && Date.now() - run.doneAt > SETTLE_MS) { clearInterval(run.poll); run.poll = null; }
 }
 
 function follow(traceId, token) {
