@@ -101,7 +101,12 @@ def main() -> None:
     )
     app = create_app(settings, redis=redis, extra_routes=routes)
     uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
 
 

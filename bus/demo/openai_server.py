@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=TOKEN_DELAY_S, help="seconds between tokens")
     args = parser.parse_args()
     app = create_app(delay_s=args.delay)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.secret:
         parser.error("--secret (or LCBUS_DEMO_WEBHOOK_SECRET) is required")
-    uvicorn.run(create_app(args.secret), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        create_app(args.secret), host=args.host, port=args.port, log_level="info", access_log=False
+    )
 
 
 if __name__ == "__main__":
