@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+import msgspec
 import redis.asyncio as aioredis
 
 from bus.keys import Keys
@@ -53,6 +54,8 @@ class BusStatus:
     prefix: str
     stream_lengths: list[int]
     groups: list[GroupStatus] = field(default_factory=list)
+    publishers: list[dict[str, Any]] = field(default_factory=list)
+    """Stats each live publishing process left in Redis (refreshed every few seconds)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,7 +109,20 @@ async def collect_status(
     status = BusStatus(prefix=settings.prefix, stream_lengths=lengths)
     for name in names if groups is None else groups:
         status.groups.append(await _group_status(redis, settings, keys, name, infos))
+    status.publishers.extend(await _publishers(redis, keys))
     return status
+
+
+async def _publishers(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    found = [key async for key in redis.scan_iter(match=keys.publisher_pattern(), count=500)]
+    if not found:
+        return []
+    stats = []
+    for key, raw in zip(found, await redis.mget(found), strict=True):
+        if raw is not None:  # expired between SCAN and MGET
+            source = _text(key).rsplit(":publisher:", 1)[-1]
+            stats.append({"source": source, **msgspec.json.decode(raw)})
+    return sorted(stats, key=lambda s: str(s["source"]))
 
 
 async def _group_status(

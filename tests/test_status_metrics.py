@@ -70,3 +70,19 @@ async def test_exporter_serves_counters_and_group_gauges(
     assert 'lcbus_consumer_processed_total{group="m"} 20.0' in body
     assert 'lcbus_group_lag{group="m",partition="0"} 0.0' in body
     assert 'lcbus_group_dead_letters{group="m"} 0.0' in body
+
+
+async def test_status_shows_publisher_stats(
+    settings: Settings, async_redis: aioredis.Redis
+) -> None:
+    from bus.publisher import Publisher
+
+    publisher = Publisher(settings=settings)
+    publisher.publish(0, b"payload")
+    assert publisher.flush(5)
+    publisher._report_stats()  # the flusher does this every few seconds
+    status = await collect_status(async_redis, settings)
+    (reported,) = status.publishers
+    assert reported["source"] == publisher.source
+    assert (reported["published"], reported["dropped"]) == (1, 0)
+    publisher.close()

@@ -44,6 +44,11 @@ def render(status: BusStatus) -> str:
                 f"  p{p.partition:<3} lag {p.lag:>8}  pending {p.pending:>6}  "
                 f"owner {p.owner or '-'}"
             )
+    for pub in status.publishers:
+        lines.append(
+            f"publisher {pub['source']}: published {pub['published']}, dropped {pub['dropped']}, "
+            f"errors {pub['errors']}, buffer {pub['buffer_depth']}, reconnects {pub['reconnects']}"
+        )
     return "\n".join(lines)
 
 
