@@ -2,16 +2,26 @@
 
 Attach :class:`BusCallbackHandler` to any LangChain run; its events reach
 worker processes (webhooks, run trees, token fan-out) and streaming frontends
-through Redis.
+through Redis. Everything a user calls is importable from here; the frontend
+app and the webhook registry load on first use, so that ``import bus`` in an
+app process stays light.
 """
 
+from typing import TYPE_CHECKING, Any
+
+from bus.consumer import BatchHandler, Delivery, GroupConsumer
 from bus.errors import (
     AccessError,
     BusError,
     ConfigError,
     EndpointNotFound,
     EventDecodeError,
+    EventsMissed,
     FanoutConflict,
+    InvalidPosition,
+    SlowConsumer,
+    StreamError,
+    TraceConflictError,
     UnsafeURLError,
     WebhookError,
 )
@@ -19,26 +29,70 @@ from bus.events import Event, decode, decode_json, encode, encode_json
 from bus.handler import BusCallbackHandler
 from bus.keys import Keys, partition_of
 from bus.publisher import Publisher, PublisherStats
+from bus.runtree import RunNode, Trace, TraceSummary
 from bus.settings import Settings
+from bus.tokens import stream_token, thread_token, verify_token
+from bus.tracestore import get_trace, list_traces
+from bus.worker import WorkerContext, consumer_worker_settings
+
+if TYPE_CHECKING:
+    from bus.endpoints import Endpoint, Endpoints
+    from bus.frontend import create_app
+
+_LAZY = {
+    "create_app": "bus.frontend",
+    "Endpoint": "bus.endpoints",
+    "Endpoints": "bus.endpoints",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bus' has no attribute {name!r}")
+
 
 __all__ = [
     "AccessError",
+    "BatchHandler",
     "BusCallbackHandler",
     "BusError",
     "ConfigError",
+    "Delivery",
+    "Endpoint",
     "EndpointNotFound",
+    "Endpoints",
     "Event",
     "EventDecodeError",
+    "EventsMissed",
     "FanoutConflict",
+    "GroupConsumer",
+    "InvalidPosition",
     "Keys",
     "Publisher",
     "PublisherStats",
+    "RunNode",
     "Settings",
+    "SlowConsumer",
+    "StreamError",
+    "Trace",
+    "TraceConflictError",
+    "TraceSummary",
     "UnsafeURLError",
     "WebhookError",
+    "WorkerContext",
+    "consumer_worker_settings",
+    "create_app",
     "decode",
     "decode_json",
     "encode",
     "encode_json",
+    "get_trace",
+    "list_traces",
     "partition_of",
+    "stream_token",
+    "thread_token",
+    "verify_token",
 ]
