@@ -12,8 +12,9 @@ Baseline, same run and same client process: a single-process design, where
 the handler is ``asyncio.Queue.put_nowait`` per client and an SSE endpoint
 reads the queue (``--baseline-server``).
 
-Then a short sweep of higher loads reports the highest tokens/s whose p99
-stays under 50 ms. ``python -m bench.fanout [--streams 10 --rate 500
+Then a short sweep of higher loads (4 s each) reports the highest tokens/s,
+the main run included, whose p99 stays under 50 ms. The client process reads
+the SSE streams with a minimal raw-socket parser (see ``_client``). ``python -m bench.fanout [--streams 10 --rate 500
 --clients-per-stream 2 --seconds 8]``; last line JSON.
 """
 
@@ -326,19 +327,21 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="tokens/s per stream")
     parser.add_argument("--clients-per-stream", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--sweep", default="1000,2000,4000", help="streams*rate loads (tokens/s)")
+    parser.add_argument(
+        "--sweep", default="10000,15000,20000,30000", help="streams*rate loads (tokens/s)"
+    )
     args = parser.parse_args()
 
     base = run_baseline(args.streams, args.rate, args.clients_per_stream, args.seconds)
     print("baseline", json.dumps(base), flush=True)
     bus = run_bus(args.streams, args.rate, args.clients_per_stream, args.seconds)
     print("bus", json.dumps(bus), flush=True)
-    best = None
+    best = bus["tokens_per_s"] if bus["p99_ms"] < 50 else None
     for load in (int(x) for x in args.sweep.split(",") if x):
         rate = load / args.streams
         step = run_bus(args.streams, rate, args.clients_per_stream, 4.0)
         print("sweep", json.dumps(step), flush=True)
-        if step["p99_ms"] < 50:
+        if step["p99_ms"] < 50 and (best is None or step["tokens_per_s"] > best):
             best = step["tokens_per_s"]
     final = {
         **{
