@@ -14,8 +14,9 @@ reads the queue (``--baseline-server``).
 
 Then a short sweep of higher loads (4 s each) reports the highest tokens/s,
 the main run included, whose p99 stays under 50 ms. The client process reads
-the SSE streams with a minimal raw-socket parser (see ``_client``). ``python -m bench.fanout [--streams 10 --rate 500
---clients-per-stream 2 --seconds 8]``; last line JSON.
+the SSE streams with a minimal raw-socket parser (see ``_client``).
+``python -m bench.fanout [--streams 10 --rate 500 --clients-per-stream 2
+--seconds 8 --sweep 10000,15000,20000,30000]``; last line JSON.
 """
 
 from __future__ import annotations
