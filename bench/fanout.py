@@ -12,9 +12,11 @@ Baseline, same run and same client process: a single-process design, where
 the handler is ``asyncio.Queue.put_nowait`` per client and an SSE endpoint
 reads the queue (``--baseline-server``).
 
-Then a short sweep of higher loads reports the highest tokens/s whose p99
-stays under 50 ms. ``python -m bench.fanout [--streams 10 --rate 500
---clients-per-stream 2 --seconds 8]``; last line JSON.
+Then a short sweep of higher loads (4 s each) reports the highest tokens/s,
+the main run included, whose p99 stays under 50 ms. The client process reads
+the SSE streams with a minimal raw-socket parser (see ``_client``).
+``python -m bench.fanout [--streams 10 --rate 500 --clients-per-stream 2
+--seconds 8 --sweep 10000,15000,20000,30000]``; last line JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,10 +34,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 MARK = "~"  # token text: f"{MARK}{send_ns}" ; deltas concatenate tokens
+_TOKEN = re.compile(rb"~(\d+)")
 
 
 def _free_port() -> int:
@@ -95,22 +100,36 @@ def _processes(
 
 
 async def _client(url: str, out: list[int]) -> None:
-    import httpx
-    import msgspec
-    from httpx_sse import aconnect_sse
+    """One SSE client that decodes only what the measurement needs.
 
-    decode = msgspec.json.decode
-    async with httpx.AsyncClient(timeout=None) as http, aconnect_sse(http, "GET", url) as source:
-        print("connected", flush=True)
-        async for sse in source.aiter_sse():
-            if sse.event in ("end", "error") or sse.data == "done":
-                return
+    A raw HTTP/1.1 connection: the receipt time is taken once per socket read,
+    complete frames (ending in a blank line) holding a text delta are scanned
+    for their tokens' send times. A full client library (httpx + httpx-sse
+    parsing every line in Python) costs more CPU than the frontends it measures
+    on a 2-core machine, and that cost would show up as latency.
+    """
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    request = (
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    writer.write(request.encode())
+    reply = await reader.readuntil(b"\r\n\r\n")
+    if not reply.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{url}: {reply.splitlines()[0]!r}")
+    print("connected", flush=True)
+    buffer = b""
+    try:
+        while data := await reader.read(1 << 16):
             now = time.time_ns()
-            data = decode(sse.data)["params"]["data"]
-            if data.get("event") != "content-block-delta":
-                continue
-            for part in data["delta"]["text"].split(MARK)[1:]:
-                out.append(now - int(part))
+            *frames, buffer = (buffer + data).split(b"\n\n")
+            for frame in frames:
+                if b"event: end" in frame or b"event: error" in frame or b"data: done" in frame:
+                    return
+                if b"content-block-delta" in frame:
+                    out.extend(now - int(sent) for sent in _TOKEN.findall(frame))
+    finally:
+        writer.close()
 
 
 async def _clients_main(urls: list[str]) -> list[int]:
@@ -309,19 +328,21 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="tokens/s per stream")
     parser.add_argument("--clients-per-stream", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--sweep", default="1000,2000,4000", help="streams*rate loads (tokens/s)")
+    parser.add_argument(
+        "--sweep", default="10000,15000,20000,30000", help="streams*rate loads (tokens/s)"
+    )
     args = parser.parse_args()
 
     base = run_baseline(args.streams, args.rate, args.clients_per_stream, args.seconds)
     print("baseline", json.dumps(base), flush=True)
     bus = run_bus(args.streams, args.rate, args.clients_per_stream, args.seconds)
     print("bus", json.dumps(bus), flush=True)
-    best = None
+    best = bus["tokens_per_s"] if bus["p99_ms"] < 50 else None
     for load in (int(x) for x in args.sweep.split(",") if x):
         rate = load / args.streams
         step = run_bus(args.streams, rate, args.clients_per_stream, 4.0)
         print("sweep", json.dumps(step), flush=True)
-        if step["p99_ms"] < 50:
+        if step["p99_ms"] < 50 and (best is None or step["tokens_per_s"] > best):
             best = step["tokens_per_s"]
     final = {
         **{

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from bus import fanstate
 from bus.consumer import Delivery
@@ -70,7 +71,12 @@ class FanoutHandler:
         self.stats.entries += len(deliveries)
         for _ in range(MAX_CONFLICT_ROUNDS):
             await self._load([trace for trace in groups if trace not in self._cache])
-            refused = await self._apply(groups)
+            try:
+                refused = await self._apply(groups)
+            except NoScriptError:
+                # Redis lost its script cache; _apply dropped the cached state.
+                await self._writer.load()
+                continue
             if not refused:
                 return
             self.stats.conflicts += len(refused)
@@ -93,7 +99,7 @@ class FanoutHandler:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for trace, group in groups.items():
-                    if await self._queue(pipe, trace, group):
+                    if self._queue(pipe, trace, group):
                         written.append(trace)
                 replies = await pipe.execute() if written else []
         except BaseException:
@@ -114,9 +120,7 @@ class FanoutHandler:
             del self._cache[next(iter(self._cache))]
         return refused
 
-    async def _queue(
-        self, pipe: aioredis.client.Pipeline, trace: str, group: list[Delivery]
-    ) -> bool:
+    def _queue(self, pipe: aioredis.client.Pipeline, trace: str, group: list[Delivery]) -> bool:
         state = self._cache[trace]
         fresh = [d for d in group if not state.applied(d.entry_id)]
         self.stats.duplicates += len(group) - len(fresh)
@@ -128,7 +132,7 @@ class FanoutHandler:
         if state.thread:
             topics.append(Topic("thread", state.thread))
         self.stats.events += len(events)
-        await self._writer.queue(
+        self._writer.queue(
             pipe,
             state_key=self._keys.fanout_state(trace),
             version=state.version,

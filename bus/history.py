@@ -19,6 +19,7 @@ conversion state in the same script run (see :mod:`bus.fanout`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -159,15 +160,27 @@ class GuardedWriter:
     writer loaded. A replica that lost its lease mid-batch is thus refused
     instead of appending a second copy. Keys of several topics in one script
     need a single-node Redis (or a thread id hash-tagged like its traces).
+
+    The script goes out as a bare EVALSHA: redis-py's pipelined scripts ask
+    ``SCRIPT EXISTS`` before every pipeline, one more round trip per batch on
+    the fan-out's hot path. When Redis lost its script cache (restart,
+    ``SCRIPT FLUSH``) the pipeline fails with ``NoScriptError``; the caller
+    then reloads its state, calls :meth:`load` and retries (the version guard
+    makes the retry safe whichever of the pipeline's writes did run).
     """
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
-        self._script = redis.register_script(_APPLY)
+        self._redis = redis
+        self._sha = hashlib.sha1(_APPLY.encode()).hexdigest()
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_s = ttl_s
 
-    async def queue(
+    async def load(self) -> None:
+        """(Re)load the script into Redis's script cache."""
+        await self._redis.script_load(_APPLY)
+
+    def queue(
         self,
         pipe: Any,
         *,
@@ -185,7 +198,7 @@ class GuardedWriter:
             args.append(topic.channel(self._keys))
         for item in events:
             args += [item.method, b"1" if item.final else b"0", item.payload]
-        await self._script(keys=keys, args=args, client=pipe)
+        pipe.evalsha(self._sha, len(keys), *keys, *args)
 
 
 def parse_message(data: bytes) -> StreamItem:

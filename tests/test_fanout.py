@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import fakeredis
+import fakeredis.aioredis
 import redis
 import redis.asyncio as aioredis
 from langchain_core.callbacks import dispatch_custom_event
@@ -264,3 +266,24 @@ async def test_many_traces_in_one_batch_with_a_tiny_state_cache(
         events = await history(async_redis, settings, Topic("trace", trace))
         assert text_of(events) == text and events[-1]["final"]
     assert handler.stats.conflicts == 0 and handler.stats.duplicates == 0
+
+
+async def test_a_lost_script_cache_is_reloaded_without_duplicates(settings: Settings) -> None:
+    # A private fakeredis server: its script cache starts empty and can be flushed
+    # without touching the shared Redis.
+    server = fakeredis.FakeServer()
+    sync_client = fakeredis.FakeRedis(server=server)
+    async_client = fakeredis.aioredis.FakeRedis(server=server)
+    _publish(sync_client, settings, _chain_run())
+    items = await deliveries(async_client, settings)
+    handler = FanoutHandler(redis=async_client, settings=settings)
+    half = len(items) // 2
+    await handler(items[:half])  # the first EVALSHA meets an empty cache
+    await async_client.script_flush()
+    await handler(items[half:])
+    events = await history(async_client, settings, Topic("trace", _trace_of(items)))
+    assert text_of(events) == TEXT and events[-1]["final"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert handler.stats.duplicates == 0
+    await async_client.aclose()
+    sync_client.close()

@@ -1,6 +1,7 @@
 """Two fan-out worker processes (started from arq's command line), one killed
 with SIGKILL while a trace streams: history stays complete, ordered and free
-of duplicates, identical to what a single uninterrupted writer produces."""
+of duplicates, identical to what a single uninterrupted writer produces, and
+SSE clients watching through a frontend process see exactly that stream."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 import redis.asyncio as aioredis
 from langchain_core.callbacks.manager import CallbackManagerForLLMRun
@@ -25,6 +27,8 @@ from bus.handler import BusCallbackHandler
 from bus.history import Topic
 from bus.keys import Keys, partition_of
 from bus.settings import Settings
+from bus.tokens import stream_token
+from tests.frontend_support import SECRET, Received, collect, frontend
 from tests.support.processes import start_worker, stop, wait_for
 from tests.support.protocol import deliveries, history, text_of
 
@@ -146,3 +150,67 @@ def test_sigkill_a_fanout_replica_mid_trace(
         assert [(e["method"], e["params"]) for e in events] == [
             (e["method"], e["params"]) for e in want[n]
         ]
+
+
+async def _until(check: Any, what: str, within: float = 60.0) -> None:
+    """:func:`wait_for` that lets the event loop (the SSE clients) run meanwhile."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within} s")
+        await asyncio.sleep(0.05)
+
+
+async def test_sse_clients_see_a_whole_stream_across_a_sigkilled_replica(
+    settings: Settings, sync_redis: redis.Redis, tmp_path: Path
+) -> None:
+    settings = settings.replace(partitions=2, lease_ttl_ms=1500, read_count=8, read_block_ms=300)
+    a = start_worker(settings, tmp_path / "a.log", target=FANOUT)
+    b = start_worker(settings, tmp_path / "b.log", target=FANOUT)
+    run_ids = [uuid.uuid4() for _ in range(TRACES)]
+    traces = [str(r) for r in run_ids]
+    failures: list[BaseException] = []
+    app = threading.Thread(target=_app, args=(settings, run_ids, failures))
+    try:
+        with frontend(settings.redis_url, settings.prefix) as server:
+            pids = {a.pid, b.pid}
+            await _until(
+                lambda: {_owner_pid(sync_redis, settings, p) for p in range(2)} == pids,
+                "both replicas owning a partition",
+            )
+            async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as http:
+                started = [asyncio.Event() for _ in range(2 * TRACES)]
+                clients = [
+                    asyncio.create_task(collect(http, "GET", url, started=started[i]))
+                    for i, url in enumerate(
+                        f"{server.url}/traces/{t}/stream?token={stream_token(t, secret=SECRET)}"
+                        for t in traces
+                        for _ in range(2)
+                    )
+                ]
+                await asyncio.gather(*(event.wait() for event in started))
+                app.start()
+                first = Keys(settings.prefix).history(traces[0])
+                await _until(lambda: sync_redis.xlen(first) >= 20, "the first trace streaming")
+                victim = _owner_pid(sync_redis, settings, partition_of(traces[0], 2))
+                stop(a if victim == a.pid else b, signal.SIGKILL)
+                assert not _finished(sync_redis, settings, traces[0]), "killed after the end"
+                received = await asyncio.wait_for(asyncio.gather(*clients), timeout=60)
+    finally:
+        stop(a, signal.SIGTERM)
+        stop(b, signal.SIGTERM)
+        if app.ident is not None:  # started
+            app.join(timeout=30)
+    assert not failures
+    for n, got in enumerate(received):
+        _assert_whole(got, _text(n // 2))
+
+
+def _assert_whole(got: Received, text: str) -> None:
+    assert got.error is None and got.ended
+    assert got.seqs == list(range(1, len(got.seqs) + 1))  # ordered, no gap, no duplicate
+    assert len(set(got.ids)) == len(got.ids)
+    assert [e["eventId"] for e in got.envelopes] == got.ids
+    assert got.text() == text
+    assert got.envelopes[-1]["method"] == "lifecycle"
+    assert got.envelopes[-1]["params"]["data"]["event"] == "completed"

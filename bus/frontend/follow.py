@@ -6,11 +6,15 @@ items, dropping any whose sequence number was already delivered. Every event
 of a topic carries a per-topic sequence number that grows by one, so a live
 item that skips ahead means something was lost on the way (a reconnect); the
 client then re-reads history instead of getting a gap.
+
+Items come in batches (:func:`follow_batches`): a history page, or every live
+item already queued for the client. A frontend writes a batch to its client
+as one chunk, so a burst costs one socket write instead of one per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,31 +50,58 @@ class _Cursor:
 async def follow(
     hub: Hub, redis: aioredis.Redis, keys: Keys, topic: Topic, start: Start
 ) -> AsyncIterator[StreamItem]:
+    """Every event of ``topic`` after ``start``, one by one (see :func:`follow_batches`)."""
+    async for batch in follow_batches(hub, redis, keys, topic, start):
+        for item in batch:
+            yield item
+
+
+async def follow_batches(
+    hub: Hub, redis: aioredis.Redis, keys: Keys, topic: Topic, start: Start
+) -> AsyncIterator[list[StreamItem]]:
     """Every event of ``topic`` after ``start``, in order, ending after the final one.
 
-    Raises :class:`EventsMissed` when history no longer reaches back to a
-    resuming client's position (also later, should history be trimmed past a
-    client that fell behind), :class:`InvalidPosition` for a position that is
-    not in this topic, and :class:`~bus.errors.SlowConsumer` from the hub.
-    A fresh client (no position) gets whatever history still holds.
+    Each batch is non-empty and continues exactly where the previous one
+    stopped. Raises :class:`EventsMissed` when history no longer reaches back
+    to a resuming client's position (also later, should history be trimmed
+    past a client that fell behind), :class:`InvalidPosition` for a position
+    that is not in this topic, and :class:`~bus.errors.SlowConsumer` from the
+    hub. A fresh client (no position) gets whatever history still holds.
     """
     async with hub.subscribe(topic.channel(keys)) as sub:
         cursor = await resolve(redis, keys, topic, start)
         strict = start.resuming
         while not cursor.ended:
             if sub.resync:
-                async for item in _replay(sub, redis, keys, topic, cursor, strict=strict):
-                    yield item
+                async for page in _replay(sub, redis, keys, topic, cursor, strict=strict):
+                    yield page
                 strict = True
                 continue
             live = await sub.next()
-            if live is None or live.seq <= cursor.seq:
+            if live is None:
                 continue
-            if live.seq > cursor.seq + 1:
-                sub.request_resync()  # a live message was lost: history has it
-                continue
-            _advance(cursor, live)
-            yield live
+            batch = _accept(sub, cursor, (live, *sub.drain()))
+            if batch:
+                yield batch
+
+
+def _accept(sub: Subscriber, cursor: _Cursor, items: Iterable[StreamItem]) -> list[StreamItem]:
+    """The live items that continue the cursor; a gap asks for a resync instead."""
+    batch: list[StreamItem] = []
+    for item in items:
+        if item.seq <= cursor.seq:
+            continue  # already delivered (from history)
+        if item.seq > cursor.seq + 1:
+            # A live message was lost. Everything the hub received is already in
+            # history (appended before it was published), so dropping the rest
+            # of this burst loses nothing: the resync reads it back.
+            sub.request_resync()
+            break
+        _advance(cursor, item)
+        batch.append(item)
+        if cursor.ended:
+            break
+    return batch
 
 
 async def _replay(
@@ -81,7 +112,7 @@ async def _replay(
     cursor: _Cursor,
     *,
     strict: bool,
-) -> AsyncIterator[StreamItem]:
+) -> AsyncIterator[list[StreamItem]]:
     sub.resync = False
     sub.replaying = True
     try:
@@ -93,13 +124,16 @@ async def _replay(
                 raise EventsMissed(
                     f"history starts at seq {page[0].seq}, after the client's seq {cursor.seq}"
                 )
+            fresh: list[StreamItem] = []
             for item in page:
                 cursor.event_id = item.event_id
                 if item.seq > cursor.seq:
                     _advance(cursor, item)
-                    yield item
+                    fresh.append(item)
                     if cursor.ended:
-                        return
+                        break
+            if fresh:
+                yield fresh
     finally:
         sub.replaying = False
 

@@ -74,6 +74,14 @@ class Subscriber:
         self.resync = True
         self._wake.set()
 
+    def drain(self) -> list[StreamItem]:
+        """Every live item queued right now (none while a resync or a drop is pending)."""
+        if self.overflowed or self.resync or not self.items:
+            return []
+        items = list(self.items)
+        self.items.clear()
+        return items
+
     async def next(self) -> StreamItem | None:
         """The next live item, or None when the client must resync from history."""
         while True:

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from bus.errors import StreamError
 from bus.frontend.access import Denied, check_access
 from bus.frontend.filters import Filter, FilterError, parse_channels
-from bus.frontend.follow import Start, follow
+from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
 from bus.history import Topic
 
@@ -50,11 +50,17 @@ def _frame(event: str, body: dict[str, str]) -> bytes:
 async def _frames(state: AppState, topic: Topic, start: Start, flt: Filter) -> AsyncIterator[bytes]:
     last = start.event_id
     try:
-        stream = follow(state.hub, state.redis, state.keys, topic, start)
-        async for item in stream:
-            last = item.event_id
-            if flt.everything or flt.matches(item):
-                yield b"id: %s\ndata: %s\n\n" % (item.event_id.encode(), item.envelope())
+        stream = follow_batches(state.hub, state.redis, state.keys, topic, start)
+        async for batch in stream:
+            last = batch[-1].event_id
+            # One chunk per batch: one send (and one socket write) for a whole burst.
+            chunk = b"".join(
+                b"id: %s\ndata: %s\n\n" % (item.event_id.encode(), item.envelope())
+                for item in batch
+                if flt.everything or flt.matches(item)
+            )
+            if chunk:
+                yield chunk
     except StreamError as exc:
         yield _frame("error", {"code": exc.code, "message": str(exc)})
         return
