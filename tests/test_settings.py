@@ -44,3 +44,12 @@ def test_to_env_round_trips() -> None:
 def test_bad_values_get_clear_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         Settings.from_env(env)
+
+
+def test_readme_documents_every_setting() -> None:
+    from bus.settings import env_fields
+    from tests.support.processes import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name, _, _ in env_fields() if f"`{name}`" not in readme]
+    assert missing == [], f"README's configuration table lacks {missing}"
