@@ -28,6 +28,26 @@ from bus.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def _error_callback(cls: type[ev.BaseEvent], name: str) -> Any:
+    """The ``on_*_error`` callbacks differ only in the event they publish."""
+
+    def callback(
+        self: BusCallbackHandler,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._error(cls, error, run_id, parent_run_id)
+        except Exception as exc:
+            self._failed(name, exc)
+
+    callback.__name__ = callback.__qualname__ = name
+    return callback
+
+
 class BusCallbackHandler(BaseCallbackHandler):
     """Publishes LangChain callbacks as bus events.
 
@@ -269,18 +289,10 @@ class BusCallbackHandler(BaseCallbackHandler):
             "usage": self._safe(usage) if usage else None,
         }
 
-    def on_llm_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        try:
-            self._error(ev.LLMError, error, run_id, parent_run_id)
-        except Exception as exc:
-            self._failed("on_llm_error", exc)
+    on_llm_error = _error_callback(ev.LLMError, "on_llm_error")
+    on_chain_error = _error_callback(ev.ChainError, "on_chain_error")
+    on_tool_error = _error_callback(ev.ToolError, "on_tool_error")
+    on_retriever_error = _error_callback(ev.RetrieverError, "on_retriever_error")
 
     # -- chains -------------------------------------------------------------------
 
@@ -323,19 +335,6 @@ class BusCallbackHandler(BaseCallbackHandler):
             self._finish(ev.ChainEnd, run_id, parent_run_id, {"outputs": self._safe(outputs)})
         except Exception as exc:
             self._failed("on_chain_end", exc)
-
-    def on_chain_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        try:
-            self._error(ev.ChainError, error, run_id, parent_run_id)
-        except Exception as exc:
-            self._failed("on_chain_error", exc)
 
     # -- tools ----------------------------------------------------------------------
 
@@ -380,19 +379,6 @@ class BusCallbackHandler(BaseCallbackHandler):
         except Exception as exc:
             self._failed("on_tool_end", exc)
 
-    def on_tool_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        try:
-            self._error(ev.ToolError, error, run_id, parent_run_id)
-        except Exception as exc:
-            self._failed("on_tool_error", exc)
-
     # -- retrievers -------------------------------------------------------------------
 
     def on_retriever_start(
@@ -436,19 +422,6 @@ class BusCallbackHandler(BaseCallbackHandler):
             )
         except Exception as exc:
             self._failed("on_retriever_end", exc)
-
-    def on_retriever_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        try:
-            self._error(ev.RetrieverError, error, run_id, parent_run_id)
-        except Exception as exc:
-            self._failed("on_retriever_error", exc)
 
     # -- agents, text, retries, custom events -------------------------------------------
 
