@@ -110,10 +110,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--flush-interval-ms",
+        type=float,
+        default=None,
+        help="publisher linger (default: the setting's)",
+    )
     args = parser.parse_args()
 
     with throwaway_prefix("overhead") as prefix:
-        bus_handler = BusCallbackHandler(settings=Settings(redis_url=REDIS_URL, prefix=prefix))
+        settings = Settings(redis_url=REDIS_URL, prefix=prefix)
+        if args.flush_interval_ms is not None:
+            settings = settings.replace(flush_interval_ms=args.flush_interval_ms)
+        bus_handler = BusCallbackHandler(settings=settings)
         cases: dict[str, list[BaseCallbackHandler]] = {
             "none": [],
             "noop": [NoopHandler()],
