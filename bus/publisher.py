@@ -217,13 +217,13 @@ class Publisher:
             if not batch:
                 return True
             try:
-                self._send(batch)
+                refused = self._send(batch)
             except Exception as exc:  # the flusher must outlive any failure, ours included
                 self._on_failure(batch, exc)
                 return False
             # Counted before in_flight clears, so that flush() never returns
             # before the stats show what it waited for.
-            self._published += len(batch)
+            self._published += len(batch) - refused
             self._batches += 1
         finally:
             self._in_flight = False
@@ -234,10 +234,10 @@ class Publisher:
         self._connected = True
         return True
 
-    def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+    def _send(self, batch: list[tuple[bytes, bytes]]) -> int:
         """One round trip: the batch's XADDs packed as one RESP write, then the replies.
 
-        Packing by hand (a fixed head per partition, then the payload) costs the
+        Returns how many entries Redis refused. Packing by hand (a fixed head per partition, then the payload) costs the
         flusher about a tenth of redis-py's pipeline per event. That matters
         because the flusher shares the GIL with the app: its time is the app's.
         """
@@ -259,12 +259,14 @@ class Publisher:
             raise
         finally:
             pool.release(conn)
-        if refused is not None:
-            # Redis answered, but refused some entries (say, a key that is not a
-            # stream): resending would fail the same way, so they count as dropped.
-            self._dropped_by_flusher += refused[0]
-            self._errors += 1
-            self._last_error = refused[1]
+        if refused is None:
+            return 0
+        # Redis answered, but refused some entries (say, a key that is not a
+        # stream): resending would fail the same way, so they count as dropped.
+        self._dropped_by_flusher += refused[0]
+        self._errors += 1
+        self._last_error = refused[1]
+        return refused[0]
 
     def _on_failure(self, batch: list[tuple[bytes, bytes]], exc: BaseException) -> None:
         self._errors += 1

@@ -181,3 +181,27 @@ def test_stats_are_reported_to_redis(server: OwnedRedis) -> None:
     assert stored is not None and b'"published":1' in stored
     client.close()
     publisher.close()
+
+
+def test_refused_entries_are_counted_and_the_rest_flow(server: OwnedRedis) -> None:
+    server.start()
+    settings = settings_for(server, partitions=2)
+    client = server.client()
+    client.set(Keys(settings.prefix).events(0), b"not a stream")  # XADD answers WRONGTYPE
+    publisher = Publisher(settings=settings)
+    for payload in numbered(0, 6):
+        publisher.publish(int(payload) % 2, payload)
+    assert publisher.flush(5)
+    assert [f[b"e"] for _, f in client.xrange(Keys(settings.prefix).events(1))] == [
+        b"1",
+        b"3",
+        b"5",
+    ]
+    stats = publisher.stats
+    assert (stats.dropped, stats.published) == (3, 3)
+    assert "WRONGTYPE" in stats.last_error
+    publisher.publish(1, b"after")  # the flusher is still alive
+    assert publisher.flush(5)
+    assert client.xlen(Keys(settings.prefix).events(1)) == 4
+    client.close()
+    publisher.close()
