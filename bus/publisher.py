@@ -237,9 +237,10 @@ class Publisher:
     def _send(self, batch: list[tuple[bytes, bytes]]) -> int:
         """One round trip: the batch's XADDs packed as one RESP write, then the replies.
 
-        Returns how many entries Redis refused. Packing by hand (a fixed head per partition, then the payload) costs the
-        flusher about a tenth of redis-py's pipeline per event. That matters
-        because the flusher shares the GIL with the app: its time is the app's.
+        Returns how many entries Redis refused. Packing by hand (a fixed head
+        per partition, then the payload) costs the flusher about a tenth of
+        redis-py's pipeline per event. That matters because the flusher shares
+        the GIL with the app: its time is the app's.
         """
         client = self._client
         if client is None:
