@@ -140,7 +140,9 @@ class Deliverer:
         size = self._sizes.get(endpoint_id) or await self._size(endpoint_id)
         local = await self.gates.enter(endpoint_id, size)
         if local is None:
-            await self._wait(endpoint_id, msg_id, attempt, wait, series, BUSY)
+            # The line here is full: come back when it is this attempt's turn.
+            drain_ms = int(self.gates.defer_s(endpoint_id) * 1000)
+            await self._wait(endpoint_id, msg_id, attempt, wait, series, drain_ms or BUSY)
             return "waiting"
         try:
             return await self._attempt(endpoint_id, msg_id, attempt, wait, series)

@@ -19,18 +19,41 @@ the others.
 from __future__ import annotations
 
 import asyncio
+import time
+
+_EWMA = 0.2
 
 
 class _Gate:
-    __slots__ = ("sem", "size")
+    __slots__ = ("booked", "hold_s", "sem", "size", "waiters")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.sem = asyncio.Semaphore(size)
+        self.waiters = 0
+        self.hold_s = 0.05
+        """Recent time a local slot is held (EWMA): how fast the line moves."""
+        self.booked = 0.0
+        """Monotonic time up to which turned-away attempts have been told to come back."""
+
+
+class Hold:
+    """A held local slot; ``release()`` once the attempt is done."""
+
+    __slots__ = ("_gate", "_started")
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate = gate
+        self._started = time.monotonic()
+
+    def release(self) -> None:
+        gate = self._gate
+        gate.hold_s += _EWMA * (time.monotonic() - self._started - gate.hold_s)
+        gate.sem.release()
 
 
 class LocalGates:
-    """``gate = await gates.enter(endpoint_id, size)``; ``gate.sem.release()`` after."""
+    """``hold = await gates.enter(endpoint_id, size)``; ``hold.release()`` after."""
 
     def __init__(self, *, max_waiting: int, wait_s: float) -> None:
         self.max_waiting = max_waiting
@@ -46,23 +69,39 @@ class LocalGates:
             gate = self._gates[endpoint_id] = _Gate(size)
         return gate
 
-    async def enter(self, endpoint_id: str, size: int) -> asyncio.Semaphore | None:
+    async def enter(self, endpoint_id: str, size: int) -> Hold | None:
         """A held local slot, or None if waiting for one is not allowed or took too long."""
-        sem = self._gate(endpoint_id, max(1, size)).sem
-        if not sem.locked():
-            await sem.acquire()  # returns at once
-            return sem
+        gate = self._gate(endpoint_id, max(1, size))
+        if not gate.sem.locked():
+            await gate.sem.acquire()  # returns at once
+            return Hold(gate)
         if self.waiting >= self.max_waiting:
             return None
         self.waiting += 1
+        gate.waiters += 1
         try:
             async with asyncio.timeout(self.wait_s):
-                await sem.acquire()
+                await gate.sem.acquire()
         except TimeoutError:
             return None
         finally:
             self.waiting -= 1
-        return sem
+            gate.waiters -= 1
+        return Hold(gate)
 
-    def forget(self, endpoint_id: str) -> None:
-        self._gates.pop(endpoint_id, None)
+    def defer_s(self, endpoint_id: str) -> float:
+        """How long to defer an attempt turned away here: its turn in a virtual line.
+
+        Each attempt turned away books the next turn after the local line and
+        every turn booked before it, at the pace the endpoint has been
+        serving. So a burst comes back spread at the rate the endpoint takes
+        it, each attempt deferred about once, instead of every one polling
+        back with backoff (several jobs each). 0 if nothing is known yet.
+        """
+        gate = self._gates.get(endpoint_id)
+        if gate is None:
+            return 0.0
+        now = time.monotonic()
+        step = gate.hold_s / gate.size
+        gate.booked = max(gate.booked, now + (gate.waiters + gate.size) * step) + step
+        return gate.booked - now
