@@ -1,9 +1,11 @@
 """One webhook delivery attempt: the arq job ``deliver_webhook``.
 
 An attempt loads the endpoint and the stored message, takes a slot under the
-endpoint's limits (else it is deferred as a new job, freeing the worker
-slot), POSTs the signed body once (no redirects, total time bounded by
-``webhook_timeout_s``), logs the attempt, and decides what follows:
+endpoint's limits (waiting briefly in the process when only the endpoint's
+own limit stands in the way, see :mod:`bus.webhook_gate`; else it is deferred
+as a new job, freeing the worker slot), POSTs the signed body once (no
+redirects, total time bounded by ``webhook_timeout_s``), logs the attempt,
+and decides what follows:
 
 - 2xx: done; the endpoint's failure streak and slow-down end.
 - 410 Gone: the endpoint is disabled and the message dead-lettered.
