@@ -1,14 +1,24 @@
 """Webhook throughput and latency: one worker process vs a raw httpx POST loop.
 
-``python -m bench.webhooks [--events N] [--concurrency C]``
+``python -m bench.webhooks [--events N] [--concurrency C] [--paced M] [--load F]``
 
 Starts the test receiver and one ``arq workers.webhooks.WorkerSettings``
-process, registers one endpoint (max_concurrency C), XADDs N events and
-measures, from the receiver's arrival times, deliveries per second and
-event-to-receipt latency (event time to arrival). The baseline POSTs the
-same bodies from C concurrent ``httpx.AsyncClient`` loops to the same
-receiver. Last line: JSON with deliveries_per_s, raw_per_s, ratio, p50_ms,
-p99_ms. Needs Redis at REDIS_URL (default 127.0.0.1:6379); uses its own prefix.
+process and registers two endpoints (max_concurrency C each, told apart by
+tag). Two phases, both timed from the receiver's arrival times:
+
+- throughput: N events XADDed in one burst; deliveries_per_s is N over the
+  time from the first XADD to the last arrival;
+- latency: M events published one by one at a steady F x deliveries_per_s
+  (default 0.5: half the measured capacity, so queueing does not dominate);
+  p50_ms and p99_ms are event time to arrival at the receiver. (Latency under
+  the burst is mostly time spent queued behind the burst: burst_p50_ms.)
+
+The baseline POSTs the same bodies from C concurrent ``httpx.AsyncClient``
+loops to the same receiver. worker_cpu_ms is the worker's CPU time per
+delivery in the burst (Linux /proc; steadier than rates on a busy machine).
+Last line: JSON with deliveries_per_s, raw_per_s, ratio, p50_ms, p99_ms and
+the figures above. Needs Redis at REDIS_URL (default 127.0.0.1:6379); uses its
+own prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -77,31 +86,76 @@ def _received(base: str, name: str) -> list[dict[str, Any]]:
     return got
 
 
+def _event(settings: Settings, i: int, tag: str) -> tuple[str, bytes]:
+    trace = f"bench-{i % 64}"
+    event = ChainEnd(
+        id=new_event_id(), time=time.time(), run_id=trace, trace_id=trace, seq=i, tags=[tag]
+    )
+    return Keys(settings.prefix).events(partition_of(trace, settings.partitions)), encode(event)
+
+
 def _publish(client: redis.Redis, settings: Settings, count: int) -> float:
-    keys = Keys(settings.prefix)
     pipe = client.pipeline(transaction=False)
     started = time.time()
     for i in range(count):
-        trace = f"bench-{i % 64}"
-        event = ChainEnd(id=new_event_id(), time=time.time(), run_id=trace, trace_id=trace, seq=i)
-        pipe.xadd(keys.events(partition_of(trace, settings.partitions)), {b"e": encode(event)})
+        stream, entry = _event(settings, i, "burst")
+        pipe.xadd(stream, {b"e": entry})
         if i % 100 == 99:
             pipe.execute()
     pipe.execute()
     return started
 
 
-async def _register(settings: Settings, url: str, concurrency: int) -> None:
+def _publish_paced(client: redis.Redis, settings: Settings, count: int, per_s: float) -> None:
+    started = time.monotonic()
+    for i in range(count):
+        pause = started + i / per_s - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        stream, entry = _event(settings, i, "paced")
+        client.xadd(stream, {b"e": entry})
+
+
+async def _register(settings: Settings, base: str, concurrency: int) -> None:
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        await Endpoints(redis=client, settings=settings).add(
-            url, events=["chain.end"], max_concurrency=concurrency
-        )
+        for name in ("burst", "paced"):
+            await Endpoints(redis=client, settings=settings).add(
+                f"{base}/hook/{name}",
+                events=["chain.end"],
+                tags=[name],
+                max_concurrency=concurrency,
+            )
     finally:
         await client.aclose()
 
 
-def run(events: int, concurrency: int) -> dict[str, float]:
+def _wait_received(base: str, name: str, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 120
+    got: list[dict[str, Any]] = []
+    while len(got) < count and time.monotonic() < deadline:
+        time.sleep(0.25)
+        got = _received(base, name)
+    return got
+
+
+def _latencies(got: list[dict[str, Any]]) -> list[float]:
+    return sorted((r["at"] - json.loads(r["body"])["data"]["time"]) * 1000 for r in got)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(values[min(len(values) - 1, int(len(values) * q))], 2)
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(events: int, concurrency: int, paced: int, load: float) -> dict[str, float]:
     redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     prefix = f"lcbus-bench-{uuid.uuid4().hex[:8]}"
     settings = Settings(
@@ -122,7 +176,7 @@ def run(events: int, concurrency: int) -> dict[str, float]:
     log = open(os.environ.get("BENCH_WORKER_LOG", os.devnull), "ab")  # noqa: SIM115
     try:
         _wait_http(base + "/health")
-        asyncio.run(_register(settings, f"{base}/hook/bus", concurrency))
+        asyncio.run(_register(settings, base, concurrency))
         worker = subprocess.Popen(
             [sys.executable, "-m", "arq", "workers.webhooks.WorkerSettings"],
             cwd=ROOT,
@@ -131,15 +185,14 @@ def run(events: int, concurrency: int) -> dict[str, float]:
             stderr=log,
         )
         time.sleep(2)  # let the worker take its partition leases
+        cpu_before = _cpu_s(worker.pid)
         started = _publish(sync, settings, events)
-        deadline = time.monotonic() + 120
-        got: list[dict[str, Any]] = []
-        while len(got) < events and time.monotonic() < deadline:
-            time.sleep(0.25)
-            got = _received(base, "bus")
-        arrivals = [r["at"] for r in got]
-        latencies = sorted((r["at"] - json.loads(r["body"])["data"]["time"]) * 1000 for r in got)
-        per_s = len(got) / (max(arrivals) - started)
+        got = _wait_received(base, "burst", events)
+        cpu_ms = (_cpu_s(worker.pid) - cpu_before) * 1000 / max(1, len(got))
+        per_s = len(got) / (max(r["at"] for r in got) - started)
+        burst = _latencies(got)
+        _publish_paced(sync, settings, paced, per_s * load)
+        latencies = _latencies(_wait_received(base, "paced", paced))
         bodies = [r["body"].encode() for r in got]
         raw_per_s = asyncio.run(_raw(f"{base}/hook/raw", bodies, concurrency))
     finally:
@@ -158,8 +211,12 @@ def run(events: int, concurrency: int) -> dict[str, float]:
         "deliveries_per_s": round(per_s, 1),
         "raw_per_s": round(raw_per_s, 1),
         "ratio": round(per_s / raw_per_s, 3),
-        "p50_ms": round(statistics.median(latencies), 2),
-        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2),
+        "worker_cpu_ms": round(cpu_ms, 3),
+        "burst_p50_ms": _pct(burst, 0.5),
+        "paced_per_s": round(per_s * load, 1),
+        "paced_delivered": len(latencies),
+        "p50_ms": _pct(latencies, 0.5),
+        "p99_ms": _pct(latencies, 0.99),
     }
 
 
@@ -167,8 +224,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--paced", type=int, default=500, help="events in the latency phase")
+    parser.add_argument("--load", type=float, default=0.5, help="paced rate / measured rate")
     args = parser.parse_args()
-    print(json.dumps(run(args.events, args.concurrency)))
+    print(json.dumps(run(args.events, args.concurrency, args.paced, args.load)))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """One webhook delivery attempt: the arq job ``deliver_webhook``.
 
 An attempt loads the endpoint and the stored message, takes a slot under the
-endpoint's limits (else it is deferred as a new job, freeing the worker
-slot), POSTs the signed body once (no redirects, total time bounded by
-``webhook_timeout_s``), logs the attempt, and decides what follows:
+endpoint's limits (waiting briefly in the process when only the endpoint's
+own limit stands in the way, see :mod:`bus.webhook_gate`; else it is deferred
+as a new job, freeing the worker slot), POSTs the signed body once (no
+redirects, total time bounded by ``webhook_timeout_s``), logs the attempt,
+and decides what follows:
 
 - 2xx: done; the endpoint's failure streak and slow-down end.
 - 410 Gone: the endpoint is disabled and the message dead-lettered.
@@ -30,6 +32,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from arq.worker import Retry
@@ -41,9 +44,11 @@ from bus.errors import EndpointNotFound, UnsafeURLError
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
 from bus.keys import Keys, partition_of
 from bus.publisher import ENTRY_FIELD
+from bus.scripts import execute
 from bus.settings import Settings
 from bus.signing import sign_headers
-from bus.webhook_limits import EndpointLimits
+from bus.webhook_gate import LocalGates
+from bus.webhook_limits import BUSY, DISABLED, GONE, SCRIPTS, EndpointLimits, begin_reply
 from bus.webhook_messages import dead_letter, enqueue_attempt
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_WAIT_S = 2.0
 _REDIS_RETRY_S = 2.0
 _USER_AGENT = "lcbus-webhooks/0.1"
+_json = msgspec.json.encode
 
 
 def retry_after_s(value: str | None, *, now: float, bound: float) -> float | None:
@@ -103,6 +109,11 @@ class Deliverer:
         self.limits = EndpointLimits(
             redis=redis, keys=self.keys, lease_ms=int((settings.webhook_timeout_s + 5) * 1000)
         )
+        self.gates = LocalGates(
+            max_waiting=max(1, settings.webhook_max_jobs // 2),
+            wait_s=settings.webhook_local_wait_ms / 1000,
+        )
+        self._sizes: dict[str, int] = {}
         limits = httpx.Limits(
             max_connections=settings.webhook_max_jobs * 2,
             max_keepalive_connections=settings.webhook_max_jobs,
@@ -128,35 +139,70 @@ class Deliverer:
         self, endpoint_id: str, msg_id: str, attempt: int, wait: int = 0, series: str = ""
     ) -> str:
         """Make one attempt; returns what happened (for logs and tests)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.endpoint(endpoint_id))
+        size = self._sizes.get(endpoint_id) or await self._size(endpoint_id)
+        local = await self.gates.enter(endpoint_id, size)
+        if local is None:
+            # The line here is full: come back when it is this attempt's turn.
+            drain_ms = int(self.gates.defer_s(endpoint_id) * 1000)
+            await self._wait(endpoint_id, msg_id, attempt, wait, series, drain_ms or BUSY)
+            return "waiting"
+        try:
+            return await self._attempt(endpoint_id, msg_id, attempt, wait, series)
+        finally:
+            local.release()
+
+    async def _size(self, endpoint_id: str) -> int:
+        # First attempt for this endpoint in this process: its local gate's width.
+        raw = await self.redis.hget(self.keys.endpoint(endpoint_id), "max_concurrency")
+        return int(raw) if raw else 1
+
+    async def _begin(self, endpoint_id: str, msg_id: str, token: str) -> tuple[int, Any, Any]:
+        """One round trip: the message, the endpoint record, and a slot if one is free."""
+        deadline = time.monotonic() + self.gates.wait_s
+
+        def build(pipe: Any) -> None:
             pipe.get(self.keys.webhook_message(msg_id))
-            raw_endpoint, body = await pipe.execute()
-        if not raw_endpoint:
+            self.limits.queue_begin(pipe, endpoint_id, token)
+
+        while True:
+            body, reply = await execute(self.redis, SCRIPTS, build)
+            code, raw = begin_reply(reply)
+            # A short pause or rate window is the endpoint's own limit: wait it
+            # out here rather than queue a new job.
+            if code > 0 and time.monotonic() + code / 1000 <= deadline:
+                await asyncio.sleep(code / 1000)
+                continue
+            return code, raw, body
+
+    async def _attempt(
+        self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str
+    ) -> str:
+        token = secrets.token_hex(8)
+        code, raw, body = await self._begin(endpoint_id, msg_id, token)
+        if code == GONE:
+            self._sizes.pop(endpoint_id, None)
             log.info("webhook %s for removed endpoint %s dropped", msg_id, endpoint_id)
             return "endpoint-gone"
+        endpoint = decode_endpoint(raw)
+        self._sizes[endpoint_id] = endpoint.max_concurrency
         if body is None:
+            if code == 0:
+                await self.limits.release(endpoint_id, token)
             log.error("webhook %s for %s expired before attempt %d", msg_id, endpoint_id, attempt)
             return "message-expired"
-        endpoint = decode_endpoint(raw_endpoint)
-        if not endpoint.enabled:
+        if code == DISABLED:
             await self._dead(endpoint, msg_id, body, attempt - 1, "endpoint disabled")
             return "endpoint-disabled"
-        token = secrets.token_hex(8)
-        wait_ms = await self.limits.acquire(
-            endpoint_id,
-            token,
-            max_concurrency=endpoint.max_concurrency,
-            rate_limit=endpoint.rate_limit,
-        )
-        if wait_ms != 0:
-            await self._wait(endpoint_id, msg_id, attempt, wait, series, wait_ms)
+        if code != 0:
+            # BUSY with a local slot held: other processes hold the endpoint's slots.
+            await self._wait(endpoint_id, msg_id, attempt, wait, series, code)
             return "waiting"
         try:
             result = await self._post(endpoint, msg_id, body)
-        finally:
+        except BaseException:
             await self.limits.release(endpoint_id, token)
-        return await self._settle(endpoint, msg_id, body, attempt, series, result)
+            raise
+        return await self._settle(endpoint, msg_id, body, attempt, series, result, token)
 
     async def _wait(
         self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str, wait_ms: int
@@ -218,13 +264,11 @@ class Deliverer:
         attempt: int,
         series: str,
         result: Result,
+        token: str,
     ) -> str:
-        await self._log(endpoint.id, msg_id, body, attempt, result)
+        if await self._finish(endpoint.id, msg_id, body, attempt, result, token) < 0:
+            raise EndpointNotFound(endpoint.id)
         if result.ok:
-            await self.endpoints.update(
-                endpoint.id, failing_since=None, last_success_at=time.time()
-            )
-            await self.redis.delete(self.keys.endpoint_throttle(endpoint.id))
             return "delivered"
         if result.status == 410:
             await self._disable(endpoint, "the endpoint answered 410 Gone")
@@ -272,9 +316,11 @@ class Deliverer:
         )
         return "retrying"
 
-    async def _log(
-        self, endpoint_id: str, msg_id: str, body: bytes, attempt: int, r: Result
-    ) -> None:
+    async def _finish(
+        self, endpoint_id: str, msg_id: str, body: bytes, attempt: int, r: Result, token: str
+    ) -> int:
+        """Free the slot, log the attempt, record a success: one round trip."""
+        now = time.time()
         record = Attempt(
             id="",
             message_id=msg_id,
@@ -285,14 +331,21 @@ class Deliverer:
             latency_ms=round(r.latency_ms, 2),
             response=r.response,
             error=r.error,
-            at=time.time(),
+            at=now,
         )
-        await self.redis.xadd(
-            self.keys.attempts(endpoint_id),
-            self.endpoints.attempt_fields(record),  # type: ignore[arg-type]
-            maxlen=self.settings.webhook_attempts_maxlen,
-            approximate=True,
+        (done,) = await execute(
+            self.redis,
+            SCRIPTS,
+            lambda pipe: self.limits.queue_finish(
+                pipe,
+                endpoint_id,
+                token,
+                record=_json(record),
+                maxlen=self.settings.webhook_attempts_maxlen,
+                success_at=_json(now) if r.ok else None,
+            ),
         )
+        return int(done)
 
     async def _dead(
         self, endpoint: Endpoint, msg_id: str, body: bytes, attempts: int, error: str

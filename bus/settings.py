@@ -101,6 +101,9 @@ class Settings:
     webhook_max_jobs: int = 256
     """Concurrent attempts per worker process (slow endpoints wait in Redis, not here)."""
     webhook_poll_delay_ms: int = 10
+    webhook_local_wait_ms: int = 1_000
+    """How long an attempt may wait in the worker process for its endpoint's own
+    concurrency limit before it is deferred as a new job instead."""
     webhook_redis_connections: int = 64
     """Redis connections the webhook worker's attempts share (waiting when all are busy)."""
     webhook_registry_cache_ms: int = 1_000

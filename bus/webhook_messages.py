@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,10 +30,13 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
 
 from bus.errors import EndpointNotFound, WebhookError
 from bus.events import BaseEvent, to_builtins
 from bus.keys import Keys
+from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 
 WORKER = "webhooks"
@@ -70,6 +74,63 @@ def job_id(endpoint_id: str, msg_id: str, attempt: int, wait: int = 0, series: s
     return ":".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptJob:
+    """One attempt to queue: ``deliver_webhook(endpoint_id, msg_id, attempt, wait, series)``."""
+
+    endpoint_id: str
+    msg_id: str
+    attempt: int
+    wait: int = 0
+    series: str = ""
+    defer_s: float = 0.0
+
+
+# arq's enqueue_job, one job per call, without its WATCH round trips: refuse
+# the job if its job or result key exists, else store it and put it on the
+# queue, atomically (what arq's WATCH/MULTI transaction guarantees).
+# KEYS: job key, result key, queue. ARGV: job id, score, expiry ms, job bytes.
+_ENQUEUE = LuaScript("""
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('PSETEX', KEYS[1], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+""")
+
+
+async def enqueue_attempts(
+    arq: ArqRedis, settings: Settings, jobs: Sequence[AttemptJob]
+) -> list[bool]:
+    """Queue attempts in one round trip; False for each whose job id exists (a duplicate).
+
+    The jobs are the ones ``arq.enqueue_job`` would write (same keys, job
+    format, score and expiry), so arq's worker runs them unchanged.
+    """
+    if not jobs:
+        return []
+    queue = Keys(settings.prefix).arq_queue(WORKER)
+    now_ms = int(time.time() * 1000)
+
+    def build(pipe: Any) -> None:
+        for job in jobs:
+            jid = job_id(job.endpoint_id, job.msg_id, job.attempt, job.wait, job.series)
+            defer_ms = round(job.defer_s * 1000) if job.defer_s > 0 else 0
+            payload = serialize_job(
+                JOB_FUNCTION,
+                (job.endpoint_id, job.msg_id, job.attempt, job.wait, job.series),
+                {},
+                None,
+                now_ms,
+                serializer=arq.job_serializer,
+            )
+            keys = [job_key_prefix + jid, result_key_prefix + jid, queue]
+            _ENQUEUE.queue(
+                pipe, keys, [jid, now_ms + defer_ms, defer_ms + arq.expires_extra_ms, payload]
+            )
+
+    return [bool(r) for r in await execute(arq, (_ENQUEUE,), build)]
+
+
 async def enqueue_attempt(
     arq: ArqRedis,
     settings: Settings,
@@ -82,18 +143,9 @@ async def enqueue_attempt(
     defer_s: float = 0.0,
 ) -> bool:
     """Queue one attempt; False if a job with its id already exists (a duplicate)."""
-    job = await arq.enqueue_job(
-        JOB_FUNCTION,
-        endpoint_id,
-        msg_id,
-        attempt,
-        wait,
-        series,
-        _job_id=job_id(endpoint_id, msg_id, attempt, wait, series),
-        _queue_name=Keys(settings.prefix).arq_queue(WORKER),
-        _defer_by=defer_s if defer_s > 0 else None,
-    )
-    return job is not None
+    job = AttemptJob(endpoint_id, msg_id, attempt, wait, series, defer_s)
+    (queued,) = await enqueue_attempts(arq, settings, [job])
+    return queued
 
 
 @dataclass(frozen=True, slots=True)

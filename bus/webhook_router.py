@@ -3,7 +3,8 @@
 For each event it finds the enabled endpoints whose filters match, stores the
 message once, and queues one first-attempt job per endpoint. Everything here
 is idempotent, as at-least-once consumption requires: the message is stored
-with ``SET NX`` and a job whose id already exists is refused by arq, so a
+with ``SET NX`` and a job whose id already exists is refused (as arq's
+``enqueue_job`` would; see :func:`bus.webhook_messages.enqueue_attempts`), so a
 batch handed over twice queues nothing new.
 
 The endpoint list is cached for ``webhook_registry_cache_ms``: registering or
@@ -13,7 +14,6 @@ the cache still lists gets nothing either, as the attempt re-reads it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 
@@ -24,10 +24,16 @@ from bus.consumer import Delivery
 from bus.endpoints import Endpoint, Endpoints
 from bus.keys import Keys
 from bus.settings import Settings
-from bus.webhook_messages import build_body, enqueue_attempt, message_id, message_ttl_s
+from bus.webhook_messages import (
+    AttemptJob,
+    build_body,
+    enqueue_attempts,
+    message_id,
+    message_ttl_s,
+)
 from bus.webhook_types import webhook_type
 
-_ENQUEUE_CONCURRENCY = 32
+_ENQUEUE_BATCH = 500
 
 
 class Router:
@@ -79,16 +85,12 @@ class Router:
         await self._enqueue(jobs)
 
     async def _enqueue(self, jobs: list[tuple[str, str]]) -> None:
-        gate = asyncio.Semaphore(_ENQUEUE_CONCURRENCY)
-
-        async def one(endpoint_id: str, msg_id: str) -> None:
-            async with gate:
-                queued = await enqueue_attempt(
-                    self.arq, self.settings, endpoint_id=endpoint_id, msg_id=msg_id, attempt=1
-                )
-            if queued:
-                self.enqueued += 1
-            else:
-                self.duplicates += 1
-
-        await asyncio.gather(*(one(endpoint_id, msg_id) for endpoint_id, msg_id in jobs))
+        attempts = [AttemptJob(endpoint_id, msg_id, 1) for endpoint_id, msg_id in jobs]
+        # One pipeline per slice bounds the size of a single Redis reply.
+        for start in range(0, len(attempts), _ENQUEUE_BATCH):
+            queued = await enqueue_attempts(
+                self.arq, self.settings, attempts[start : start + _ENQUEUE_BATCH]
+            )
+            added = sum(queued)
+            self.enqueued += added
+            self.duplicates += len(queued) - added

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
 from bus.consumer import Delivery
@@ -21,7 +22,16 @@ from bus.events import BaseEvent, WebhookEndpointDisabled, decode
 from bus.keys import Keys
 from bus.publisher import ENTRY_FIELD
 from bus.settings import Settings
-from bus.webhook_messages import dead_letters, replay, replay_since
+from bus.webhook_messages import (
+    JOB_FUNCTION,
+    WORKER,
+    AttemptJob,
+    dead_letters,
+    enqueue_attempts,
+    job_id,
+    replay,
+    replay_since,
+)
 from bus.webhook_router import Router
 from tests.webhook_helpers import (
     Receiver,
@@ -243,3 +253,23 @@ async def test_max_concurrency_holds_deliveries_back(setup: Setup) -> None:
     starts = sorted(r["at"] for r in got)
     assert all(b - a >= 0.3 for a, b in itertools.pairwise(starts))
     assert all(a.outcome == "success" for a in await setup.registry.attempts(endpoint.id))
+
+
+async def test_an_attempt_job_is_refused_while_its_job_or_result_exists(
+    wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis
+) -> None:
+    job = AttemptJob("ep_x", "msg_1", 1)
+    assert await enqueue_attempts(arq_pool, wh_settings, [job, job]) == [True, False]
+    queue = Keys(wh_settings.prefix).arq_queue(WORKER)
+    (queued,) = await arq_pool.queued_jobs(queue_name=queue)
+    assert (queued.function, queued.args) == (JOB_FUNCTION, ("ep_x", "msg_1", 1, 0, ""))
+    jid = job_id("ep_x", "msg_1", 1)
+    # What arq leaves once the job has run: no job key, a result key.
+    await async_redis.delete(job_key_prefix + jid)
+    await async_redis.zrem(queue, jid)
+    await async_redis.set(result_key_prefix + jid, b"r", px=60_000)
+    try:
+        assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
+        assert await async_redis.zcard(queue) == 0
+    finally:
+        await async_redis.delete(result_key_prefix + jid)

@@ -26,9 +26,19 @@ from bus.webhook_router import Router
 from bus.worker import WorkerContext, consumer_worker_settings
 
 _settings = Settings.from_env()
+_SPARE_CONNECTIONS = 16
+"""arq's own poll, heartbeat and abort checks, beside the jobs."""
 
 
 async def build_handler(ctx: WorkerContext) -> BatchHandler:
+    # Each of max_jobs running attempts may use arq's own pool at once
+    # (run_job, finish_job); redis-py's default cap of 100 connections would
+    # make the surplus fail with MaxConnectionsError, failing the job's task
+    # and with it arq's close() on shutdown.
+    arq_pool = ctx.arq["redis"].connection_pool
+    arq_pool.max_connections = max(
+        arq_pool.max_connections, ctx.settings.webhook_max_jobs + _SPARE_CONNECTIONS
+    )
     # Attempts and enqueues get a pool of their own that waits for a free
     # connection: hundreds of concurrent attempts on the consumer's or arq's
     # pool would exhaust it (redis-py then raises instead of waiting) and
