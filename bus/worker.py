@@ -15,7 +15,9 @@ consumer finishes and acknowledges its batch in hand and releases its leases.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +74,39 @@ def _ride_out_outages(arq_redis: aioredis.Redis, settings: Settings) -> None:
     arq_redis.set_retry(Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), tries))
 
 
+def _stop_on_signals(ctx: dict[str, Any]) -> None:
+    """SIGTERM/SIGINT: release the partitions first, then end arq's main task.
+
+    arq's own handler cancels its main task once, and under load that cancel
+    can be lost (the worker then never exits), while a job task cancelled at
+    the same time makes arq's close() skip on_shutdown. So: close the consumer
+    (finish and ack the batch in hand, release leases at once), then cancel
+    the main task (start-up runs inside it) until it is done. arq's close()
+    then cancels running jobs (a cancelled attempt is retried by arq) and runs
+    on_shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def cancel_main() -> None:
+        if main is not None and not main.done():
+            main.cancel()
+            loop.call_later(1.0, cancel_main)  # a lost cancel is repeated
+
+    async def stop() -> None:
+        consumer: GroupConsumer | None = ctx.get("consumer")
+        if consumer is not None:
+            await consumer.aclose()
+        cancel_main()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("shutdown on %s", sig.name)
+        ctx["stopping"] = loop.create_task(stop())
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
 async def consumer_stats(ctx: dict[str, Any]) -> dict[str, int]:
     """arq job: the counters of this worker's consumer."""
     consumer: GroupConsumer = ctx["consumer"]
@@ -91,6 +126,7 @@ def consumer_worker_settings(
     cfg = Settings.from_env() if settings is None else settings
 
     async def startup(ctx: dict[str, Any]) -> None:
+        _stop_on_signals(ctx)
         _ride_out_outages(ctx["redis"], cfg)
         client = redis_client(cfg)
         wctx = WorkerContext(settings=cfg, redis=client, arq=ctx)
@@ -130,6 +166,7 @@ def consumer_worker_settings(
         "on_startup": startup,
         "on_shutdown": shutdown,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
-        "handle_signals": True,
+        # Our handler (installed at start-up) replaces arq's: see _stop_on_signals.
+        "handle_signals": False,
     }
     return type(f"{worker.title()}WorkerSettings", (), attrs)
