@@ -249,6 +249,8 @@ class GroupConsumer:
                 entries, cursor = await self._read(part, stream, consumer, cursor)
                 if entries:
                     await self._process(part, entries)
+                elif cursor == ">" and await self._parked(part, stream, consumer):
+                    cursor = "0"
                 outage.recovered()
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -260,6 +262,25 @@ class GroupConsumer:
                 # Whatever we read but did not ack is still pending: start over from it.
                 cursor = "0"
                 await asyncio.sleep(min(outage.failed(exc), max(part.remaining_s(), 0.01)))
+
+    async def _parked(self, part: HeldPartition, stream: str, consumer: str) -> bool:
+        """Whether entries wait in this name's pending list that nobody holds.
+
+        A previous holder starved past its lease (a stalled process) can have a
+        read served after this replica already re-read the pending list: those
+        entries would sit there until the next lease change. An idle reader
+        looks now and then (every lease period at most), and re-reads them.
+        """
+        now = time.monotonic()
+        if now < part.next_pending_check:
+            return False
+        part.next_pending_check = now + self._settings.lease_ttl_ms / 1000
+        summary: Any = await self._redis.xpending(stream, self.group)
+        for row in summary.get("consumers") or []:
+            if _text(row["name"]) == consumer and int(row["pending"]) > len(part.unacked):
+                log.warning("re-reading parked entries of %s partition %d", self.group, part.index)
+                return True
+        return False
 
     async def _read(
         self, part: HeldPartition, stream: str, consumer: str, cursor: str
@@ -440,3 +461,7 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
 def _id_order(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

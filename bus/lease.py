@@ -135,7 +135,7 @@ class LeaseLost(Exception):
 class HeldPartition:
     """A partition this replica holds: its local lease deadline and its reader task."""
 
-    __slots__ = ("index", "lost", "release", "task", "unacked", "valid_until")
+    __slots__ = ("index", "lost", "next_pending_check", "release", "task", "unacked", "valid_until")
 
     def __init__(self, index: int, valid_until: float) -> None:
         self.index = index
@@ -146,6 +146,8 @@ class HeldPartition:
         # Ids handled but not yet acknowledged: the XACK rides along with the
         # next read (one round trip per batch instead of two).
         self.unacked: list[bytes] = []
+        # When an idle reader next looks for entries parked in its pending list.
+        self.next_pending_check = 0.0
 
     def remaining_s(self) -> float:
         return -1.0 if self.lost else self.valid_until - time.monotonic()

@@ -12,8 +12,10 @@ import redis.asyncio as aioredis
 
 from bus import deadletter
 from bus.consumer import Delivery, GroupConsumer
+from bus.events import encode
 from bus.keys import Keys, partition_of
 from bus.lease import assign
+from bus.publisher import ENTRY_FIELD
 from bus.settings import Settings
 from tests.support.publishing import make_event, publish, publish_raw, traces_events
 
@@ -236,3 +238,29 @@ async def test_handler_redis_errors_are_an_outage_not_poison(
         assert consumer.stats.redis_errors == 3
     assert await deadletter.dead_letter_count(async_redis, settings, GROUP) == 0
     assert await pending(async_redis, settings) == 0
+
+
+async def test_entries_parked_by_a_late_read_are_picked_up(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    """A stalled former holder's read, served after the takeover, parks entries
+    in the partition's pending list; the holder finds and handles them."""
+    settings = fast(settings, partitions=1)
+    recorder = Recorder()
+    consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
+    await consumer.start()
+    try:
+        await wait_until(lambda: consumer.owned_partitions == {0})
+        await asyncio.sleep(0.3)  # the holder is past its pending re-read, reading new entries
+        stream = Keys(settings.prefix).events(0)
+        # The stale read: another process reads as the partition's consumer name.
+        # In one transaction, so that the holder's own blocking read cannot win.
+        parked = make_event("t-parked", 1)
+        with sync_redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {ENTRY_FIELD: encode(parked)})
+            pipe.xreadgroup(GROUP, "p0", {stream: ">"}, count=10)
+            pipe.execute()
+        await wait_until(lambda: [d.event.id for d in recorder.seen] == [parked.id], within=10)
+        await wait_until(lambda: no_pending(async_redis, settings))
+    finally:
+        await consumer.aclose()
