@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from bus.frontend.access import Denied, check_access
+from bus.access import Denied, check_access
 from bus.settings import Settings
 from bus.tracestore import get_trace, list_traces
 

@@ -23,8 +23,8 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bus.access import Denied, check_access
 from bus.errors import StreamError
-from bus.frontend.access import Denied, check_access
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState

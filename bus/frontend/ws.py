@@ -30,8 +30,8 @@ import msgspec
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bus.access import Denied, check_access
 from bus.errors import SlowConsumer, StreamError
-from bus.frontend.access import Denied, check_access
 from bus.frontend.filters import Filter, FilterError, any_match
 from bus.frontend.follow import Start, follow, resolve
 from bus.frontend.state import AppState
