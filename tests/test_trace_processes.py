@@ -29,6 +29,24 @@ def owners(client: redis.Redis, settings: Settings) -> list[int | None]:
     return [None if v is None else int(v.decode().split(":")[-2]) for v in values]
 
 
+def print_diagnostics(client: redis.Redis, settings: Settings, trace_id: str, logs: Path) -> None:
+    """What the consumer groups and workers were doing, for a failure report."""
+    from bus.status import collect_status
+
+    async def status() -> object:
+        async_client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return (await collect_status(async_client, settings)).to_dict()
+        finally:
+            await async_client.aclose()
+
+    print("partition of the trace:", partition_of(trace_id, settings.partitions))
+    print("status:", asyncio.run(status()))
+    print("tree keys:", list(client.scan_iter(match=f"{settings.prefix}:*tree*")))
+    for log in sorted(logs.glob("*.log")):
+        print(log.name, log.read_text()[-3000:])
+
+
 def tree_runs(client: redis.Redis, settings: Settings, trace_id: str) -> int:
     summary = client.hget(
         Keys(settings.prefix).tree(trace_id, partition_of(trace_id, settings.partitions)), "m"
@@ -72,7 +90,11 @@ def test_sigkill_one_replica_mid_trace_gives_the_same_tree(
         feed(entries[:half])
         # The second trace is cut in two: kill the replica that holds its partition.
         middle = trace_ids[1]
-        wait_for(lambda: tree_runs(sync_redis, settings, middle) > 0, what="half aggregated")
+        try:
+            wait_for(lambda: tree_runs(sync_redis, settings, middle) > 0, what="half aggregated")
+        except AssertionError:
+            print_diagnostics(sync_redis, settings, middle, tmp_path)
+            raise
         owner = owners(sync_redis, settings)[partition_of(middle, settings.partitions)]
         victim, survivor = (a, b) if owner == a.pid else (b, a)
         stop(victim, signal.SIGKILL)
