@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,11 @@ from bus.events import ChainEnd, CustomEvent, LLMNewToken, ToolEnd, new_event_id
 from bus.keys import Keys
 from bus.settings import Settings
 from bus.webhook_messages import JOB_FUNCTION, WORKER
+from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECEIVER = ROOT / "tests" / "support" / "webhook_receiver.py"
 LOOPBACK = "127.0.0.0/8,::1/128"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Receiver:
