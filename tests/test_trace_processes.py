@@ -71,12 +71,15 @@ def test_sigkill_one_replica_mid_trace_gives_the_same_tree(
     assert handler.publisher.flush(5)
     handler.close()
     capture_keys, keys = Keys(capture.prefix), Keys(settings.prefix)
-    entries = sorted(  # the order they were published in, across partitions
-        (_id_order(entry_id), p, fields[ENTRY_FIELD])
-        for p in range(settings.partitions)
-        for entry_id, fields in sync_redis.xrange(capture_keys.events(p))
-    )
     trace_ids = [str(run.id) for run in expected]
+    # The order the app produced them in: the runs ran one after the other, and
+    # seq orders each trace. (Entry ids do not: ids of different streams that
+    # share a millisecond are ordered per stream.)
+    entries = sorted(
+        (_app_order(fields[ENTRY_FIELD], trace_ids), p, fields[ENTRY_FIELD])
+        for p in range(settings.partitions)
+        for _, fields in sync_redis.xrange(capture_keys.events(p))
+    )
 
     def feed(part: list[tuple[tuple[int, int], int, bytes]]) -> None:
         for _, partition, payload in part:
@@ -115,9 +118,9 @@ def test_sigkill_one_replica_mid_trace_gives_the_same_tree(
         assert len(completed(sync_redis, settings, trace_id)) == 1
 
 
-def _id_order(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq)
+def _app_order(payload: bytes, trace_ids: list[str]) -> tuple[int, int]:
+    event = ev.decode(payload)
+    return trace_ids.index(event.trace_id), event.seq
 
 
 async def _get(settings: Settings, trace_id: str) -> Trace | None:
