@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -43,8 +44,10 @@ IDLE_SLEEP_S = 0.05
 MIN_BLOCK_MS = 20
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(msgspec.Struct, frozen=True):
+    """One entry for a handler. A Struct: about a sixth of a frozen dataclass's
+    cost to build, once per entry on the consumer's hot path."""
+
     entry_id: str
     partition: int
     event: Event
