@@ -89,13 +89,7 @@ async def fill(client: aioredis.Redis, settings: Settings, events: list[ev.BaseE
 
 
 def start_worker(settings: Settings, target: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "LCBUS_REDIS_URL": settings.redis_url,
-        "LCBUS_PREFIX": settings.prefix,
-        "LCBUS_PARTITIONS": str(settings.partitions),
-    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings.to_env()}
     return subprocess.Popen(
         [sys.executable, "-m", "arq", target],
         cwd=ROOT,

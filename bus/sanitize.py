@@ -40,11 +40,10 @@ def is_secret_key(key: str) -> bool:
 class _Budget:
     """Bytes left for one field; shared by the whole walk of that field."""
 
-    __slots__ = ("cut", "left")
+    __slots__ = ("left",)
 
     def __init__(self, limit: int) -> None:
         self.left = limit
-        self.cut = False
 
 
 def safe(value: Any, *, max_bytes: int) -> Any:
@@ -107,7 +106,6 @@ def _walk_mapping(value: Mapping[Any, Any], budget: _Budget, depth: int, path: s
     result: dict[str, Any] = {}
     for key, item in value.items():
         if budget.left <= 0:
-            budget.cut = True
             result["…"] = f"[truncated {len(value) - len(result)} more keys]"
             break
         name = key if isinstance(key, str) else str(key)
@@ -124,7 +122,6 @@ def _walk_items(value: Any, budget: _Budget, depth: int, path: set[int]) -> list
     result: list[Any] = []
     for item in items:
         if budget.left <= 0:
-            budget.cut = True
             result.append(f"[truncated {len(items) - len(result)} more items]")
             break
         result.append(_walk(item, budget, depth + 1, path))
@@ -134,8 +131,6 @@ def _walk_items(value: Any, budget: _Budget, depth: int, path: set[int]) -> list
 def _take_str(value: str, budget: _Budget) -> str:
     limit = max(budget.left // 2, 64)  # leave room for the siblings that follow
     text = safe_str(value, max_bytes=limit)
-    if text is not value:
-        budget.cut = True
     budget.left -= len(text) + 2
     return text
 

@@ -16,13 +16,7 @@ from tests.support.processes import ROOT
 
 
 def run_tail(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "LCBUS_REDIS_URL": settings.redis_url,
-        "LCBUS_PREFIX": settings.prefix,
-        "LCBUS_PARTITIONS": str(settings.partitions),
-    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings.to_env()}
     return subprocess.run(
         [sys.executable, "-m", "bus.cli", "tail", "--from-start", *args],
         cwd=ROOT,

@@ -38,7 +38,7 @@ from tests.frontend_support import (
     frontend,
     validate,
 )
-from tests.support.processes import ROOT, settings_env, start_worker, stop
+from tests.support.processes import ROOT, start_worker, stop
 
 TOKENS = [f"tok{i} " for i in range(120)]
 EXPECTED = "".join(TOKENS)
@@ -413,7 +413,7 @@ async def test_full_chain_app_fanout_worker_two_frontends(
             _ws_until_root_completed(_ws_url(frontends[0], thread_id), started[20])
         )
         await asyncio.gather(*(event.wait() for event in started))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **settings_env(settings)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **settings.to_env()}
         app = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

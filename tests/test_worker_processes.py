@@ -21,7 +21,6 @@ from tests.support.probe_worker import GROUP, failing_key, handled_key
 from tests.support.processes import (
     ROOT,
     free_port,
-    settings_env,
     start_redis,
     start_worker,
     stop,
@@ -195,7 +194,7 @@ def test_dead_letters_from_a_worker_list_and_replay_through_the_cli(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = settings.replace(partitions=2, max_attempts=2, retry_backoff_ms=5)
-    for name, value in settings_env(settings).items():
+    for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
     sync_redis.set(failing_key(settings.prefix), 1)
     events = [make_event("tx", s, fail=s == 50) for s in range(100)]
@@ -254,7 +253,7 @@ def test_arq_check_reports_a_running_worker_healthy(
 def _run_check(
     settings: Settings, tmp_path: Path, args: list[str]
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings_env(settings)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings.to_env()}
     return subprocess.run(
         [sys.executable, *args],
         check=False,

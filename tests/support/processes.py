@@ -20,23 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = "tests.support.probe_worker.WorkerSettings"
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    return {
-        "LCBUS_REDIS_URL": settings.redis_url,
-        "LCBUS_PREFIX": settings.prefix,
-        "LCBUS_PARTITIONS": str(settings.partitions),
-        "LCBUS_LEASE_TTL_MS": str(settings.lease_ttl_ms),
-        "LCBUS_READ_COUNT": str(settings.read_count),
-        "LCBUS_READ_BLOCK_MS": str(settings.read_block_ms),
-        "LCBUS_MAX_ATTEMPTS": str(settings.max_attempts),
-        "LCBUS_RETRY_BACKOFF_MS": str(settings.retry_backoff_ms),
-    }
-
-
 def start_worker(
     settings: Settings, log_path: Path, *, target: str = PROBE, **extra: str
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings_env(settings), **extra}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings.to_env(), **extra}
     env.pop("REDIS_URL", None)
     with log_path.open("ab") as log:
         return subprocess.Popen(
