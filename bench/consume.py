@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from bus.consumer import Delivery, GroupConsumer
 from bus.events import CustomEvent, encode
 from bus.keys import Keys
+from bus.runtime.consumer import Delivery, GroupConsumer
 from bus.settings import DEFAULT_REDIS_URL, Settings
 
 

@@ -225,7 +225,7 @@ def _collect(proc: subprocess.Popen[bytes], result: str) -> list[int]:
 def run_bus(streams: int, rate: float, per_stream: int, seconds: float) -> dict[str, Any]:
     from langchain_core.outputs import LLMResult
 
-    from bus.handler import BusCallbackHandler
+    from bus.producer.callbacks import BusCallbackHandler
     from bus.settings import Settings
 
     prefix = f"lcbus-bench-{uuid.uuid4().hex[:8]}"

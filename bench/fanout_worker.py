@@ -21,8 +21,8 @@ import uuid
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.consumer import Delivery
-from bus.fanout import FanoutHandler
+from bus.fanout.handler import FanoutHandler
+from bus.runtime.consumer import Delivery
 from bus.settings import DEFAULT_REDIS_URL, Settings
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.consumer import BatchHandler, Delivery
-from bus.worker import WorkerContext, consumer_worker_settings
+from bus.runtime.consumer import BatchHandler, Delivery
+from bus.runtime.worker import WorkerContext, consumer_worker_settings
 
 
 async def _ignore(batch: Sequence[Delivery]) -> None:

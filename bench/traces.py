@@ -34,9 +34,9 @@ from starlette.applications import Starlette
 
 from bus import events as ev
 from bus.keys import Keys, partition_of
-from bus.publisher import ENTRY_FIELD
+from bus.producer.publisher import ENTRY_FIELD
 from bus.settings import DEFAULT_REDIS_URL, Settings
-from bus.trace_api import trace_routes
+from bus.traces.api import trace_routes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 20

@@ -38,10 +38,10 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from bus.endpoints import Endpoints
 from bus.events import ChainEnd, encode, new_event_id
 from bus.keys import Keys, partition_of
 from bus.settings import DEFAULT_REDIS_URL, Settings
+from bus.webhooks.endpoints import Endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RECEIVER = ROOT / "tests" / "support" / "webhook_receiver.py"

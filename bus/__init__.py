@@ -9,7 +9,6 @@ app process stays light.
 
 from typing import TYPE_CHECKING, Any
 
-from bus.consumer import BatchHandler, Delivery, GroupConsumer
 from bus.errors import (
     AccessError,
     BusError,
@@ -26,23 +25,24 @@ from bus.errors import (
     WebhookError,
 )
 from bus.events import Event, decode, decode_json, encode, encode_json
-from bus.handler import BusCallbackHandler
 from bus.keys import Keys, partition_of
-from bus.publisher import Publisher, PublisherStats
-from bus.runtree import RunNode, Trace, TraceSummary
+from bus.producer.callbacks import BusCallbackHandler
+from bus.producer.publisher import Publisher, PublisherStats
+from bus.runtime.consumer import BatchHandler, Delivery, GroupConsumer
+from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token, verify_token
-from bus.tracestore import get_trace, list_traces
-from bus.worker import WorkerContext, consumer_worker_settings
+from bus.traces.store import get_trace, list_traces
+from bus.traces.tree import RunNode, Trace, TraceSummary
 
 if TYPE_CHECKING:
-    from bus.endpoints import Endpoint, Endpoints
     from bus.frontend import create_app
+    from bus.webhooks.endpoints import Endpoint, Endpoints
 
 _LAZY = {
     "create_app": "bus.frontend",
-    "Endpoint": "bus.endpoints",
-    "Endpoints": "bus.endpoints",
+    "Endpoint": "bus.webhooks.endpoints",
+    "Endpoints": "bus.webhooks.endpoints",
 }
 
 

@@ -14,7 +14,7 @@ A live message is the same, tab-separated: ``id, s, m, f, p``.
 
 The fan-out worker writes through :class:`GuardedWriter`, which appends the
 same entries and publishes the same messages, and saves the trace's
-conversion state in the same script run (see :mod:`bus.fanout`).
+conversion state in the same script run (see :mod:`bus.fanout.handler`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ consumer runtime gives each partition one active reader at a time).
 
 from __future__ import annotations
 
-from bus.aggregator import TraceAggregator
-from bus.consumer import BatchHandler
-from bus.worker import WorkerContext, consumer_worker_settings
+from bus.runtime.consumer import BatchHandler
+from bus.runtime.worker import WorkerContext, consumer_worker_settings
+from bus.traces.aggregator import TraceAggregator
 
 
 async def build_handler(ctx: WorkerContext) -> BatchHandler:

@@ -1,9 +1,9 @@
 """The webhook worker: ``arq workers.webhooks.WorkerSettings``.
 
 It consumes the bus as group ``webhooks``: the batch handler
-(:class:`bus.webhook_router.Router`) turns each event into one attempt job per
+(:class:`bus.webhooks.router.Router`) turns each event into one attempt job per
 matching endpoint, and the same process runs those jobs
-(:func:`bus.delivery.deliver_webhook`) from its arq queue. Run as many
+(:func:`bus.webhooks.delivery.deliver_webhook`) from its arq queue. Run as many
 replicas as you like: partitions are shared through leases, and attempt jobs
 through arq's queue.
 
@@ -18,12 +18,12 @@ from arq.connections import ArqRedis
 from arq.worker import func
 from redis.asyncio import BlockingConnectionPool
 
-from bus.consumer import BatchHandler
-from bus.delivery import Deliverer, deliver_webhook
+from bus.runtime.consumer import BatchHandler
+from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
-from bus.webhook_messages import JOB_FUNCTION, WORKER
-from bus.webhook_router import Router
-from bus.worker import WorkerContext, consumer_worker_settings
+from bus.webhooks.delivery import Deliverer, deliver_webhook
+from bus.webhooks.outbox import JOB_FUNCTION, WORKER
+from bus.webhooks.router import Router
 
 _settings = Settings.from_env()
 _SPARE_CONNECTIONS = 16

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bus import deadletter
+from bus.runtime import deadletter
 from bus.settings import Settings
 
 

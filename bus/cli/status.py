@@ -9,8 +9,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from bus.runtime.status import BusStatus, collect_status
 from bus.settings import Settings
-from bus.status import BusStatus, collect_status
 
 
 def register(subparsers: Any) -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import redis
 
+from bus.cli.tailing import describe, event_filter, follow
 from bus.errors import EventDecodeError
 from bus.settings import Settings
-from bus.tail import describe, event_filter, follow
 
 
 def register(subparsers: Any) -> None:

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from bus.runtree import RunNode, Trace, TraceSummary
 from bus.settings import Settings
-from bus.tracestore import TracePage, get_trace, list_traces
+from bus.traces.store import TracePage, get_trace, list_traces
+from bus.traces.tree import RunNode, Trace, TraceSummary
 
 T = TypeVar("T")
 

@@ -14,10 +14,10 @@ import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
-from bus.endpoints import Endpoints
 from bus.errors import BusError
 from bus.settings import Settings
-from bus.webhook_messages import replay, replay_since
+from bus.webhooks.endpoints import Endpoints
+from bus.webhooks.outbox import replay, replay_since
 
 Action = Callable[[Endpoints, argparse.Namespace], Awaitable[Any]]
 

@@ -33,14 +33,14 @@ import redis
 
 from bus.demo.app import build_tool_chain, openai_model
 from bus.demo.client import StreamWatcher, fetch_json, render_tree, wait_for_deliveries
+from bus.demo.embedded import EmbeddedRedis
 from bus.demo.openai_server import DEFAULT_ANSWER
 from bus.demo.stack import DemoError, Stack, free_port
-from bus.embedded import EmbeddedRedis
-from bus.endpoints import Endpoints, new_secret
-from bus.handler import BusCallbackHandler
 from bus.keys import Keys
+from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token
+from bus.webhooks.endpoints import Endpoints, new_secret
 
 WEBHOOK_TYPES = ("llm.end", "tool.end", "trace.completed")
 QUESTION = "How do redis and langchain work together?"

@@ -27,10 +27,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bus.demo.app import build_tool_chain, openai_model
-from bus.endpoints import Endpoints
-from bus.handler import BusCallbackHandler
+from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token
+from bus.webhooks.endpoints import Endpoints
 
 MAX_PROMPT_CHARS = 2_000
 

@@ -21,8 +21,8 @@ from bus.frontend.state import AppState
 from bus.frontend.ws import thread_socket
 from bus.keys import Keys
 from bus.settings import Settings
-from bus.trace_api import trace_routes
-from bus.webhook_admin import admin_routes
+from bus.traces.api import trace_routes
+from bus.webhooks.admin import admin_routes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import uuid
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
-from bus.handler import BusCallbackHandler
+from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 
 

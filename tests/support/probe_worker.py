@@ -16,8 +16,8 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from bus.consumer import BatchHandler, Delivery
-from bus.worker import WorkerContext, consumer_worker_settings
+from bus.runtime.consumer import BatchHandler, Delivery
+from bus.runtime.worker import WorkerContext, consumer_worker_settings
 
 GROUP = os.environ.get("PROBE_GROUP", "probe")
 

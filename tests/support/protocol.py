@@ -10,11 +10,11 @@ import redis.asyncio as aioredis
 from langchain_protocol import protocol as lp
 from pydantic import TypeAdapter
 
-from bus.consumer import Delivery
 from bus.events import decode
 from bus.history import Topic, read_after
 from bus.keys import Keys
-from bus.publisher import ENTRY_FIELD
+from bus.producer.publisher import ENTRY_FIELD
+from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 
 _ENVELOPE = TypeAdapter(lp.Event)

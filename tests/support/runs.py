@@ -25,7 +25,7 @@ from langchain_core.tools import tool
 from langchain_core.tracers.base import BaseTracer
 from langchain_core.tracers.schemas import Run
 
-from bus.runtree import RunNode, _stamp
+from bus.traces.tree import RunNode, _stamp
 
 
 class Recorder(BaseTracer):

@@ -1,0 +1,430 @@
+"""One webhook delivery attempt: the arq job ``deliver_webhook``.
+
+An attempt loads the endpoint and the stored message, takes a slot under the
+endpoint's limits (waiting briefly in the process when only the endpoint's
+own limit stands in the way, see :mod:`bus.webhooks.gate`; else it is deferred
+as a new job, freeing the worker slot), POSTs the signed body once (no
+redirects, total time bounded by ``webhook_timeout_s``), logs the attempt,
+and decides what follows:
+
+- 2xx: done; the endpoint's failure streak and slow-down end.
+- 410 Gone: the endpoint is disabled and the message dead-lettered.
+- anything else (status, timeout, connection error, SSRF refusal): the next
+  attempt is queued as a new deferred job after the schedule's next delay
+  (+-jitter) or the receiver's Retry-After if longer (within bounds); after the
+  last one the message is dead-lettered. 429/502/503/504 also pause the whole
+  endpoint. An endpoint failing for ``webhook_disable_after_s`` without a
+  success is disabled.
+
+Disabling publishes a ``webhook_endpoint_disabled`` bus event (webhook type
+``webhook.endpoint_disabled``) on the partition of a synthetic trace
+``webhook:<endpoint id>``, so other endpoints and consumers hear about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import msgspec
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+from arq.worker import Retry
+from redis.exceptions import RedisError
+
+from bus.errors import EndpointNotFound, UnsafeURLError
+from bus.events import WebhookEndpointDisabled, encode, new_event_id
+from bus.keys import Keys, partition_of
+from bus.producer.publisher import ENTRY_FIELD
+from bus.scripts import execute
+from bus.settings import Settings
+from bus.webhooks import ssrf
+from bus.webhooks.endpoints import Attempt, Endpoint, Endpoints, decode_endpoint
+from bus.webhooks.gate import LocalGates
+from bus.webhooks.limits import BUSY, DISABLED, GONE, SCRIPTS, EndpointLimits, begin_reply
+from bus.webhooks.outbox import dead_letter, enqueue_attempt
+from bus.webhooks.signing import sign_headers
+
+log = logging.getLogger(__name__)
+
+SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
+_MAX_WAIT_S = 2.0
+_REDIS_RETRY_S = 2.0
+_USER_AGENT = "lcbus-webhooks/0.1"
+_json = msgspec.json.encode
+
+
+def retry_after_s(value: str | None, *, now: float, bound: float) -> float | None:
+    """Seconds from a Retry-After header (delta or HTTP date), clamped to [0, bound]."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), bound)
+
+
+def jittered(delay: float, jitter: float) -> float:
+    return delay * random.uniform(1 - jitter, 1 + jitter)
+
+
+class Result:
+    """What one HTTP attempt produced."""
+
+    __slots__ = ("error", "latency_ms", "refused", "response", "retry_after", "status")
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.response = ""
+        self.error = ""
+        self.refused = False
+        self.retry_after: str | None = None
+        self.latency_ms = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+class Deliverer:
+    """Makes attempts; one per worker process, kept in arq's ctx."""
+
+    def __init__(self, *, redis: aioredis.Redis, arq: ArqRedis, settings: Settings) -> None:
+        self.redis = redis
+        self.arq = arq
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.endpoints = Endpoints(redis=redis, settings=settings)
+        self.limits = EndpointLimits(
+            redis=redis, keys=self.keys, lease_ms=int((settings.webhook_timeout_s + 5) * 1000)
+        )
+        self.gates = LocalGates(
+            max_waiting=max(1, settings.webhook_max_jobs // 2),
+            wait_s=settings.webhook_local_wait_ms / 1000,
+        )
+        self._sizes: dict[str, int] = {}
+        limits = httpx.Limits(
+            max_connections=settings.webhook_max_jobs * 2,
+            max_keepalive_connections=settings.webhook_max_jobs,
+        )
+        self.client = httpx.AsyncClient(
+            transport=ssrf.GuardedTransport(allow=self.endpoints.allow, limits=limits),
+            timeout=settings.webhook_timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            headers={"user-agent": _USER_AGENT, "content-type": "application/json"},
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> Deliverer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def attempt(
+        self, endpoint_id: str, msg_id: str, attempt: int, wait: int = 0, series: str = ""
+    ) -> str:
+        """Make one attempt; returns what happened (for logs and tests)."""
+        size = self._sizes.get(endpoint_id) or await self._size(endpoint_id)
+        local = await self.gates.enter(endpoint_id, size)
+        if local is None:
+            # The line here is full: come back when it is this attempt's turn.
+            drain_ms = int(self.gates.defer_s(endpoint_id) * 1000)
+            await self._wait(endpoint_id, msg_id, attempt, wait, series, drain_ms or BUSY)
+            return "waiting"
+        try:
+            return await self._attempt(endpoint_id, msg_id, attempt, wait, series)
+        finally:
+            local.release()
+
+    async def _size(self, endpoint_id: str) -> int:
+        # First attempt for this endpoint in this process: its local gate's width.
+        raw = await self.redis.hget(self.keys.endpoint(endpoint_id), "max_concurrency")
+        return int(raw) if raw else 1
+
+    async def _begin(self, endpoint_id: str, msg_id: str, token: str) -> tuple[int, Any, Any]:
+        """One round trip: the message, the endpoint record, and a slot if one is free."""
+        deadline = time.monotonic() + self.gates.wait_s
+
+        def build(pipe: Any) -> None:
+            pipe.get(self.keys.webhook_message(msg_id))
+            self.limits.queue_begin(pipe, endpoint_id, token)
+
+        while True:
+            body, reply = await execute(self.redis, SCRIPTS, build)
+            code, raw = begin_reply(reply)
+            # A short pause or rate window is the endpoint's own limit: wait it
+            # out here rather than queue a new job.
+            if code > 0 and time.monotonic() + code / 1000 <= deadline:
+                await asyncio.sleep(code / 1000)
+                continue
+            return code, raw, body
+
+    async def _attempt(
+        self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str
+    ) -> str:
+        token = secrets.token_hex(8)
+        code, raw, body = await self._begin(endpoint_id, msg_id, token)
+        if code == GONE:
+            self._sizes.pop(endpoint_id, None)
+            log.info("webhook %s for removed endpoint %s dropped", msg_id, endpoint_id)
+            return "endpoint-gone"
+        endpoint = decode_endpoint(raw)
+        self._sizes[endpoint_id] = endpoint.max_concurrency
+        if body is None:
+            if code == 0:
+                await self.limits.release(endpoint_id, token)
+            log.error("webhook %s for %s expired before attempt %d", msg_id, endpoint_id, attempt)
+            return "message-expired"
+        if code == DISABLED:
+            await self._dead(endpoint, msg_id, body, attempt - 1, "endpoint disabled")
+            return "endpoint-disabled"
+        if code != 0:
+            # BUSY with a local slot held: other processes hold the endpoint's slots.
+            await self._wait(endpoint_id, msg_id, attempt, wait, series, code)
+            return "waiting"
+        try:
+            result = await self._post(endpoint, msg_id, body)
+        except BaseException:
+            await self.limits.release(endpoint_id, token)
+            raise
+        return await self._settle(endpoint, msg_id, body, attempt, series, result, token)
+
+    async def _wait(
+        self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str, wait_ms: int
+    ) -> None:
+        # BUSY has no natural end: back off exponentially so a queue of waiting
+        # deliveries for a slow endpoint does not spin.
+        backoff = min(0.05 * 2**wait, _MAX_WAIT_S)
+        delay = max(wait_ms / 1000, backoff if wait_ms < 0 else 0.0)
+        await enqueue_attempt(
+            self.arq,
+            self.settings,
+            endpoint_id=endpoint_id,
+            msg_id=msg_id,
+            attempt=attempt,
+            wait=wait + 1,
+            series=series,
+            defer_s=jittered(delay, 0.2),
+        )
+
+    async def _post(self, endpoint: Endpoint, msg_id: str, body: bytes) -> Result:
+        result = Result()
+        now = time.time()
+        headers = sign_headers(
+            message_id=msg_id,
+            timestamp=int(now),
+            body=body,
+            secrets=endpoint.active_secrets(now),
+        )
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.webhook_timeout_s):
+                await self._send(endpoint.url, headers, body, result)
+        except UnsafeURLError as exc:
+            result.refused, result.error = True, str(exc)
+        except TimeoutError:
+            result.error = f"timed out after {self.settings.webhook_timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        result.latency_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    async def _send(self, url: str, headers: dict[str, str], body: bytes, result: Result) -> None:
+        limit = self.settings.webhook_response_max_bytes
+        async with self.client.stream("POST", url, content=body, headers=headers) as response:
+            result.status = response.status_code
+            result.retry_after = response.headers.get("retry-after")
+            chunks = bytearray()
+            async for chunk in response.aiter_bytes():
+                chunks += chunk
+                if len(chunks) >= limit:
+                    break
+            result.response = chunks[:limit].decode(errors="replace")
+
+    async def _settle(
+        self,
+        endpoint: Endpoint,
+        msg_id: str,
+        body: bytes,
+        attempt: int,
+        series: str,
+        result: Result,
+        token: str,
+    ) -> str:
+        if await self._finish(endpoint.id, msg_id, body, attempt, result, token) < 0:
+            raise EndpointNotFound(endpoint.id)
+        if result.ok:
+            return "delivered"
+        if result.status == 410:
+            await self._disable(endpoint, "the endpoint answered 410 Gone")
+            await self._dead(endpoint, msg_id, body, attempt, "410 Gone")
+            return "gone"
+        return await self._failed(endpoint, msg_id, body, attempt, series, result)
+
+    async def _failed(
+        self,
+        endpoint: Endpoint,
+        msg_id: str,
+        body: bytes,
+        attempt: int,
+        series: str,
+        result: Result,
+    ) -> str:
+        now = time.time()
+        bound = self.settings.webhook_retry_after_max_s
+        retry_after = retry_after_s(result.retry_after, now=now, bound=bound)
+        if result.status in SLOW_DOWN_STATUSES:
+            pause_ms = None if retry_after is None else int(retry_after * 1000)
+            await self.limits.slow_down(endpoint.id, retry_after_ms=pause_ms)
+        await self.endpoints.update(endpoint.id, only_unset=True, failing_since=now)
+        failing_since = endpoint.failing_since or now
+        if now - failing_since >= self.settings.webhook_disable_after_s:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(failing_since))
+            await self._disable(endpoint, f"failing without a success since {since} UTC")
+            await self._dead(endpoint, msg_id, body, attempt, _describe(result))
+            return "disabled"
+        delays = self.settings.webhook_delays
+        if attempt >= len(delays):
+            await self._dead(endpoint, msg_id, body, attempt, _describe(result))
+            return "dead"
+        delay = jittered(delays[attempt], self.settings.webhook_jitter)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        await enqueue_attempt(
+            self.arq,
+            self.settings,
+            endpoint_id=endpoint.id,
+            msg_id=msg_id,
+            attempt=attempt + 1,
+            series=series,
+            defer_s=delay,
+        )
+        return "retrying"
+
+    async def _finish(
+        self, endpoint_id: str, msg_id: str, body: bytes, attempt: int, r: Result, token: str
+    ) -> int:
+        """Free the slot, log the attempt, record a success: one round trip."""
+        now = time.time()
+        record = Attempt(
+            id="",
+            message_id=msg_id,
+            attempt=attempt,
+            type=_type_of(body),
+            outcome="success" if r.ok else ("refused" if r.refused else "failure"),
+            status=r.status,
+            latency_ms=round(r.latency_ms, 2),
+            response=r.response,
+            error=r.error,
+            at=now,
+        )
+        (done,) = await execute(
+            self.redis,
+            SCRIPTS,
+            lambda pipe: self.limits.queue_finish(
+                pipe,
+                endpoint_id,
+                token,
+                record=_json(record),
+                maxlen=self.settings.webhook_attempts_maxlen,
+                success_at=_json(now) if r.ok else None,
+            ),
+        )
+        return int(done)
+
+    async def _dead(
+        self, endpoint: Endpoint, msg_id: str, body: bytes, attempts: int, error: str
+    ) -> None:
+        log.warning("webhook %s to %s dead-lettered: %s", msg_id, endpoint.id, error)
+        await dead_letter(
+            self.redis,
+            self.settings,
+            endpoint_id=endpoint.id,
+            msg_id=msg_id,
+            body=body,
+            attempts=attempts,
+            error=error,
+        )
+
+    async def _disable(self, endpoint: Endpoint, reason: str) -> None:
+        if await self.endpoints.disable(endpoint.id, reason):
+            log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
+            await publish_disabled(self.redis, self.settings, endpoint, reason)
+
+
+def _describe(result: Result) -> str:
+    if result.error:
+        return result.error
+    return f"HTTP {result.status}"
+
+
+def _type_of(body: bytes) -> str:
+    # The body starts with {"type":"..." (build_body writes it first).
+    head = body[:200].split(b'"', 4)
+    return head[3].decode(errors="replace") if len(head) > 3 else ""
+
+
+async def publish_disabled(
+    redis: aioredis.Redis, settings: Settings, endpoint: Endpoint, reason: str
+) -> None:
+    """Put a ``webhook_endpoint_disabled`` event on the bus."""
+    trace_id = f"webhook:{endpoint.id}"
+    now = time.time()
+    event = WebhookEndpointDisabled(
+        id=new_event_id(),
+        time=now,
+        run_id=trace_id,
+        trace_id=trace_id,
+        seq=int(now * 1000),
+        name="webhook",
+        run_type="webhook",
+        source="webhooks",
+        endpoint_id=endpoint.id,
+        url=endpoint.url,
+        reason=reason,
+    )
+    await redis.xadd(
+        Keys(settings.prefix).events(partition_of(trace_id, settings.partitions)),
+        {ENTRY_FIELD: encode(event)},
+        maxlen=settings.stream_maxlen,
+        approximate=True,
+    )
+
+
+async def deliver_webhook(
+    ctx: dict[str, Any],
+    endpoint_id: str,
+    msg_id: str,
+    attempt: int,
+    wait: int = 0,
+    series: str = "",
+) -> str:
+    """arq job: one attempt.
+
+    HTTP failures are handled inside (they schedule the next attempt). Only
+    Redis trouble escapes, as arq's ``Retry``, so arq runs this job again.
+    """
+    deliverer: Deliverer = ctx["webhooks"]
+    try:
+        return await deliverer.attempt(endpoint_id, msg_id, attempt, wait, series)
+    except EndpointNotFound:
+        log.info("webhook %s: endpoint %s removed during the attempt", msg_id, endpoint_id)
+        return "endpoint-gone"
+    except RedisError as exc:
+        log.warning("webhook attempt %s/%s #%d: %s", endpoint_id, msg_id, attempt, exc)
+        raise Retry(defer=_REDIS_RETRY_S) from exc

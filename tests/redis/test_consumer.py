@@ -1,0 +1,266 @@
+"""GroupConsumer in-process against real Redis: delivery, order, dead letters, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from bus.events import encode
+from bus.keys import Keys, partition_of
+from bus.producer.publisher import ENTRY_FIELD
+from bus.runtime import deadletter
+from bus.runtime.consumer import Delivery, GroupConsumer
+from bus.runtime.lease import assign
+from bus.settings import Settings
+from tests.support.publishing import make_event, publish, publish_raw, traces_events
+
+GROUP = "g"
+
+
+async def wait_until(check: Callable[[], bool | Awaitable[bool]], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+class Recorder:
+    """A handler that records what it saw and can fail on chosen events."""
+
+    def __init__(self, *, fail_ids: Sequence[str] = (), delay: float = 0.0) -> None:
+        self.seen: list[Delivery] = []
+        self.calls = 0
+        self.fail_ids = set(fail_ids)
+        self.delay = delay
+
+    async def __call__(self, batch: Sequence[Delivery]) -> None:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if any(d.event.id in self.fail_ids for d in batch):
+            raise ValueError("refusing " + ",".join(d.event.id for d in batch))
+        self.seen.extend(batch)
+
+
+def fast(settings: Settings, **changes: object) -> Settings:
+    return settings.replace(
+        lease_ttl_ms=1500, read_block_ms=200, retry_backoff_ms=1, read_count=50, **changes
+    )
+
+
+async def pending(client: aioredis.Redis, settings: Settings) -> int:
+    keys = Keys(settings.prefix)
+    total = 0
+    for p in range(settings.partitions):
+        total += (await client.xpending(keys.events(p), GROUP))["pending"]
+    return total
+
+
+async def no_pending(client: aioredis.Redis, settings: Settings) -> bool:
+    return await pending(client, settings) == 0
+
+
+def test_assign_spreads_partitions_and_ignores_strangers() -> None:
+    members = ["b", "a", "c"]
+    owned = [assign(8, members, m) for m in ("a", "b", "c")]
+    assert sorted(p for o in owned for p in o) == list(range(8))
+    assert owned[0] == {0, 3, 6}
+    assert assign(8, members, "zz") == frozenset()
+
+
+async def test_delivers_every_event_once_in_trace_order_and_acks(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings)
+    # Published before the group exists: group start id 0 must still see them.
+    events = traces_events(10, 60)
+    publish(sync_redis, settings, events)
+    recorder = Recorder()
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=recorder
+    ) as consumer:
+        await wait_until(lambda: len(recorder.seen) >= len(events))
+        assert consumer.owned_partitions == frozenset(range(settings.partitions))
+        await wait_until(lambda: no_pending(async_redis, settings))
+    assert sorted(d.event.id for d in recorder.seen) == sorted(e.id for e in events)
+    for delivery in recorder.seen:
+        assert delivery.partition == partition_of(delivery.event.trace_id, settings.partitions)
+    by_trace: dict[str, list[int]] = {}
+    for delivery in recorder.seen:
+        by_trace.setdefault(delivery.event.trace_id, []).append(delivery.event.seq)
+    assert all(seqs == sorted(seqs) for seqs in by_trace.values())
+    assert await pending(async_redis, settings) == 0
+    assert consumer.stats.processed == len(events)
+    # aclose released every lease and left the group.
+    keys = Keys(settings.prefix)
+    for p in range(settings.partitions):
+        assert sync_redis.get(keys.lease(GROUP, p)) is None
+    assert sync_redis.zcard(keys.members(GROUP)) == 0
+
+
+async def test_poison_and_failing_entries_go_to_dead_letters_and_replay(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, max_attempts=2)
+    bad = make_event("tx", 5)
+    events = [make_event("tx", s) for s in range(5)] + [bad]
+    events += [make_event("tx", s) for s in range(6, 12)]
+    publish(sync_redis, settings, events)
+    poison_partition = partition_of("tx", settings.partitions)
+    poison_id = publish_raw(sync_redis, settings, poison_partition, b"\xc1 not msgpack")
+    unknown = msgspec.msgpack.encode({"type": "from_the_future", "id": "u1", "trace_id": "tx"})
+    publish_raw(sync_redis, settings, poison_partition, unknown)
+    publish(sync_redis, settings, [make_event("tx", 12)])
+
+    recorder = Recorder(fail_ids=[bad.id])
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=recorder
+    ) as consumer:
+        await wait_until(lambda: any(d.event.seq == 12 for d in recorder.seen))
+        letters = await deadletter.list_dead_letters(async_redis, settings, GROUP)
+        assert [letter.reason for letter in letters] == [
+            deadletter.REASON_HANDLER_FAILED,
+            deadletter.REASON_UNDECODABLE,
+        ]
+        failed, poison = letters
+        assert failed.error.startswith("ValueError: refusing tx-5")
+        assert failed.partition == poison_partition
+        assert poison.entry_id == poison_id
+        assert poison.payload == b"\xc1 not msgpack"
+        # The rest flowed on, in order, around the failing one.
+        assert [d.event.seq for d in recorder.seen] == [*range(5), *range(6, 13)]
+        assert consumer.stats.unknown_skipped == 1
+        assert consumer.stats.dead_lettered == 2
+        assert await pending(async_redis, settings) == 0
+
+        recorder.fail_ids.clear()
+        assert await deadletter.replay(async_redis, settings, GROUP, [failed.id]) == [failed.id]
+        await wait_until(lambda: recorder.seen[-1].event.id == bad.id)
+        assert await deadletter.dead_letter_count(async_redis, settings, GROUP) == 1
+
+
+async def test_replicas_split_partitions_and_rebalance_when_one_leaves(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, partitions=6)
+    first, second = Recorder(), Recorder()
+    a = GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=first, replica_id="a"
+    )
+    b = GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=second, replica_id="b"
+    )
+    await a.start()
+    await wait_until(lambda: a.owned_partitions == frozenset(range(6)))
+    await b.start()
+    await wait_until(lambda: a.owned_partitions == {0, 2, 4} and b.owned_partitions == {1, 3, 5})
+    keys = Keys(settings.prefix)
+    assert sync_redis.get(keys.lease(GROUP, 1)) == b"b"
+
+    events = traces_events(12, 20)
+    publish(sync_redis, settings, events)
+    await wait_until(lambda: len(first.seen) + len(second.seen) == len(events))
+    assert {d.partition for d in second.seen} <= {1, 3, 5}
+
+    # Leaving releases at once: a takes over long before b's leases could expire.
+    await b.aclose()
+    await wait_until(lambda: a.owned_partitions == frozenset(range(6)), within=1.4)
+    await a.aclose()
+
+
+async def test_a_lost_lease_stops_the_partition_at_once(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, partitions=2)
+    recorder = Recorder()
+    keys = Keys(settings.prefix)
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=recorder, replica_id="me"
+    ) as consumer:
+        await wait_until(lambda: consumer.owned_partitions == {0, 1})
+        # Another process "steals" partition 0 (as after an expiry we slept through).
+        sync_redis.set(keys.lease(GROUP, 0), "thief", px=60_000)
+        await wait_until(lambda: consumer.owned_partitions == {1})
+        assert consumer.stats.leases_lost == 1
+        trace0 = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 0)
+        trace1 = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 1)
+        publish(sync_redis, settings, [make_event(trace0, 0), make_event(trace1, 0)])
+        await wait_until(lambda: any(d.event.trace_id == trace1 for d in recorder.seen))
+        await asyncio.sleep(settings.heartbeat_interval_s * 2)
+        assert all(d.partition == 1 for d in recorder.seen)
+        assert sync_redis.get(keys.lease(GROUP, 0)) == b"thief"
+
+
+async def test_aclose_finishes_and_acks_the_batch_in_hand(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, partitions=1)
+    recorder = Recorder(delay=0.5)
+    consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
+    await consumer.start()
+    publish(sync_redis, settings, traces_events(3, 5))
+    await wait_until(lambda: recorder.calls >= 1)
+    await consumer.aclose()
+    assert len(recorder.seen) == 15
+    assert await pending(async_redis, settings) == 0
+    assert sync_redis.get(Keys(settings.prefix).lease(GROUP, 0)) is None
+
+
+async def test_handler_redis_errors_are_an_outage_not_poison(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, partitions=1, max_attempts=1)
+    outage = {"left": 3}
+    seen: list[Delivery] = []
+
+    async def flaky(batch: Sequence[Delivery]) -> None:
+        if outage["left"]:
+            outage["left"] -= 1
+            raise redis.ConnectionError("connection reset")
+        seen.extend(batch)
+
+    publish(sync_redis, settings, traces_events(2, 10))
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=flaky
+    ) as consumer:
+        await wait_until(lambda: len(seen) == 20)
+        assert consumer.stats.redis_errors == 3
+    assert await deadletter.dead_letter_count(async_redis, settings, GROUP) == 0
+    assert await pending(async_redis, settings) == 0
+
+
+async def test_entries_parked_by_a_late_read_are_picked_up(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    """A stalled former holder's read, served after the takeover, parks entries
+    in the partition's pending list; the holder finds and handles them."""
+    settings = fast(settings, partitions=1)
+    recorder = Recorder()
+    consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
+    await consumer.start()
+    try:
+        await wait_until(lambda: consumer.owned_partitions == {0})
+        await asyncio.sleep(0.3)  # the holder is past its pending re-read, reading new entries
+        stream = Keys(settings.prefix).events(0)
+        # The stale read: another process reads as the partition's consumer name.
+        # In one transaction, so that the holder's own blocking read cannot win.
+        parked = make_event("t-parked", 1)
+        with sync_redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {ENTRY_FIELD: encode(parked)})
+            pipe.xreadgroup(GROUP, "p0", {stream: ">"}, count=10)
+            pipe.execute()
+        await wait_until(lambda: [d.event.id for d in recorder.seen] == [parked.id], within=10)
+        await wait_until(lambda: no_pending(async_redis, settings))
+    finally:
+        await consumer.aclose()

@@ -1,0 +1,236 @@
+"""``GET /traces`` and ``GET /traces/{id}``: access rules, filters, paging; and the merge rules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+
+from bus import events as ev
+from bus.settings import Settings
+from bus.tokens import issue_token, stream_token
+from bus.traces.aggregator import TraceAggregator
+from bus.traces.store import list_traces
+from bus.traces.tree import TraceState, add_seq, apply, build
+
+SECRET = "s3cret"
+
+
+def _event(cls: type[ev.BaseEvent], trace: str, run: str, seq: int, **fields: object) -> ev.Event:
+    base = {
+        "id": f"{trace}-{run}-{seq}",
+        "time": 1000.0 + seq,
+        "run_id": run,
+        "trace_id": trace,
+        "seq": seq,
+        "source": "proc-a",
+    }
+    event: ev.Event = cls(**(base | fields))  # type: ignore[assignment]
+    return event
+
+
+def _trace_events(
+    trace: str, *, name: str, tags: list[str], user: str, fail: bool = False
+) -> list[ev.Event]:
+    common = {"name": name, "run_type": "chain", "tags": tags, "metadata": {"user": user}}
+    end = (
+        _event(ev.ChainError, trace, trace, 3, error="ValueError: no", error_type="ValueError")
+        if fail
+        else _event(ev.ChainEnd, trace, trace, 3, outputs={"ok": 1})
+    )
+    return [_event(ev.ChainStart, trace, trace, 1, inputs={"q": 1}, **common), end]
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, async_redis: aioredis.Redis
+) -> AsyncIterator[httpx.AsyncClient]:
+    from bus.traces.api import trace_routes
+
+    cfg = settings.replace(stream_secret=SECRET)
+    aggregator = TraceAggregator(redis=async_redis, settings=cfg)
+    await aggregator.apply({"t1": _trace_events("t1", name="alpha", tags=["a"], user="u1")})
+    await aggregator.apply(
+        {"t2": _trace_events("t2", name="beta", tags=["b"], user="u2", fail=True)}
+    )
+    await aggregator.apply({"t3": _trace_events("t3", name="alpha", tags=["a", "b"], user="u2")})
+    await aggregator.apply({"t4": _trace_events("t4", name="alpha", tags=["b"], user="u1")[:1]})
+    app = Starlette(routes=trace_routes(cfg, async_redis))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_one_trace_needs_a_token_for_it(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/traces/t1")).status_code == 401
+    other = stream_token("t2", secret=SECRET)
+    assert (await client.get("/traces/t1", headers=_bearer(other))).status_code == 403
+    forged = stream_token("t1", secret="not-the-secret")
+    assert (await client.get("/traces/t1", headers=_bearer(forged))).status_code == 403
+    expired = stream_token("t1", secret=SECRET, ttl_s=-5)
+    assert (await client.get(f"/traces/t1?token={expired}")).status_code == 403
+
+    token = stream_token("t1", secret=SECRET)
+    reply = await client.get("/traces/t1", headers=_bearer(token))
+    assert reply.status_code == 200
+    body = reply.json()
+    assert (body["trace_id"], body["status"], body["name"]) == ("t1", "success", "alpha")
+    assert body["root"]["outputs"] == {"ok": 1}
+    assert (await client.get(f"/traces/t1?token={token}")).status_code == 200
+    missing = stream_token("nope", secret=SECRET)
+    assert (await client.get("/traces/nope", headers=_bearer(missing))).status_code == 404
+
+
+async def test_list_needs_the_star_scope(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/traces")).status_code == 401
+    one = stream_token("t1", secret=SECRET)
+    assert (await client.get("/traces", headers=_bearer(one))).status_code == 403
+    star = issue_token("*", secret=SECRET)
+    reply = await client.get("/traces", headers=_bearer(star))
+    assert reply.status_code == 200
+    assert [t["trace_id"] for t in reply.json()["traces"]] == ["t4", "t3", "t2", "t1"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("status=success", ["t3", "t1"]),
+        ("status=error", ["t2"]),
+        ("status=running", ["t4"]),
+        ("name=alpha", ["t4", "t3", "t1"]),
+        ("tag=b", ["t4", "t3", "t2"]),
+        ("metadata=user%3Du2", ["t3", "t2"]),
+        ("name=alpha&tag=b&metadata=user%3Du1", ["t4"]),
+    ],
+)
+async def test_list_filters(client: httpx.AsyncClient, query: str, expected: list[str]) -> None:
+    star = issue_token("*", secret=SECRET)
+    reply = await client.get(f"/traces?{query}", headers=_bearer(star))
+    assert [t["trace_id"] for t in reply.json()["traces"]] == expected
+
+
+async def test_list_pages_with_a_cursor(client: httpx.AsyncClient) -> None:
+    star = _bearer(issue_token("*", secret=SECRET))
+    seen: list[str] = []
+    cursor = ""
+    for _ in range(5):
+        reply = (await client.get(f"/traces?limit=3&cursor={cursor}", headers=star)).json()
+        seen += [t["trace_id"] for t in reply["traces"]]
+        cursor = reply["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ["t4", "t3", "t2", "t1"]
+    assert (await client.get("/traces?cursor=garbage", headers=star)).status_code == 400
+    assert (await client.get("/traces?metadata=novalue", headers=star)).status_code == 400
+
+
+async def test_open_access_skips_checks(settings: Settings, async_redis: aioredis.Redis) -> None:
+    from bus.traces.api import trace_routes
+
+    app = Starlette(routes=trace_routes(settings.replace(open_access=True), async_redis))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        assert (await http.get("/traces")).json() == {"traces": [], "next_cursor": None}
+        assert (await http.get("/traces/x")).status_code == 404
+
+
+async def test_equal_scores_page_without_loss(
+    settings: Settings, async_redis: aioredis.Redis
+) -> None:
+    aggregator = TraceAggregator(redis=async_redis, settings=settings)
+    # One batch: every trace gets the same index score.
+    await aggregator.apply(
+        {f"t{i}": _trace_events(f"t{i}", name="n", tags=[], user="u") for i in range(7)}
+    )
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await list_traces(async_redis, settings, limit=2, cursor=cursor)
+        seen += [t.trace_id for t in page.traces]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert sorted(seen) == [f"t{i}" for i in range(7)] and len(seen) == 7
+
+
+# -- merge rules of the run tree (pure logic) ------------------------------------------
+
+
+def test_runs_from_two_processes_merge_and_tokens_count_once() -> None:
+    tokens_a = [_event(ev.LLMNewToken, "t", "m1", s, token="x") for s in (3, 4, 6)]
+    # Another process numbers its own events from 1: same seqs, other source.
+    tokens_b = [_event(ev.LLMNewToken, "t", "m2", s, token="y", source="proc-b") for s in (3, 4)]
+    events = [
+        _event(ev.ChainStart, "t", "t", 1, name="root", run_type="chain"),
+        _event(ev.ChatModelStart, "t", "m1", 2, parent_run_id="t", run_type="chat_model"),
+        *tokens_a,
+        _event(
+            ev.LLMEnd,
+            "t",
+            "m1",
+            7,
+            parent_run_id="t",
+            usage={"input_tokens": 2, "output_tokens": 3},
+        ),
+        _event(
+            ev.ChatModelStart,
+            "t",
+            "m2",
+            2,
+            parent_run_id="t",
+            run_type="chat_model",
+            source="proc-b",
+        ),
+        *tokens_b,
+        _event(
+            ev.LLMEnd,
+            "t",
+            "m2",
+            5,
+            parent_run_id="t",
+            source="proc-b",
+            llm_output={"token_usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        ),
+        _event(ev.ChainEnd, "t", "t", 9),
+    ]
+    forward, backward = TraceState(trace_id="t"), TraceState(trace_id="t")
+    for event in events + events[3:6]:
+        apply(forward, event)
+    for event in reversed(events):
+        apply(backward, event)
+    one, two = build(forward), build(backward)
+    assert msgspec.to_builtins(one) == msgspec.to_builtins(two)
+    assert one.root is not None
+    counts = {child.id: child.token_count for child in one.root.children}
+    assert counts == {"m1": 3, "m2": 2}
+    assert (one.usage.input_tokens, one.usage.output_tokens, one.usage.total_tokens) == (3, 4, 7)
+    assert one.status == "success" and one.model_calls == 2
+    assert one.first_token_time == 1003.0
+
+
+def test_an_end_before_its_start_keeps_the_start_fields() -> None:
+    state = TraceState(trace_id="t")
+    apply(state, _event(ev.ChainError, "t", "t", 2, error="KeyError: 'k'", name="late"))
+    assert build(state).status == "running"  # an ended run whose start is missing
+    apply(state, _event(ev.ChainStart, "t", "t", 1, name="root", tags=["x"]))
+    trace = build(state)
+    assert trace.root is not None
+    assert (trace.root.name, trace.root.tags, trace.status) == ("root", ["x"], "error")
+    assert trace.root.error == "KeyError: 'k'"
+
+
+def test_seq_ranges() -> None:
+    ranges: list[list[int]] = []
+    for seq in (5, 3, 4, 9, 7, 8, 4, 1):
+        add_seq(ranges, seq)
+    assert ranges == [[1, 1], [3, 5], [7, 9]]
+    assert add_seq(ranges, 8) is False
+    assert add_seq(ranges, 2) is True and ranges == [[1, 5], [7, 9]]

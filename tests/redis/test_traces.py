@@ -1,0 +1,193 @@
+"""Run trees from the bus equal langchain-core's own trace, whatever the delivery order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from bus import events as ev
+from bus.keys import Keys, partition_of
+from bus.producer.callbacks import BusCallbackHandler
+from bus.producer.publisher import ENTRY_FIELD
+from bus.runtime.consumer import Delivery
+from bus.settings import Settings
+from bus.traces.aggregator import TraceAggregator
+from bus.traces.store import get_trace, list_traces
+from bus.traces.tree import Trace
+from tests.support.runs import arun_scenario, assert_same_tree, count_runs, run_scenario
+
+
+def bus_deliveries(client: redis.Redis, settings: Settings) -> list[Delivery]:
+    """Every entry of every partition, decoded, in stream order per partition."""
+    keys = Keys(settings.prefix)
+    found = []
+    for partition in range(settings.partitions):
+        for entry_id, fields in client.xrange(keys.events(partition)):
+            event = ev.decode(fields[ENTRY_FIELD])
+            found.append(Delivery(entry_id.decode(), partition, event))
+    return found
+
+
+def completed_events(client: redis.Redis, settings: Settings) -> list[ev.TraceCompleted]:
+    return [
+        d.event for d in bus_deliveries(client, settings) if isinstance(d.event, ev.TraceCompleted)
+    ]
+
+
+def comparable(trace: Trace) -> dict[str, object]:
+    """A trace without the worker's own clock readings."""
+    data = msgspec.to_builtins(trace)
+    data.pop("updated_at")
+    return data
+
+
+@pytest.fixture
+def handler(settings: Settings, sync_redis: redis.Redis) -> BusCallbackHandler:
+    bus_handler = BusCallbackHandler(redis=sync_redis, settings=settings)
+    yield bus_handler
+    bus_handler.close()
+
+
+async def aggregate(
+    async_redis: aioredis.Redis, settings: Settings, batches: list[list[Delivery]]
+) -> TraceAggregator:
+    aggregator = TraceAggregator(redis=async_redis, settings=settings)
+    for batch in batches:
+        await aggregator(batch)
+    return aggregator
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["root-ok", "root-fails"])
+async def test_sync_runs_give_the_tracer_tree(
+    fail: bool,
+    handler: BusCallbackHandler,
+    settings: Settings,
+    sync_redis: redis.Redis,
+    async_redis: aioredis.Redis,
+) -> None:
+    expected = await asyncio.to_thread(run_scenario, handler, fail=fail)
+    assert handler.publisher.flush(5)
+    deliveries = bus_deliveries(sync_redis, settings)
+    batches = [deliveries[i : i + 7] for i in range(0, len(deliveries), 7)]
+    await aggregate(async_redis, settings, batches)
+
+    trace = await get_trace(async_redis, settings, str(expected.id))
+    assert trace is not None and trace.root is not None
+    assert trace.orphans == []
+    assert_same_tree(expected, trace.root)
+    assert trace.run_count == count_runs(expected)
+    assert trace.status == ("error" if fail else "success")
+    assert trace.completed and trace.open_runs == 0
+    assert trace.errors == (2 if fail else 1)
+    assert trace.model_calls == 1
+    assert trace.root.children[0].children[1].token_count == 5  # prompt | model | parser
+    [done] = completed_events(sync_redis, settings)
+    assert (done.trace_id, done.status) == (trace.trace_id, trace.status)
+    assert done.rollup["run_count"] == trace.run_count
+
+
+async def test_async_runs_give_the_tracer_tree(
+    handler: BusCallbackHandler,
+    settings: Settings,
+    sync_redis: redis.Redis,
+    async_redis: aioredis.Redis,
+) -> None:
+    expected = await arun_scenario(handler)
+    assert handler.publisher.flush(5)
+    await aggregate(async_redis, settings, [bus_deliveries(sync_redis, settings)])
+
+    trace = await get_trace(async_redis, settings, str(expected.id))
+    assert trace is not None and trace.root is not None
+    assert_same_tree(expected, trace.root)
+    assert trace.status == "success"
+
+
+async def test_shuffled_duplicated_and_redelivered_events_give_the_same_tree(
+    handler: BusCallbackHandler,
+    settings: Settings,
+    sync_redis: redis.Redis,
+    async_redis: aioredis.Redis,
+) -> None:
+    expected = await asyncio.to_thread(run_scenario, handler)
+    assert handler.publisher.flush(5)
+    deliveries = bus_deliveries(sync_redis, settings)
+    in_order = await aggregate(async_redis, settings, [deliveries])
+    reference = await get_trace(async_redis, settings, str(expected.id))
+    assert reference is not None
+
+    rng = random.Random(7)
+    for round_ in range(3):
+        other = settings.replace(prefix=f"{settings.prefix}:shuffle{round_}")
+        mixed = deliveries + rng.sample(deliveries, len(deliveries) // 2)
+        rng.shuffle(mixed)
+        cuts = sorted(rng.sample(range(1, len(mixed)), 5))
+        batches = [mixed[a:b] for a, b in zip([0, *cuts], [*cuts, len(mixed)], strict=True)]
+        # A second replica handles some batches, and one batch is delivered twice.
+        first = TraceAggregator(redis=async_redis, settings=other)
+        second = TraceAggregator(redis=async_redis, settings=other)
+        for index, batch in enumerate([*batches, batches[2]]):
+            await (first if index % 2 else second)(batch)
+        trace = await get_trace(async_redis, other, str(expected.id))
+        assert trace is not None
+        assert comparable(trace) == comparable(reference)
+        done = completed_events(sync_redis, other)
+        assert len(done) == 1, f"trace.completed published {len(done)} times"
+    assert in_order.published == 1
+
+
+async def test_trace_expires_with_its_index_entry(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    short = settings.replace(trace_ttl_s=1)
+    aggregator = TraceAggregator(redis=async_redis, settings=short)
+    await aggregator.apply({"t-old": [_start("t-old", "t-old", seq=1)]})
+    page = await list_traces(async_redis, short)
+    assert [s.trace_id for s in page.traces] == ["t-old"]
+    assert await get_trace(async_redis, short, "t-old") is not None
+
+    # Redis expires the key 1 s after the write; 2.2 s leaves room for a slow scheduler.
+    await asyncio.sleep(2.2)
+    assert await get_trace(async_redis, short, "t-old") is None
+    assert (await list_traces(async_redis, short)).traces == []
+    assert sync_redis.zcard(Keys(short.prefix).trace_index()) == 0
+
+
+def _start(trace_id: str, run_id: str, *, seq: int, parent: str | None = None) -> ev.ChainStart:
+    return ev.ChainStart(
+        id=f"{run_id}-s",
+        time=time.time(),
+        run_id=run_id,
+        trace_id=trace_id,
+        parent_run_id=parent,
+        seq=seq,
+        name="chain",
+        run_type="chain",
+        source="proc-a",
+    )
+
+
+async def test_idle_trace_completes_by_timeout_once(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    cfg = settings.replace(trace_complete_timeout_s=30.0)
+    aggregator = TraceAggregator(redis=async_redis, settings=cfg)
+    await aggregator.apply({"idle": [_start("idle", "idle", seq=1)]})
+    await aggregator.apply({"busy": [_start("busy", "busy", seq=1)]})
+    assert await aggregator.sweep() == 0  # nothing idle for 30 s yet
+
+    later = time.time() + 31
+    replica = TraceAggregator(redis=async_redis, settings=cfg)
+    assert await replica.sweep(now=later) == 2
+    assert await aggregator.sweep(now=later) == 0
+    trace = await get_trace(async_redis, cfg, "idle")
+    assert trace is not None and (trace.status, trace.completed) == ("timeout", True)
+    assert sorted(e.trace_id for e in completed_events(sync_redis, cfg)) == ["busy", "idle"]
+    assert {e.status for e in completed_events(sync_redis, cfg)} == {"timeout"}
+    stream = Keys(cfg.prefix).events(partition_of("idle", cfg.partitions))
+    assert sync_redis.xlen(stream) >= 1

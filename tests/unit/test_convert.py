@@ -1,0 +1,494 @@
+"""Bus events -> protocol events, channel by channel (pure conversion, no Redis)."""
+
+from __future__ import annotations
+
+import json
+import time
+from itertools import count
+from typing import Any
+
+import pytest
+
+from bus import events as ev
+from bus.fanout import state as fanstate
+from bus.fanout.convert import convert, convert_all
+from bus.fanout.protocol import ProtoEvent, coalesce
+from bus.fanout.state import TraceState
+from tests.support.protocol import validate
+
+ROOT = "root-run"
+_seq = count(1)
+
+
+def make(cls: type[ev.BaseEvent], run_id: str = ROOT, parent: str | None = None, **fields: Any):
+    fields.setdefault("name", "Step")
+    return cls(
+        id=f"e{next(_seq)}",
+        time=time.time(),
+        run_id=run_id,
+        trace_id=ROOT,
+        seq=next(_seq),
+        parent_run_id=parent,
+        **fields,
+    )
+
+
+def frames(events: list[ProtoEvent]) -> list[dict[str, Any]]:
+    """Each event as the client sees it, validated against the protocol types."""
+    result = []
+    for seq, event in enumerate(events, 1):
+        envelope = json.loads(
+            b'{"type":"event","eventId":"1-0","seq":%d,' % seq + event.payload()[1:]
+        )
+        validate(envelope)
+        result.append(envelope)
+    return result
+
+
+def datas(events: list[ProtoEvent]) -> list[dict[str, Any]]:
+    return [frame["params"]["data"] for frame in frames(events)]
+
+
+def test_lifecycle_of_root_and_nested_chains_with_namespaces() -> None:
+    state = TraceState()
+    out = convert_all(
+        state,
+        [
+            make(ev.ChainStart, name="Agent", run_type="chain"),
+            make(ev.ChainStart, "sub", ROOT, name="Sub", run_type="chain"),
+            make(ev.ChainStart, "prompt", "sub", name="Prompt", run_type="prompt"),
+            make(ev.ChainEnd, "prompt", "sub", name="Prompt", run_type="prompt"),
+            make(ev.ChainError, "sub", ROOT, name="Sub", run_type="chain", error="boom"),
+            make(ev.ChainEnd, name="Agent", run_type="chain"),
+        ],
+    )
+    got = [(f["params"]["namespace"], f["params"]["data"]) for f in frames(out)]
+    assert got == [
+        ([], {"event": "started", "graph_name": "Agent"}),
+        (["Sub:sub"], {"event": "started", "graph_name": "Sub"}),
+        (["Sub:sub"], {"event": "failed", "graph_name": "Sub", "error": "boom"}),
+        ([], {"event": "completed", "graph_name": "Agent"}),
+    ]
+    assert [e.final for e in out] == [False, False, False, True]
+    assert state.runs == {}
+
+
+def test_root_failure_is_final() -> None:
+    out = convert_all(TraceState(), [make(ev.ChainStart), make(ev.ChainError, error="x: y")])
+    assert out[-1].final
+    assert datas(out)[-1] == {"event": "failed", "graph_name": "Step", "error": "x: y"}
+
+
+def test_tools_channel_in_the_callers_namespace() -> None:
+    state = TraceState()
+    out = convert_all(
+        state,
+        [
+            make(ev.ChainStart, name="Agent"),
+            make(ev.ChainStart, "sub", ROOT, name="Sub", run_type="chain"),
+            make(
+                ev.ToolStart,
+                "t1",
+                "sub",
+                name="add",
+                run_type="tool",
+                inputs={"a": 1},
+                tool_call_id="call-1",
+            ),
+            make(ev.ToolEnd, "t1", "sub", name="add", run_type="tool", output="3"),
+            make(ev.ToolStart, "t2", "sub", name="div", run_type="tool", input_str="1/0"),
+            make(
+                ev.ToolError,
+                "t2",
+                "sub",
+                name="div",
+                run_type="tool",
+                error="ZeroDivisionError: x",
+                error_type="ZeroDivisionError",
+            ),
+        ],
+    )
+    tools = [f for f in frames(out) if f["method"] == "tools"]
+    assert [f["params"]["namespace"] for f in tools] == [["Sub:sub"]] * 4
+    assert [f["params"]["data"] for f in tools] == [
+        {"event": "tool-started", "tool_call_id": "call-1", "tool_name": "add", "input": {"a": 1}},
+        {"event": "tool-finished", "tool_call_id": "call-1", "output": "3"},
+        {"event": "tool-started", "tool_call_id": "t2", "tool_name": "div", "input": "1/0"},
+        {
+            "event": "tool-error",
+            "tool_call_id": "t2",
+            "message": "ZeroDivisionError: x",
+            "code": "ZeroDivisionError",
+        },
+    ]
+
+
+def test_chain_started_by_a_tool_names_the_tool_call_as_cause() -> None:
+    state = TraceState()
+    convert_all(
+        state,
+        [make(ev.ChainStart), make(ev.ToolStart, "t", ROOT, run_type="tool", tool_call_id="c9")],
+    )
+    out = convert(state, make(ev.ChainStart, "inner", "t", name="Inner", run_type="chain"))
+    assert datas(out) == [
+        {
+            "event": "started",
+            "graph_name": "Inner",
+            "cause": {"type": "toolCall", "tool_call_id": "c9"},
+        }
+    ]
+
+
+def test_custom_channel() -> None:
+    state = TraceState()
+    convert(state, make(ev.ChainStart))
+    out = convert(state, make(ev.CustomEvent, event_name="progress", data={"pct": 50}))
+    assert [f["method"] for f in frames(out)] == ["custom"]
+    assert datas(out) == [{"name": "progress", "payload": {"pct": 50}}]
+
+
+def _model_run(state: TraceState, run_type: str = "chat_model") -> None:
+    convert(state, make(ev.ChainStart, name="Chain"))
+    convert(
+        state,
+        make(
+            ev.ChatModelStart,
+            "m",
+            ROOT,
+            name="Model",
+            run_type=run_type,
+            metadata={"ls_provider": "openai", "ls_model_name": "gpt"},
+        ),
+    )
+
+
+def test_messages_from_tokens_with_usage_from_llm_end() -> None:
+    state = TraceState()
+    _model_run(state)
+    out = []
+    meta = {"ls_provider": "openai", "ls_model_name": "gpt"}  # every event of a run carries it
+    for token in ["Hel", "lo", "!"]:
+        out += convert(
+            state,
+            make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token=token, metadata=meta),
+        )
+    out += convert(
+        state,
+        make(
+            ev.LLMEnd,
+            "m",
+            ROOT,
+            run_type="chat_model",
+            text="Hello!",
+            usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        ),
+    )
+    got = datas(out)
+    assert got[0] == {
+        "event": "message-start",
+        "role": "ai",
+        "id": "lc_run--m",
+        "metadata": {"run_id": "m", "provider": "openai", "model": "gpt"},
+    }
+    assert got[1] == {
+        "event": "content-block-start",
+        "index": 0,
+        "content": {"type": "text", "text": ""},
+    }
+    assert [d["delta"]["text"] for d in got[2:5]] == ["Hel", "lo", "!"]
+    assert got[5] == {
+        "event": "content-block-finish",
+        "index": 0,
+        "content": {"type": "text", "text": "Hello!"},
+    }
+    assert got[6] == {
+        "event": "message-finish",
+        "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+    }
+    assert all(f["params"]["namespace"] == [] for f in frames(out))
+
+
+def test_messages_from_tool_call_chunks() -> None:
+    state = TraceState()
+    _model_run(state)
+    chunks = [
+        {"name": "add", "args": '{"a": ', "id": "c1", "index": 0, "type": "tool_call_chunk"},
+        {"name": None, "args": "1}", "id": None, "index": 0, "type": "tool_call_chunk"},
+        {"name": "bad", "args": "{", "id": "c2", "index": 1, "type": "tool_call_chunk"},
+    ]
+    out = []
+    for chunk in chunks:
+        out += convert(
+            state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", tool_call_chunks=[chunk])
+        )
+    out += convert(state, make(ev.LLMEnd, "m", ROOT, run_type="chat_model"))
+    got = datas(out)[1:]
+    assert got == [
+        {
+            "event": "content-block-start",
+            "index": 0,
+            "content": {
+                "type": "tool_call_chunk",
+                "id": "c1",
+                "name": "add",
+                "args": "",
+                "index": 0,
+            },
+        },
+        {
+            "event": "content-block-delta",
+            "index": 0,
+            "delta": {"type": "tool-call-delta", "args": '{"a": '},
+        },
+        {
+            "event": "content-block-delta",
+            "index": 0,
+            "delta": {"type": "tool-call-delta", "args": "1}"},
+        },
+        {
+            "event": "content-block-start",
+            "index": 1,
+            "content": {
+                "type": "tool_call_chunk",
+                "id": "c2",
+                "name": "bad",
+                "args": "",
+                "index": 1,
+            },
+        },
+        {
+            "event": "content-block-delta",
+            "index": 1,
+            "delta": {"type": "tool-call-delta", "args": "{"},
+        },
+        {
+            "event": "content-block-finish",
+            "index": 0,
+            "content": {"type": "tool_call", "id": "c1", "name": "add", "args": {"a": 1}},
+        },
+        {
+            "event": "content-block-finish",
+            "index": 1,
+            "content": {
+                "type": "invalid_tool_call",
+                "id": "c2",
+                "name": "bad",
+                "args": "{",
+                "error": "Failed to parse tool call arguments as JSON",
+            },
+        },
+        {"event": "message-finish"},
+    ]
+
+
+def test_stream_events_take_over_from_tokens_without_repeating_text() -> None:
+    # Under stream_events(version="v3") the first token arrives before the first stream event.
+    state = TraceState()
+    _model_run(state)
+
+    def token(text: str) -> ev.Event:
+        return make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token=text)
+
+    def stream(data: dict[str, Any]) -> ev.Event:
+        return make(ev.StreamEvent, "m", ROOT, run_type="chat_model", data=data)
+
+    def delta(text: str) -> dict[str, Any]:
+        return {
+            "event": "content-block-delta",
+            "index": 0,
+            "delta": {"type": "text-delta", "text": text},
+        }
+
+    out = convert_all(
+        state,
+        [
+            token("Hello"),
+            stream({"event": "message-start", "role": "ai", "id": "lc_run--m"}),
+            stream(
+                {
+                    "event": "content-block-start",
+                    "index": 0,
+                    "content": {"type": "text", "text": ""},
+                }
+            ),
+            stream(delta("Hello")),
+            token(" "),
+            stream(delta(" ")),
+            token("you"),
+            stream(delta("you")),
+            stream(
+                {
+                    "event": "content-block-finish",
+                    "index": 0,
+                    "content": {"type": "text", "text": "Hello you"},
+                }
+            ),
+            stream({"event": "message-finish"}),
+            make(ev.LLMEnd, "m", ROOT, run_type="chat_model", text="Hello you"),
+        ],
+    )
+    got = datas(out)
+    assert [d["event"] for d in got] == [
+        "message-start",
+        "content-block-start",
+        "content-block-delta",
+        "content-block-delta",
+        "content-block-delta",
+        "content-block-finish",
+        "message-finish",
+    ]
+    assert (
+        "".join(d["delta"]["text"] for d in got if d["event"] == "content-block-delta")
+        == "Hello you"
+    )
+
+
+def test_stream_events_alone_pass_through() -> None:
+    state = TraceState()
+    _model_run(state)
+    data = [
+        {"event": "message-start", "role": "ai", "id": "x"},
+        {
+            "event": "content-block-start",
+            "index": 0,
+            "content": {"type": "reasoning", "reasoning": ""},
+        },
+        {
+            "event": "content-block-delta",
+            "index": 0,
+            "delta": {"type": "reasoning-delta", "reasoning": "hm"},
+        },
+        {
+            "event": "content-block-finish",
+            "index": 0,
+            "content": {"type": "reasoning", "reasoning": "hm"},
+        },
+        {"event": "message-finish", "usage": {"input_tokens": 1}},
+    ]
+    out = convert_all(
+        state, [make(ev.StreamEvent, "m", ROOT, run_type="chat_model", data=d) for d in data]
+    )
+    out += convert(state, make(ev.LLMEnd, "m", ROOT, run_type="chat_model", text="hm"))
+    assert datas(out) == data
+
+
+def test_non_streaming_model_is_replayed_from_llm_end() -> None:
+    state = TraceState()
+    _model_run(state)
+    generations = [[{"message": {"tool_calls": [{"name": "add", "args": {"a": 1}, "id": "c1"}]}}]]
+    out = convert(
+        state,
+        make(
+            ev.LLMEnd,
+            "m",
+            ROOT,
+            run_type="chat_model",
+            text="Sure",
+            generations=generations,
+            usage={"input_tokens": 4, "output_tokens": 1},
+        ),
+    )
+    got = datas(out)
+    assert [d["event"] for d in got] == [
+        "message-start",
+        "content-block-start",
+        "content-block-delta",
+        "content-block-finish",
+        "content-block-start",
+        "content-block-finish",
+        "message-finish",
+    ]
+    assert got[2]["delta"] == {"type": "text-delta", "text": "Sure"}
+    assert got[5]["content"] == {"type": "tool_call", "id": "c1", "name": "add", "args": {"a": 1}}
+    assert got[6]["usage"] == {"input_tokens": 4, "output_tokens": 1}
+
+
+def test_model_error_mid_message() -> None:
+    state = TraceState()
+    _model_run(state)
+    out = convert(state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="a"))
+    out += convert(
+        state,
+        make(
+            ev.LLMError,
+            "m",
+            ROOT,
+            run_type="chat_model",
+            error="RateLimit: slow",
+            error_type="RateLimit",
+        ),
+    )
+    assert datas(out)[-1] == {"event": "error", "message": "RateLimit: slow", "code": "RateLimit"}
+
+
+def test_model_as_trace_root_gets_lifecycle() -> None:
+    state = TraceState()
+    out = convert_all(
+        state,
+        [
+            make(ev.ChatModelStart, name="Model", run_type="chat_model"),
+            make(ev.LLMNewToken, run_type="chat_model", token="hi"),
+            make(ev.LLMEnd, run_type="chat_model", text="hi"),
+        ],
+    )
+    assert out[0].method == "lifecycle"
+    assert out[-1].method == "lifecycle" and out[-1].final
+
+
+def test_state_survives_a_round_trip_mid_message() -> None:
+    state = TraceState()
+    _model_run(state)
+    convert(state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="ab"))
+    state.last = "5-1"
+    reloaded = fanstate.load(fanstate.dump(state), b"7")
+    assert reloaded.version == 7 and reloaded.runs == state.runs
+    out = convert(reloaded, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="c"))
+    assert datas(out) == [
+        {"event": "content-block-delta", "index": 0, "delta": {"type": "text-delta", "text": "c"}}
+    ]
+    assert reloaded.applied("5-1") and reloaded.applied("4-9") and not reloaded.applied("5-2")
+
+
+def _delta(text: str, at: float, index: int = 0, run: str = "m") -> ProtoEvent:
+    data = {
+        "event": "content-block-delta",
+        "index": index,
+        "delta": {"type": "text-delta", "text": text},
+    }
+    return ProtoEvent("messages", [], at, data, merge_key=(run, index))
+
+
+def test_coalesce_merges_neighbouring_deltas_of_one_block_within_the_window() -> None:
+    other = ProtoEvent("custom", [], 0.0, {"name": "x", "payload": 1})
+    events = [
+        _delta("a", 0.000),
+        _delta("b", 0.001),
+        _delta("c", 0.002),
+        _delta("d", 0.002, index=1),
+        other,
+        _delta("e", 0.003),
+        _delta("f", 0.020),
+    ]
+    merged = coalesce(events, window_s=0.005)
+    assert [(e.method, e.data.get("delta", {}).get("text")) for e in merged] == [
+        ("messages", "abc"),
+        ("messages", "d"),
+        ("custom", None),
+        ("messages", "e"),
+        ("messages", "f"),
+    ]
+    assert merged[0].time == 0.002
+    assert [e.data["delta"]["text"] for e in coalesce([_delta("a", 0), _delta("b", 0)], 0)] == [
+        "a",
+        "b",
+    ]
+
+
+@pytest.mark.parametrize("window", [0.0, 0.005, 10.0])
+def test_coalesce_never_changes_reassembled_text(window: float) -> None:
+    events = [_delta(c, i * 0.001, index=i % 2) for i, c in enumerate("the quick brown fox")]
+    merged = coalesce(events, window)
+    for index in (0, 1):
+        want = "".join(e.data["delta"]["text"] for e in events if e.data["index"] == index)
+        got = "".join(e.data["delta"]["text"] for e in merged if e.data["index"] == index)
+        assert got == want

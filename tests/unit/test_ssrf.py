@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import ipaddress
+
+import httpx
+import pytest
+
+from bus.errors import ConfigError, UnsafeURLError
+from bus.webhooks import ssrf
+
+LOOPBACK = ssrf.parse_networks("127.0.0.0/8,::1/128")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",  # shared / CGNAT
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",  # documentation
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "ff0e::1",  # global-scope multicast is still multicast
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "2002:a00:1::",  # 6to4 of 10.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    ],
+)
+def test_non_public_addresses_are_refused(address: str) -> None:
+    with pytest.raises(UnsafeURLError):
+        ssrf.check_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+def test_public_addresses_pass(address: str) -> None:
+    ssrf.check_address(ipaddress.ip_address(address))
+
+
+def test_allow_list_opens_chosen_networks_only() -> None:
+    ssrf.check_address(ipaddress.ip_address("127.0.0.1"), LOOPBACK)
+    ssrf.check_address(ipaddress.ip_address("::1"), LOOPBACK)
+    ssrf.check_address(ipaddress.ip_address("::ffff:127.0.0.1"), LOOPBACK)
+    with pytest.raises(UnsafeURLError):
+        ssrf.check_address(ipaddress.ip_address("10.0.0.1"), LOOPBACK)
+
+
+def test_bad_allow_list_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a CIDR"):
+        ssrf.parse_networks("127.0.0.0/8,nonsense")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://[::1]/",
+        "http://localhost:8080/hook",
+    ],
+)
+async def test_registration_check_refuses(url: str) -> None:
+    with pytest.raises(UnsafeURLError, match="public addresses"):
+        await ssrf.check_url(url)
+
+
+async def test_localhost_passes_when_loopback_is_allowed() -> None:
+    addresses = await ssrf.check_url("http://localhost:8080/hook", LOOPBACK)
+    assert all(ip.is_loopback for ip in addresses)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com/", "http or https"),
+        ("http:///path", "no host"),
+        ("http://user:pw@example.com/", "credentials"),
+        ("http://example.com:99999/", "bad webhook URL"),
+    ],
+)
+async def test_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(UnsafeURLError, match=message):
+        await ssrf.check_url(url, LOOPBACK)
+
+
+async def test_transport_checks_the_address_it_connects_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: the name was public at registration, loopback at delivery."""
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+
+    async def rebinding(host: str, port: int) -> list[ssrf.IPAddress]:
+        return [ipaddress.ip_address(a) for a in next(answers)]
+
+    monkeypatch.setattr(ssrf, "resolve", rebinding)
+    await ssrf.check_url("http://rebind.example/hook")
+    transport = ssrf.GuardedTransport(limits=httpx.Limits())
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(UnsafeURLError, match=r"rebind\.example.*127\.0\.0\.1.*loopback"):
+            await client.post("http://rebind.example/hook", content=b"{}")
