@@ -78,7 +78,7 @@ async def run(events: int) -> dict[str, float]:
         partitions=1,
         read_count=256,
     )
-    stream = Keys(settings.prefix).events(0)
+    stream = Keys(settings.prefix, settings.partitions).events(0)
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
         await _fill(client, stream, events)

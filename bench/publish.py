@@ -56,7 +56,7 @@ def run_publisher(settings: Settings, data: list[bytes]) -> float:
 
 def run_raw(settings: Settings, data: list[bytes], batch: int) -> float:
     client = redis.Redis.from_url(settings.redis_url)
-    key = Keys(settings.prefix).events(0)
+    key = Keys(settings.prefix, settings.partitions).events(0)
     start = time.perf_counter()
     for offset in range(0, len(data), batch):
         with client.pipeline(transaction=False) as pipe:
@@ -85,9 +85,9 @@ def main() -> None:
         )
         client = redis.Redis.from_url(REDIS_URL)
         for _ in range(args.repeats):
-            client.delete(Keys(prefix).events(0))
+            client.delete(Keys(prefix, 1).events(0))
             raw.append(run_raw(settings, data, settings.batch_size))
-            client.delete(Keys(prefix).events(0))
+            client.delete(Keys(prefix, 1).events(0))
             ours.append(run_publisher(settings, data))
         client.close()
     events_per_s, raw_per_s = median(ours), median(raw)

@@ -79,7 +79,7 @@ def trace_events(trace_id: str, *, now: float) -> list[ev.BaseEvent]:
 
 
 async def fill(client: aioredis.Redis, settings: Settings, events: list[ev.BaseEvent]) -> None:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     for start in range(0, len(events), 2000):
         async with client.pipeline(transaction=False) as pipe:
             for event in events[start : start + 2000]:
@@ -102,7 +102,7 @@ def start_worker(settings: Settings, target: str) -> subprocess.Popen[bytes]:
 async def progress(client: aioredis.Redis, settings: Settings) -> tuple[int, int]:
     """(entries read, entries still pending) of group ``traces`` over all partitions."""
     read = pending = 0
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     for partition in range(settings.partitions):
         try:
             groups = await client.xinfo_groups(keys.events(partition))

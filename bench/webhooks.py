@@ -91,7 +91,9 @@ def _event(settings: Settings, i: int, tag: str) -> tuple[str, bytes]:
     event = ChainEnd(
         id=new_event_id(), time=time.time(), run_id=trace, trace_id=trace, seq=i, tags=[tag]
     )
-    return Keys(settings.prefix).events(partition_of(trace, settings.partitions)), encode(event)
+    return Keys(settings.prefix, settings.partitions).events(
+        partition_of(trace, settings.partitions)
+    ), encode(event)
 
 
 def _publish(client: redis.Redis, settings: Settings, count: int) -> float:

@@ -1,14 +1,39 @@
 """Every Redis key and channel name the bus uses, built in one place.
 
-Keys that belong to one partition or one trace carry a hash tag (``{...}``)
-so that the layout also runs on Redis Cluster: all keys of a trace live in
-one slot, and each event partition is its own slot.
+Keys that belong to one partition, one trace, one thread or one webhook
+endpoint carry a hash tag (``{...}``), so that the layout runs unchanged on
+Redis Cluster and every script touches one slot:
+
+- a partition's keys (its event stream, leases, run trees, trace index and
+  open set, completion flags) share the partition's tag: the trace worker's
+  save script writes a tree and appends ``trace_completed`` to the stream;
+- a trace's history, seq counter, live channel and fan-out state share
+  ``{trace_id}``; a thread's share ``{thread_id}`` (the thread copy is a
+  second script in the thread's slot, see :mod:`bus.history`);
+- an endpoint's record, attempt log and limits share ``{endpoint_id}``.
+
+Partition tags are chosen so that P partitions spread evenly over a
+cluster's masters (plain ``{0}``..``{7}`` hash to slots that can crowd on
+one node): partition ``i`` gets the shortest tag ``"i.<suffix>"`` whose
+CRC16 slot lies within ``16384 / (16 P)`` of the centre of the ``i``-th of
+P equal slot ranges, ``(i + 1/2) * 16384 / P``. A cluster whose masters
+own equal consecutive ranges (what ``redis-cli --cluster create`` makes)
+then gets ``P / N`` partitions per master, within one.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
+import itertools
+import string
 import zlib
 from dataclasses import dataclass
+
+SLOTS = 16384
+"""Redis Cluster's hash slots."""
+
+_TAG_ALPHABET = string.digits + string.ascii_lowercase
 
 
 def partition_of(trace_id: str, partitions: int) -> int:
@@ -20,18 +45,63 @@ def partition_of(trace_id: str, partitions: int) -> int:
     return zlib.crc32(trace_id.encode()) % partitions
 
 
+def key_slot(key: str) -> int:
+    """The cluster slot of ``key`` (CRC16 of its hash tag, or of the whole key)."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS
+
+
+@functools.lru_cache(maxsize=32)
+def partition_tags(partitions: int) -> tuple[str, ...]:
+    """The hash tag of each of ``partitions`` partitions (see the module docstring)."""
+    width = SLOTS / partitions
+    tolerance = max(1, SLOTS // (16 * partitions))
+    return tuple(
+        _nearest_tag(str(i), round((i + 0.5) * width), tolerance) for i in range(partitions)
+    )
+
+
+def _nearest_tag(base: str, target: int, tolerance: int) -> str:
+    best, best_distance = base, abs(key_slot(base) - target)
+    for length in range(1, 4):
+        for suffix in itertools.product(_TAG_ALPHABET, repeat=length):
+            if best_distance <= tolerance:
+                return best
+            tag = f"{base}.{''.join(suffix)}"
+            distance = abs(key_slot(tag) - target)
+            if distance < best_distance:
+                best, best_distance = tag, distance
+    return best
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key builder for one prefix."""
+    """Key builder for one prefix.
+
+    ``partitions`` is needed by the partitioned keys (their hash tags depend
+    on it: see :func:`partition_tags`); every process of a deployment must
+    use the same value, as it must for :func:`partition_of` anyway.
+    """
 
     prefix: str = "lcbus"
+    partitions: int = 0
+
+    def partition_tag(self, partition: int) -> str:
+        if self.partitions < 1:
+            raise ValueError("Keys(prefix, partitions) is needed for partitioned keys")
+        return partition_tags(self.partitions)[partition]
 
     # Event streams and the consumer runtime.
     def events(self, partition: int) -> str:
-        return f"{self.prefix}:events:{{{partition}}}"
+        return f"{self.prefix}:events:{{{self.partition_tag(partition)}}}"
 
     def lease(self, group: str, partition: int) -> str:
-        return f"{self.prefix}:lease:{group}:{{{partition}}}"
+        return f"{self.prefix}:lease:{group}:{{{self.partition_tag(partition)}}}"
 
     def members(self, group: str) -> str:
         return f"{self.prefix}:members:{group}"
@@ -75,23 +145,29 @@ class Keys:
     def thread_channel(self, thread_id: str) -> str:
         return f"{self.prefix}:thread-live:{{{thread_id}}}"
 
+    def thread_copied(self, thread_id: str) -> str:
+        """Hash: trace id -> the last trace history entry copied into the thread."""
+        return f"{self.prefix}:thread-copied:{{{thread_id}}}"
+
     def tree(self, trace_id: str, partition: int) -> str:
         """A trace's run tree. Tagged with its event partition, not the trace: the
         trace worker's one script saves it and publishes ``trace_completed`` there."""
-        return f"{self.prefix}:tree:{{{partition}}}:{trace_id}"
+        return f"{self.prefix}:tree:{{{self.partition_tag(partition)}}}:{trace_id}"
 
-    def trace_index(self) -> str:
-        """ZSET of trace ids scored by the time their tree was last written."""
-        return f"{self.prefix}:traces"
+    def trace_index(self, partition: int) -> str:
+        """ZSET of a partition's trace ids scored by the time their tree was last
+        written (one per partition: it lives in the slot its trees are saved to)."""
+        return f"{self.prefix}:traces:{{{self.partition_tag(partition)}}}"
 
-    def trace_open(self) -> str:
-        """ZSET of trace ids not complete yet, scored like the index (for the timeout sweep)."""
-        return f"{self.prefix}:traces-open"
+    def trace_open(self, partition: int) -> str:
+        """ZSET of a partition's trace ids not complete yet, scored like the index
+        (for the timeout sweep)."""
+        return f"{self.prefix}:traces-open:{{{self.partition_tag(partition)}}}"
 
     def trace_done(self, trace_id: str, partition: int) -> str:
         """Flag set when ``trace.completed`` was published; tagged like the event partition
         so that one script sets it and appends the event."""
-        return f"{self.prefix}:trace-done:{{{partition}}}:{trace_id}"
+        return f"{self.prefix}:trace-done:{{{self.partition_tag(partition)}}}:{trace_id}"
 
     # Webhooks.
     def endpoints(self) -> str:

@@ -18,6 +18,7 @@ ENV_PREFIX = "LCBUS_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 DropPolicy = Literal["oldest", "newest"]
+ClusterMode = Literal["auto", "true", "false"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,6 +30,11 @@ class Settings:
     """
 
     redis_url: str = DEFAULT_REDIS_URL
+    """The data plane's Redis; on a Redis Cluster, any node (a seed)."""
+    redis_cluster: ClusterMode = "auto"
+    """Whether ``redis_url`` is a Redis Cluster; ``auto`` asks the node (``INFO cluster``)."""
+    queue_redis_url: str = ""
+    """arq's job queue (a standalone Redis: arq cannot run on a cluster); "" = ``redis_url``."""
     prefix: str = "lcbus"
     partitions: int = 8
 
@@ -111,6 +117,10 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} "):
             raise ConfigError(f"prefix must be non-empty without braces or spaces: {self.prefix!r}")
+        if self.redis_cluster not in ("auto", "true", "false"):
+            raise ConfigError(
+                f"redis_cluster must be 'auto', 'true' or 'false', got {self.redis_cluster!r}"
+            )
         if self.partitions < 1:
             raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
         if self.buffer_size < 1 or self.batch_size < 1:
@@ -131,6 +141,11 @@ class Settings:
             raise ConfigError("webhook_timeout_s must be > 0 and webhook_jitter in [0, 1)")
         if not self.webhook_delays:
             raise ConfigError("webhook_schedule needs at least one delay")
+
+    @property
+    def queue_url(self) -> str:
+        """Where arq's queue, job and health keys live."""
+        return self.queue_redis_url or self.redis_url
 
     @property
     def heartbeat_interval_s(self) -> float:

@@ -33,7 +33,7 @@ def follow(
     client: redis.Redis, settings: Settings, *, from_start: bool = False, block_ms: int = 1000
 ) -> Iterator[ev.Event | EventDecodeError]:
     """Yield events from every partition as they arrive (forever)."""
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     positions: dict[str, str] = {
         keys.events(p): "0-0" if from_start else "$" for p in range(settings.partitions)
     }

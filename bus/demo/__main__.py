@@ -276,7 +276,11 @@ def cleanup(settings: Settings) -> None:
     """Remove the demo's keys (it may run on a shared Redis)."""
     try:
         client = redis.Redis.from_url(settings.redis_url)
-        keys = list(client.scan_iter(match=Keys(settings.prefix).all_keys_pattern(), count=1000))
+        keys = list(
+            client.scan_iter(
+                match=Keys(settings.prefix, settings.partitions).all_keys_pattern(), count=1000
+            )
+        )
         for start in range(0, len(keys), 500):
             client.delete(*keys[start : start + 500])
         client.close()

@@ -64,7 +64,7 @@ class Stack:
             self.spawn(worker, ["-m", "arq", f"workers.{worker}.WorkerSettings"])
 
     def wait_workers(self, within: float = 30.0) -> None:
-        keys = Keys(self.settings.prefix)
+        keys = Keys(self.settings.prefix, self.settings.partitions)
         client = redis.Redis.from_url(self.settings.redis_url)
         try:
             self._wait(

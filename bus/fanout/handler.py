@@ -56,7 +56,7 @@ class FanoutHandler:
 
     def __init__(self, *, redis: aioredis.Redis, settings: Settings) -> None:
         self._redis = redis
-        self._keys = Keys(settings.prefix)
+        self._keys = Keys(settings.prefix, settings.partitions)
         self._writer = GuardedWriter(
             redis, self._keys, maxlen=settings.history_maxlen, ttl_s=settings.history_ttl_s
         )

@@ -70,7 +70,7 @@ def create_app(
             ping_interval_s=settings.ping_interval_s,
             name=hub_name(settings.prefix),
         )
-        app.state.bus = AppState(settings, client, Keys(settings.prefix), hub)
+        app.state.bus = AppState(settings, client, Keys(settings.prefix, settings.partitions), hub)
         if not settings.open_access and not settings.stream_secret and not settings.admin_token:
             log.warning("no LCBUS_STREAM_SECRET or LCBUS_ADMIN_TOKEN: every stream is refused")
         async with hub:

@@ -68,7 +68,7 @@ class Publisher:
     def __init__(self, *, settings: Settings, redis: redis.Redis | None = None) -> None:
         self.settings = settings
         self._injected = redis
-        keys = Keys(settings.prefix)
+        keys = Keys(settings.prefix, settings.partitions)
         self._heads = [
             _xadd_head(keys.events(p), settings.stream_maxlen) for p in range(settings.partitions)
         ]

@@ -92,7 +92,7 @@ class GroupConsumer:
     ) -> None:
         self._redis = redis
         self._settings = settings
-        self._keys = Keys(settings.prefix)
+        self._keys = Keys(settings.prefix, settings.partitions)
         self.group = group
         self._handler = handler
         self.replica_id = replica_id or default_replica_id()

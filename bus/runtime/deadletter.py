@@ -96,12 +96,12 @@ async def list_dead_letters(
     redis: aioredis.Redis, settings: Settings, group: str, *, count: int = 100
 ) -> list[DeadLetter]:
     """The oldest ``count`` dead letters of ``group``."""
-    raw = await _xrange(redis, Keys(settings.prefix).dlq(group), count=count)
+    raw = await _xrange(redis, Keys(settings.prefix, settings.partitions).dlq(group), count=count)
     return [_parse(entry_id, fields) for entry_id, fields in raw]
 
 
 async def dead_letter_count(redis: aioredis.Redis, settings: Settings, group: str) -> int:
-    return int(await redis.xlen(Keys(settings.prefix).dlq(group)))
+    return int(await redis.xlen(Keys(settings.prefix, settings.partitions).dlq(group)))
 
 
 async def replay(
@@ -113,7 +113,7 @@ async def replay(
     The XADD comes before the XDEL, so a crash in between duplicates an entry
     rather than losing it.
     """
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     letters = await _select(redis, keys.dlq(group), ids)
     replayed: list[str] = []
     for letter in letters:

@@ -103,7 +103,7 @@ async def collect_status(
     redis: aioredis.Redis, settings: Settings, *, groups: Sequence[str] | None = None
 ) -> BusStatus:
     """The status of ``groups`` (default: every group found on the partition streams)."""
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     lengths, infos = await _group_infos(redis, keys, settings.partitions)
     names = sorted({name for per_partition in infos for name in per_partition})
     status = BusStatus(prefix=settings.prefix, stream_lengths=lengths)

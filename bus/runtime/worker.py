@@ -161,7 +161,7 @@ def consumer_worker_settings(
     attrs: dict[str, Any] = {
         # arq reads these from the class __dict__, not through inheritance.
         "redis_settings": RedisSettings.from_dsn(cfg.redis_url),
-        "queue_name": Keys(cfg.prefix).arq_queue(worker),
+        "queue_name": Keys(cfg.prefix, cfg.partitions).arq_queue(worker),
         "functions": jobs,
         "on_startup": startup,
         "on_shutdown": shutdown,

@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 
 from bus import events as ev
 from bus.errors import TraceConflictError
-from bus.keys import Keys
+from bus.keys import Keys, partition_of
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
@@ -55,7 +55,7 @@ class TraceAggregator:
     def __init__(self, *, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, settings.partitions)
         self.store = TraceStore(redis=redis, settings=settings)
         self._announced: OrderedDict[str, None] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
@@ -114,10 +114,14 @@ class TraceAggregator:
         """Complete (status ``timeout``) the open traces idle for the completion timeout."""
         now = time.time() if now is None else now
         cutoff = now - self.settings.trace_complete_timeout_s
-        raw = await self.redis.zrangebyscore(
-            self.keys.trace_open(), "-inf", cutoff, start=0, num=_SWEEP_BATCH
-        )
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
+        partitions = range(self.settings.partitions)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in partitions:
+                pipe.zrangebyscore(
+                    self.keys.trace_open(p), "-inf", cutoff, start=0, num=_SWEEP_BATCH
+                )
+            replies = await pipe.execute()
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for raw in replies for m in raw]
         if not ids:
             return 0
         loaded = await self.store.load(ids, fresh=True)
@@ -130,8 +134,10 @@ class TraceAggregator:
         for item in stale.values():
             item.state.timed_out = True
         gone = [t for t, item in loaded.items() if not item.version]
-        if gone:
-            await self.redis.zrem(self.keys.trace_open(), *gone)
+        for trace_id in gone:
+            await self.redis.zrem(
+                self.keys.trace_open(partition_of(trace_id, self.settings.partitions)), trace_id
+            )
         if not stale:
             return 0
         # updated_at stays the last event's: the sweep is not news about the trace.

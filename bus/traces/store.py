@@ -11,9 +11,13 @@ The same script, when asked, publishes the trace's ``trace_completed`` event
 on its event partition, guarded by a flag so that it happens once per trace:
 the tree key is tagged with the partition so that all three keys share a slot.
 
-``keys.trace_index()`` is a ZSET of trace ids scored by their last write; the
-trees expire by TTL, and the index drops members older than the TTL on every
-write and members whose tree is gone whenever a read meets them.
+Each partition has its own index, ``keys.trace_index(p)``: a ZSET of trace
+ids scored by their last write, in the slot of the partition's trees, so the
+save script updates it (and the open-trace set ``keys.trace_open(p)``) with
+the tree, and on a Redis Cluster a partition's whole save goes to one node.
+The trees expire by TTL; the index drops members older than the TTL on
+every write and members whose tree is gone whenever a read meets them.
+:func:`list_traces` merges the partitions' indexes, newest first.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(TraceState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
-# KEYS: tree, done flag, event stream. ARGV: expected version, state, summary, ttl,
-# completed event ('' for none), stream maxlen, entry field.
+# KEYS: tree, done flag, event stream, trace index, open set (one partition's slot).
+# ARGV: expected version, state, summary, ttl, completed event ('' for none),
+# stream maxlen, entry field, trace id, now, 1 if the trace is complete.
 # -> {new version, 1 if the event was published}, or -1 when the version moved on.
 _SAVE = LuaScript("""
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
@@ -52,6 +57,13 @@ if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'v', new, 's', ARGV[2], 'm', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[9], ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[9]) - tonumber(ARGV[4]))
+if ARGV[10] == '1' then
+  redis.call('ZREM', KEYS[5], ARGV[8])
+else
+  redis.call('ZADD', KEYS[5], ARGV[9], ARGV[8])
+end
 if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', ARGV[7], ARGV[5])
   return {new, 1}
@@ -92,7 +104,7 @@ class TraceStore:
     def __init__(self, *, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, settings.partitions)
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
 
     async def load(
@@ -130,31 +142,36 @@ class TraceStore:
         """Write each state if its version is unchanged; publish the ``announce`` events
         (encoded ``trace_completed``, by trace id) of those written, once per trace.
 
-        The index and the open-trace set are updated in the same round trip.
+        The save script updates the trace's partition index and open-trace set too.
         """
         keys, ttl, partitions = self.keys, self.settings.trace_ttl_s, self.settings.partitions
         items = list(loaded.items())
-        writes = [
-            (trace_id, item.version, _state_encoder.encode(item.state), summarize(item.state))
-            for trace_id, item in items
-        ]
-        done = [trace_id for trace_id, _, _, summary in writes if summary.completed]
-        still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
-        tail = [self.settings.stream_maxlen, ENTRY_FIELD]
+        maxlen = self.settings.stream_maxlen
 
         def build(pipe: Any) -> None:
-            for trace_id, version, blob, summary in writes:
+            for trace_id, item in items:
                 p = partition_of(trace_id, partitions)
-                script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
-                event = announce.get(trace_id, b"")
-                args = [version, blob, msgspec.json.encode(summary), ttl, event, *tail]
+                summary = summarize(item.state)
+                script_keys = [
+                    keys.tree(trace_id, p),
+                    keys.trace_done(trace_id, p),
+                    keys.events(p),
+                    keys.trace_index(p),
+                    keys.trace_open(p),
+                ]
+                args = [
+                    item.version,
+                    _state_encoder.encode(item.state),
+                    msgspec.json.encode(summary),
+                    ttl,
+                    announce.get(trace_id, b""),
+                    maxlen,
+                    ENTRY_FIELD,
+                    trace_id,
+                    repr(now),
+                    b"1" if summary.completed else b"0",
+                ]
                 _SAVE.queue(pipe, script_keys, args)
-            pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
-            if still_open:
-                pipe.zadd(keys.trace_open(), still_open)
-            if done:
-                pipe.zrem(keys.trace_open(), *done)
-            pipe.zremrangebyscore(keys.trace_index(), "-inf", now - ttl)
 
         try:
             replies = await execute(self.redis, [_SAVE], build)
@@ -225,36 +242,84 @@ async def list_traces(
     (at most :data:`LIST_SCAN_CAP` index entries are examined per call).
     """
     limit = max(1, min(limit, 1000))
-    keys = Keys(settings.prefix)
-    index = keys.trace_index()
     top, after = _parse_cursor(cursor)
-    offset, scanned, chunk = 0, 0, max(limit * 2, 100)
+    merged = _MergedIndex(redis, settings, top, after, chunk=max(limit * 2, 100))
     found: list[TraceSummary] = []
     last = cursor
-    while scanned < LIST_SCAN_CAP:
-        raw: Any = await redis.zrevrangebyscore(
-            index, top, "-inf", start=offset, num=chunk, withscores=True
-        )
-        offset += len(raw)
-        rows = [(_text(m), float(s)) for m, s in raw]
-        if after is not None:  # equal scores come in descending member order
-            rows = [(m, s) for m, s in rows if not (s == top and m >= after)]
-        blobs = await _summaries(redis, settings, [m for m, _ in rows])
-        gone = [m for (m, _), blob in zip(rows, blobs, strict=True) if blob is None]
-        await _prune(redis, index, gone)
-        for (member, score), blob in zip(rows, blobs, strict=True):
-            scanned += 1
-            last = f"{score!r}:{member}"
-            if blob is None:
-                continue
-            summary = _summary_decoder.decode(blob)
-            if _matches(summary, status, name, tag, metadata):
-                found.append(summary)
-                if len(found) == limit:
-                    return TracePage(traces=found, next_cursor=last)
-        if len(raw) < chunk:
+    for _ in range(LIST_SCAN_CAP):
+        row = await merged.next()
+        if row is None:
             return TracePage(traces=found, next_cursor=None)
+        member, score, blob = row
+        last = f"{score!r}:{member}"
+        summary = _summary_decoder.decode(blob)
+        if _matches(summary, status, name, tag, metadata):
+            found.append(summary)
+            if len(found) == limit:
+                return TracePage(traces=found, next_cursor=last)
     return TracePage(traces=found, next_cursor=last)
+
+
+_Row = tuple[str, float, bytes]
+
+
+class _MergedIndex:
+    """The partitions' indexes read as one, newest first (ties: member descending,
+    as each ZSET orders them), skipping and pruning members whose tree is gone."""
+
+    def __init__(
+        self, redis: aioredis.Redis, settings: Settings, top: float, after: str | None, chunk: int
+    ) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._keys = Keys(settings.prefix, settings.partitions)
+        self._top, self._after, self._chunk = top, after, chunk
+        self._rows: list[list[_Row]] = [[] for _ in range(settings.partitions)]
+        self._offsets = [0] * settings.partitions
+        self._open = set(range(settings.partitions))
+
+    async def next(self) -> _Row | None:
+        await self._refill([p for p in self._open if not self._rows[p]])
+        heads = [p for p, rows in enumerate(self._rows) if rows]
+        if not heads:
+            return None
+        newest = max(heads, key=lambda p: self._rows[p][0][:2])
+        return self._rows[newest].pop(0)
+
+    async def _refill(self, partitions: list[int]) -> None:
+        while partitions:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in partitions:
+                    pipe.zrevrangebyscore(
+                        self._keys.trace_index(p),
+                        self._top,
+                        "-inf",
+                        start=self._offsets[p],
+                        num=self._chunk,
+                        withscores=True,
+                    )
+                replies = await pipe.execute()
+            # A chunk whose every member is gone or skipped is followed by the next one.
+            partitions = [
+                p
+                for p, raw in zip(partitions, replies, strict=True)
+                if not await self._take(p, raw)
+            ]
+
+    async def _take(self, p: int, raw: Any) -> bool:
+        """Keep a partition's chunk; False when it added nothing but more may follow."""
+        self._offsets[p] += len(raw)
+        if len(raw) < self._chunk:
+            self._open.discard(p)
+        rows = [(_text(m), float(s)) for m, s in raw]
+        if self._after is not None:  # equal scores come in descending member order
+            rows = [(m, s) for m, s in rows if not (s == self._top and m >= self._after)]
+        blobs = await _summaries(self._redis, self._settings, [m for m, _ in rows])
+        gone = [m for (m, _), blob in zip(rows, blobs, strict=True) if blob is None]
+        await _prune(self._redis, self._keys.trace_index(p), gone)
+        kept = [(m, s, blob) for (m, s), blob in zip(rows, blobs, strict=True) if blob is not None]
+        self._rows[p] = kept
+        return bool(kept) or p not in self._open
 
 
 def _parse_cursor(cursor: str | None) -> tuple[float, str | None]:
@@ -271,7 +336,9 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str | None]:
 
 
 def _tree_key(settings: Settings, trace_id: str) -> str:
-    return Keys(settings.prefix).tree(trace_id, partition_of(trace_id, settings.partitions))
+    return Keys(settings.prefix, settings.partitions).tree(
+        trace_id, partition_of(trace_id, settings.partitions)
+    )
 
 
 async def _summaries(

@@ -104,7 +104,7 @@ class Deliverer:
         self.redis = redis
         self.arq = arq
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, settings.partitions)
         self.endpoints = Endpoints(redis=redis, settings=settings)
         self.limits = EndpointLimits(
             redis=redis, keys=self.keys, lease_ms=int((settings.webhook_timeout_s + 5) * 1000)
@@ -399,7 +399,9 @@ async def publish_disabled(
         reason=reason,
     )
     await redis.xadd(
-        Keys(settings.prefix).events(partition_of(trace_id, settings.partitions)),
+        Keys(settings.prefix, settings.partitions).events(
+            partition_of(trace_id, settings.partitions)
+        ),
         {ENTRY_FIELD: encode(event)},
         maxlen=settings.stream_maxlen,
         approximate=True,

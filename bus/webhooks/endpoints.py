@@ -155,7 +155,7 @@ class Endpoints:
     def __init__(self, *, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, settings.partitions)
         self.allow = ssrf.parse_networks(settings.webhook_allow_networks)
         self._hset = redis.register_script(_HSET_IF_EXISTS)
         self._disable = redis.register_script(_DISABLE)

@@ -108,7 +108,7 @@ async def enqueue_attempts(
     """
     if not jobs:
         return []
-    queue = Keys(settings.prefix).arq_queue(WORKER)
+    queue = Keys(settings.prefix, settings.partitions).arq_queue(WORKER)
     now_ms = int(time.time() * 1000)
 
     def build(pipe: Any) -> None:
@@ -186,7 +186,7 @@ async def dead_letter(
 ) -> None:
     wtype = msgspec.json.decode(body).get("type", "")
     await redis.xadd(
-        Keys(settings.prefix).webhook_dlq(),
+        Keys(settings.prefix, settings.partitions).webhook_dlq(),
         {
             b"endpoint_id": endpoint_id.encode(),
             b"message_id": msg_id.encode(),
@@ -219,14 +219,16 @@ async def dead_letters(
 ) -> list[DeadMessage]:
     """Dead letters from ``since`` (Unix seconds) on, oldest first."""
     start = f"{int(since * 1000)}-0" if since > 0 else "-"
-    entries: Any = await redis.xrange(Keys(settings.prefix).webhook_dlq(), min=start, count=limit)
+    entries: Any = await redis.xrange(
+        Keys(settings.prefix, settings.partitions).webhook_dlq(), min=start, count=limit
+    )
     return [_dead(entry_id, fields) for entry_id, fields in entries]
 
 
 async def _resend(
     redis: aioredis.Redis, arq: ArqRedis, settings: Settings, dead: list[DeadMessage]
 ) -> int:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     sent = 0
     for item in dead:
         exists = await redis.exists(keys.endpoint(item.endpoint_id))
@@ -264,7 +266,7 @@ async def replay_since(
 ) -> int:
     """Send every dead letter since ``since`` (Unix seconds) again; how many."""
     dead = await dead_letters(redis, settings, since=since)
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     live = []
     for item in dead:
         if await redis.exists(keys.endpoint(item.endpoint_id)):

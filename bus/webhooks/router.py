@@ -43,7 +43,7 @@ class Router:
         self.redis = redis
         self.arq = arq
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, settings.partitions)
         self.endpoints = Endpoints(redis=redis, settings=settings)
         self._cache: list[Endpoint] = []
         self._cached_at = -float("inf")

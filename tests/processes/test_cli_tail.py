@@ -34,7 +34,9 @@ def test_tail_filters_by_trace_and_type(settings: Settings, sync_redis: redis.Re
     for root in (other, wanted):
         build_chain().invoke("q", config={"callbacks": [handler], "run_id": root})
     assert handler.publisher.flush(5)
-    sync_redis.xadd(Keys(settings.prefix).events(0), {ENTRY_FIELD: b"not msgpack"})
+    sync_redis.xadd(
+        Keys(settings.prefix, settings.partitions).events(0), {ENTRY_FIELD: b"not msgpack"}
+    )
 
     result = run_tail(settings, "--trace", str(wanted), "--type", "on_tool", "--limit", "2")
     assert result.returncode == 0, result.stderr
@@ -46,7 +48,9 @@ def test_tail_filters_by_trace_and_type(settings: Settings, sync_redis: redis.Re
 
 
 def test_tail_reports_undecodable_entries(settings: Settings, sync_redis: redis.Redis) -> None:
-    sync_redis.xadd(Keys(settings.prefix).events(0), {ENTRY_FIELD: b"not msgpack"})
+    sync_redis.xadd(
+        Keys(settings.prefix, settings.partitions).events(0), {ENTRY_FIELD: b"not msgpack"}
+    )
     handler = BusCallbackHandler(settings=settings)
     build_chain().invoke("q", config={"callbacks": [handler]})
     assert handler.publisher.flush(5)

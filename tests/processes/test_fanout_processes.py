@@ -71,12 +71,12 @@ def _app(settings: Settings, run_ids: list[uuid.UUID], failures: list[BaseExcept
 
 
 def _owner_pid(client: redis.Redis, settings: Settings, partition: int) -> int | None:
-    value = client.get(Keys(settings.prefix).lease("fanout", partition))
+    value = client.get(Keys(settings.prefix, settings.partitions).lease("fanout", partition))
     return None if value is None else int(value.decode().split(":")[-2])
 
 
 def _finished(client: redis.Redis, settings: Settings, trace: str) -> bool:
-    last: Any = client.xrevrange(Keys(settings.prefix).history(trace), count=1)
+    last: Any = client.xrevrange(Keys(settings.prefix, settings.partitions).history(trace), count=1)
     return bool(last) and last[0][1].get(b"f") == b"1"
 
 
@@ -122,7 +122,7 @@ def test_sigkill_a_fanout_replica_mid_trace(
             what="both replicas owning a partition",
         )
         app.start()
-        first = Keys(settings.prefix).history(traces[0])
+        first = Keys(settings.prefix, settings.partitions).history(traces[0])
         wait_for(lambda: sync_redis.xlen(first) >= 40, what="the first trace streaming")
         victim = _owner_pid(sync_redis, settings, partition_of(traces[0], 2))
         killed = a if victim == a.pid else b
@@ -190,7 +190,7 @@ async def test_sse_clients_see_a_whole_stream_across_a_sigkilled_replica(
                 ]
                 await asyncio.gather(*(event.wait() for event in started))
                 app.start()
-                first = Keys(settings.prefix).history(traces[0])
+                first = Keys(settings.prefix, settings.partitions).history(traces[0])
                 await _until(lambda: sync_redis.xlen(first) >= 20, "the first trace streaming")
                 victim = _owner_pid(sync_redis, settings, partition_of(traces[0], 2))
                 stop(a if victim == a.pid else b, signal.SIGKILL)

@@ -37,7 +37,9 @@ def settings_for(server: OwnedRedis, **overrides: object) -> Settings:
 def payloads_on(server: OwnedRedis, settings: Settings) -> list[bytes]:
     client = server.client()
     try:
-        return [f[b"e"] for _, f in client.xrange(Keys(settings.prefix).events(0))]
+        return [
+            f[b"e"] for _, f in client.xrange(Keys(settings.prefix, settings.partitions).events(0))
+        ]
     finally:
         client.close()
 
@@ -177,7 +179,7 @@ def test_stats_are_reported_to_redis(server: OwnedRedis) -> None:
     assert publisher.flush(5)
     publisher._report_stats()
     client: redis.Redis = server.client()
-    stored = client.get(Keys(settings.prefix).publisher(publisher.source))
+    stored = client.get(Keys(settings.prefix, settings.partitions).publisher(publisher.source))
     assert stored is not None and b'"published":1' in stored
     client.close()
     publisher.close()
@@ -187,12 +189,16 @@ def test_refused_entries_are_counted_and_the_rest_flow(server: OwnedRedis) -> No
     server.start()
     settings = settings_for(server, partitions=2)
     client = server.client()
-    client.set(Keys(settings.prefix).events(0), b"not a stream")  # XADD answers WRONGTYPE
+    client.set(
+        Keys(settings.prefix, settings.partitions).events(0), b"not a stream"
+    )  # XADD answers WRONGTYPE
     publisher = Publisher(settings=settings)
     for payload in numbered(0, 6):
         publisher.publish(int(payload) % 2, payload)
     assert publisher.flush(5)
-    assert [f[b"e"] for _, f in client.xrange(Keys(settings.prefix).events(1))] == [
+    assert [
+        f[b"e"] for _, f in client.xrange(Keys(settings.prefix, settings.partitions).events(1))
+    ] == [
         b"1",
         b"3",
         b"5",
@@ -202,6 +208,6 @@ def test_refused_entries_are_counted_and_the_rest_flow(server: OwnedRedis) -> No
     assert "WRONGTYPE" in stats.last_error
     publisher.publish(1, b"after")  # the flusher is still alive
     assert publisher.flush(5)
-    assert client.xlen(Keys(settings.prefix).events(1)) == 4
+    assert client.xlen(Keys(settings.prefix, settings.partitions).events(1)) == 4
     client.close()
     publisher.close()

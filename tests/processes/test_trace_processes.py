@@ -24,7 +24,7 @@ WORKER = "workers.traces.WorkerSettings"
 
 
 def owners(client: redis.Redis, settings: Settings) -> list[int | None]:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     values = [client.get(keys.lease("traces", p)) for p in range(settings.partitions)]
     return [None if v is None else int(v.decode().split(":")[-2]) for v in values]
 
@@ -49,13 +49,18 @@ def print_diagnostics(client: redis.Redis, settings: Settings, trace_id: str, lo
 
 def tree_runs(client: redis.Redis, settings: Settings, trace_id: str) -> int:
     summary = client.hget(
-        Keys(settings.prefix).tree(trace_id, partition_of(trace_id, settings.partitions)), "m"
+        Keys(settings.prefix, settings.partitions).tree(
+            trace_id, partition_of(trace_id, settings.partitions)
+        ),
+        "m",
     )
     return 0 if summary is None else int(msgspec.json.decode(summary)["run_count"])
 
 
 def completed(client: redis.Redis, settings: Settings, trace_id: str) -> list[ev.TraceCompleted]:
-    stream = Keys(settings.prefix).events(partition_of(trace_id, settings.partitions))
+    stream = Keys(settings.prefix, settings.partitions).events(
+        partition_of(trace_id, settings.partitions)
+    )
     found = [ev.decode(fields[ENTRY_FIELD]) for _, fields in client.xrange(stream)]
     return [e for e in found if isinstance(e, ev.TraceCompleted) and e.trace_id == trace_id]
 
@@ -70,7 +75,10 @@ def test_sigkill_one_replica_mid_trace_gives_the_same_tree(
     expected = [run_scenario(handler) for _ in range(3)]
     assert handler.publisher.flush(5)
     handler.close()
-    capture_keys, keys = Keys(capture.prefix), Keys(settings.prefix)
+    capture_keys, keys = (
+        Keys(capture.prefix, capture.partitions),
+        Keys(settings.prefix, settings.partitions),
+    )
     trace_ids = [str(run.id) for run in expected]
     # The order the app produced them in: the runs ran one after the other, and
     # seq orders each trace. (Entry ids do not: ids of different streams that

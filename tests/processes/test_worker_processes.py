@@ -50,7 +50,7 @@ def handled_all(client: redis.Redis, prefix: str, total: int) -> bool:
 
 
 def owner_pids(client: redis.Redis, settings: Settings) -> list[int | None]:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     values = [client.get(keys.lease(GROUP, p)) for p in range(settings.partitions)]
     # Replica ids are host:pid:nonce.
     return [None if v is None else int(v.decode().split(":")[-2]) for v in values]
@@ -110,7 +110,7 @@ def test_sigkill_one_replica_mid_stream_loses_nothing(
 
 
 def _all_entry_ids(client: redis.Redis, settings: Settings) -> list[str]:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     ids = []
     for p in range(settings.partitions):
         ids += [f"{p}/{entry_id.decode()}" for entry_id, _ in client.xrange(keys.events(p))]
@@ -149,7 +149,7 @@ def test_sigterm_acks_the_batch_in_hand_and_releases_leases_at_once(
     # Whatever the stopped replica handled it also acked: nothing was re-handled.
     assert duplicates(handled) == 0
     assert_first_handled_in_order(handled)
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     for p in range(settings.partitions):
         assert sync_redis.xpending(keys.events(p), GROUP)["pending"] == 0
 
@@ -204,7 +204,9 @@ def test_dead_letters_from_a_worker_list_and_replay_through_the_cli(
     worker = start_worker(settings, tmp_path / "w.log")
     try:
         wait_for(lambda: unique_count(sync_redis, settings.prefix) == 99, what="rest handled")
-        wait_for(lambda: sync_redis.xlen(Keys(settings.prefix).dlq(GROUP)) == 2)
+        wait_for(
+            lambda: sync_redis.xlen(Keys(settings.prefix, settings.partitions).dlq(GROUP)) == 2
+        )
         capsys.readouterr()
         assert lcbus(["dlq", "list", GROUP, "--json"]) == 0
         letters = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -229,7 +231,7 @@ def test_dead_letters_from_a_worker_list_and_replay_through_the_cli(
 
 
 def _group_pending(client: redis.Redis, settings: Settings) -> int:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     return sum(
         client.xpending(keys.events(p), GROUP)["pending"] for p in range(settings.partitions)
     )
@@ -241,7 +243,7 @@ def test_arq_check_reports_a_running_worker_healthy(
     worker = start_worker(settings, tmp_path / "w.log")
     env_args = ["-m", "arq", "--check", "tests.support.probe_worker.WorkerSettings"]
     try:
-        health_key = Keys(settings.prefix).arq_queue("probe") + ":health-check"
+        health_key = Keys(settings.prefix, settings.partitions).arq_queue("probe") + ":health-check"
         wait_for(lambda: sync_redis.exists(health_key) == 1, what="health recorded")
         check = _run_check(settings, tmp_path, env_args)
         assert check.returncode == 0, check.stdout

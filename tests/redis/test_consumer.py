@@ -60,7 +60,7 @@ def fast(settings: Settings, **changes: object) -> Settings:
 
 
 async def pending(client: aioredis.Redis, settings: Settings) -> int:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     total = 0
     for p in range(settings.partitions):
         total += (await client.xpending(keys.events(p), GROUP))["pending"]
@@ -103,7 +103,7 @@ async def test_delivers_every_event_once_in_trace_order_and_acks(
     assert await pending(async_redis, settings) == 0
     assert consumer.stats.processed == len(events)
     # aclose released every lease and left the group.
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     for p in range(settings.partitions):
         assert sync_redis.get(keys.lease(GROUP, p)) is None
     assert sync_redis.zcard(keys.members(GROUP)) == 0
@@ -165,7 +165,7 @@ async def test_replicas_split_partitions_and_rebalance_when_one_leaves(
     await wait_until(lambda: a.owned_partitions == frozenset(range(6)))
     await b.start()
     await wait_until(lambda: a.owned_partitions == {0, 2, 4} and b.owned_partitions == {1, 3, 5})
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     assert sync_redis.get(keys.lease(GROUP, 1)) == b"b"
 
     events = traces_events(12, 20)
@@ -184,7 +184,7 @@ async def test_a_lost_lease_stops_the_partition_at_once(
 ) -> None:
     settings = fast(settings, partitions=2)
     recorder = Recorder()
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     async with GroupConsumer(
         redis=async_redis, settings=settings, group=GROUP, handler=recorder, replica_id="me"
     ) as consumer:
@@ -214,7 +214,7 @@ async def test_aclose_finishes_and_acks_the_batch_in_hand(
     await consumer.aclose()
     assert len(recorder.seen) == 15
     assert await pending(async_redis, settings) == 0
-    assert sync_redis.get(Keys(settings.prefix).lease(GROUP, 0)) is None
+    assert sync_redis.get(Keys(settings.prefix, settings.partitions).lease(GROUP, 0)) is None
 
 
 async def test_handler_redis_errors_are_an_outage_not_poison(
@@ -252,7 +252,7 @@ async def test_entries_parked_by_a_late_read_are_picked_up(
     try:
         await wait_until(lambda: consumer.owned_partitions == {0})
         await asyncio.sleep(0.3)  # the holder is past its pending re-read, reading new entries
-        stream = Keys(settings.prefix).events(0)
+        stream = Keys(settings.prefix, settings.partitions).events(0)
         # The stale read: another process reads as the partition's consumer name.
         # In one transaction, so that the holder's own blocking read cannot win.
         parked = make_event("t-parked", 1)

@@ -15,7 +15,7 @@ from tests.support.chains import ANSWER, build_chain
 
 
 def read_all(client: redis.Redis, settings: Settings) -> list[ev.Event]:
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     found: list[ev.Event] = []
     for partition in range(settings.partitions):
         for _, fields in client.xrange(keys.events(partition)):
@@ -131,7 +131,7 @@ def test_trace_lives_on_one_partition(settings: Settings, sync_redis: redis.Redi
     for root in roots:
         chain.invoke("q", config={"callbacks": [handler], "run_id": root})
     assert handler.publisher.flush(5)
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     partitions_of: dict[str, set[int]] = defaultdict(set)
     for partition in range(settings.partitions):
         for _, fields in sync_redis.xrange(keys.events(partition)):

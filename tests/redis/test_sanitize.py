@@ -134,7 +134,7 @@ def test_handler_survives_hostile_inputs(settings: Settings, sync_redis: redis.R
     echo.invoke(hostile, config={"callbacks": [handler]})
     assert handler.publisher.flush(5)
     assert handler.failures == 0
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     payloads = [
         fields[b"e"]
         for p in range(settings.partitions)

@@ -25,7 +25,7 @@ from tests.support.runs import arun_scenario, assert_same_tree, count_runs, run_
 
 def bus_deliveries(client: redis.Redis, settings: Settings) -> list[Delivery]:
     """Every entry of every partition, decoded, in stream order per partition."""
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     found = []
     for partition in range(settings.partitions):
         for entry_id, fields in client.xrange(keys.events(partition)):
@@ -155,7 +155,8 @@ async def test_trace_expires_with_its_index_entry(
     await asyncio.sleep(2.2)
     assert await get_trace(async_redis, short, "t-old") is None
     assert (await list_traces(async_redis, short)).traces == []
-    assert sync_redis.zcard(Keys(short.prefix).trace_index()) == 0
+    keys = Keys(short.prefix, short.partitions)
+    assert sync_redis.zcard(keys.trace_index(partition_of("t-old", short.partitions))) == 0
 
 
 def _start(trace_id: str, run_id: str, *, seq: int, parent: str | None = None) -> ev.ChainStart:
@@ -189,5 +190,5 @@ async def test_idle_trace_completes_by_timeout_once(
     assert trace is not None and (trace.status, trace.completed) == ("timeout", True)
     assert sorted(e.trace_id for e in completed_events(sync_redis, cfg)) == ["busy", "idle"]
     assert {e.status for e in completed_events(sync_redis, cfg)} == {"timeout"}
-    stream = Keys(cfg.prefix).events(partition_of("idle", cfg.partitions))
+    stream = Keys(cfg.prefix, cfg.partitions).events(partition_of("idle", cfg.partitions))
     assert sync_redis.xlen(stream) >= 1

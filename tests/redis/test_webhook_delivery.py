@@ -154,7 +154,7 @@ async def test_500_500_200_is_three_attempts_with_one_webhook_id(setup: Setup) -
 
 
 async def disabled_events(setup: Setup) -> list[WebhookEndpointDisabled]:
-    keys = Keys(setup.settings.prefix)
+    keys = Keys(setup.settings.prefix, setup.settings.partitions)
     found = []
     for partition in range(setup.settings.partitions):
         for _, fields in await setup.redis.xrange(keys.events(partition)):
@@ -260,7 +260,7 @@ async def test_an_attempt_job_is_refused_while_its_job_or_result_exists(
 ) -> None:
     job = AttemptJob("ep_x", "msg_1", 1)
     assert await enqueue_attempts(arq_pool, wh_settings, [job, job]) == [True, False]
-    queue = Keys(wh_settings.prefix).arq_queue(WORKER)
+    queue = Keys(wh_settings.prefix, wh_settings.partitions).arq_queue(WORKER)
     (queued,) = await arq_pool.queued_jobs(queue_name=queue)
     assert (queued.function, queued.args) == (JOB_FUNCTION, ("ep_x", "msg_1", 1, 0, ""))
     jid = job_id("ep_x", "msg_1", 1)

@@ -55,7 +55,9 @@ def validate(envelope: dict[str, Any]) -> None:
 
 async def history(redis: aioredis.Redis, settings: Settings, topic: Topic) -> list[dict[str, Any]]:
     """Every event of ``topic``'s history, framed as clients get it, each validated."""
-    items = await read_after(redis, Keys(settings.prefix), topic, None, count=100_000)
+    items = await read_after(
+        redis, Keys(settings.prefix, settings.partitions), topic, None, count=100_000
+    )
     envelopes = []
     for item in items:
         envelope = json.loads(item.envelope())
@@ -68,7 +70,7 @@ async def history(redis: aioredis.Redis, settings: Settings, topic: Topic) -> li
 
 async def deliveries(redis: aioredis.Redis, settings: Settings) -> list[Delivery]:
     """Every entry of every partition stream, as the consumer would hand them over."""
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     result = []
     for partition in range(settings.partitions):
         entries: Any = await redis.xrange(keys.events(partition))

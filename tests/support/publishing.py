@@ -26,7 +26,7 @@ def make_event(trace_id: str, seq: int, **metadata: object) -> CustomEvent:
 
 def publish(client: redis.Redis, settings: Settings, events: Iterable[CustomEvent]) -> int:
     """Pipelined XADD of ``events`` onto their partitions; returns how many."""
-    keys = Keys(settings.prefix)
+    keys = Keys(settings.prefix, settings.partitions)
     count = 0
     pipe = client.pipeline(transaction=False)
     for event in events:
@@ -45,5 +45,7 @@ def traces_events(traces: int, per_trace: int, *, tag: str = "t") -> list[Custom
 
 
 def publish_raw(client: redis.Redis, settings: Settings, partition: int, payload: bytes) -> str:
-    entry_id = client.xadd(Keys(settings.prefix).events(partition), {b"e": payload})
+    entry_id = client.xadd(
+        Keys(settings.prefix, settings.partitions).events(partition), {b"e": payload}
+    )
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

@@ -123,7 +123,7 @@ async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
     async with Deliverer(redis=redis, arq=arq, settings=settings) as deliverer:
         worker = Worker(
             functions=[func(deliver_webhook, name=JOB_FUNCTION)],
-            queue_name=Keys(settings.prefix).arq_queue(WORKER),
+            queue_name=Keys(settings.prefix, settings.partitions).arq_queue(WORKER),
             redis_pool=arq,
             burst=True,
             poll_delay=0.02,

@@ -1,0 +1,101 @@
+"""Where every Redis client of the bus is made: standalone or Redis Cluster.
+
+``LCBUS_REDIS_CLUSTER`` chooses the mode: ``true``, ``false``, or ``auto``
+(default), which asks the seed node named by ``LCBUS_REDIS_URL`` whether
+``cluster_enabled`` is set in ``INFO cluster``, once per process and URL.
+
+On a cluster the clients are redis-py's ``RedisCluster`` (sync for the
+publisher, asyncio for workers and frontends): they follow MOVED and ASK,
+refresh the slot map and route each command and each pipelined command to
+the master owning its key. They offer the commands of the standalone
+clients, so the rest of the bus types them as ``Redis``; the few places that
+must tell the modes apart (the publisher's per-node batches, the hub's
+per-shard connections, the live-channel publish command) ask
+:func:`is_cluster_client`.
+
+arq's queue is another matter: arq uses multi-key transactions and does not
+run on a cluster, so its keys live on ``LCBUS_QUEUE_REDIS_URL`` (a
+standalone Redis; default ``LCBUS_REDIS_URL``). See ``bus.runtime.worker``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, cast
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
+from bus.errors import ConfigError
+from bus.settings import Settings
+
+__all__ = [
+    "async_client",
+    "is_cluster",
+    "is_cluster_client",
+    "publish_command",
+    "sync_client",
+]
+
+_detected: dict[str, bool] = {}
+_detected_lock = threading.Lock()
+
+
+def is_cluster(settings: Settings) -> bool:
+    """Whether ``settings.redis_url`` is a Redis Cluster (asks the seed when ``auto``)."""
+    if settings.redis_cluster != "auto":
+        return settings.redis_cluster == "true"
+    url = settings.redis_url
+    with _detected_lock:
+        if url not in _detected:
+            _detected[url] = _ask_seed(url)
+        return _detected[url]
+
+
+def _ask_seed(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        info: Any = client.info("cluster")
+    except redis.RedisError as exc:
+        raise ConfigError(
+            f"LCBUS_REDIS_CLUSTER=auto could not ask {url} whether it is a cluster ({exc}); "
+            "set LCBUS_REDIS_CLUSTER=true or false"
+        ) from exc
+    finally:
+        client.close()
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
+def sync_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A blocking client for ``settings.redis_url`` (the publisher's)."""
+    if is_cluster(settings):
+        # Same commands as redis.Redis; callers that care ask is_cluster_client().
+        return cast(redis.Redis, RedisCluster.from_url(settings.redis_url, **options))
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def async_client(settings: Settings, **options: Any) -> aioredis.Redis:
+    """An asyncio client for ``settings.redis_url`` (workers, frontends, CLI)."""
+    if is_cluster(settings):
+        options.pop("health_check_interval", None)  # per-node connections check themselves
+        return cast(aioredis.Redis, AsyncRedisCluster.from_url(settings.redis_url, **options))
+    return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` (sync or asyncio) talks to a Redis Cluster."""
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
+
+
+def publish_command(client: object) -> str:
+    """The live-channel publish command for ``client``'s Redis.
+
+    Sharded pub/sub on a cluster: ``SPUBLISH`` reaches only the shard owning
+    the channel's slot, where classic ``PUBLISH`` is copied to every node.
+    Classic ``PUBLISH`` on a standalone Redis: it works on every server the
+    bus supports there (Redis 6, fakeredis of the embedded demo, managed
+    services), and with one node sharding buys nothing.
+    """
+    return "SPUBLISH" if is_cluster_client(client) else "PUBLISH"

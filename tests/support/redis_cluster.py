@@ -1,0 +1,181 @@
+"""A 3-master Redis Cluster of redis-server processes on free loopback ports.
+
+One cluster serves a whole test session (every cluster test uses its own key
+prefix). No replicas: a killed master is restarted from its AOF, which is
+what the node-loss test exercises. ``appendfsync always`` so a SIGKILLed
+master comes back with every write it acknowledged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.processes import free_port, wait_for
+
+MASTERS = 3
+
+
+class OwnedCluster:
+    """``start()``, ``kill(port)``, ``restart(port)``, ``reshard(...)``, ``stop()``."""
+
+    def __init__(self, masters: int = MASTERS) -> None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server and redis-cli are needed for the cluster tests")
+        self.ports = [free_port() for _ in range(masters)]
+        self.dir = Path(tempfile.mkdtemp(prefix="lcbus-cluster-"))
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL (any node would do)."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        try:
+            self._create()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _create(self) -> None:
+        for port in self.ports:
+            self._spawn(port)
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def _spawn(self, port: int) -> None:
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                # Without replicas a dead master leaves its slots uncovered: the
+                # others keep serving theirs instead of refusing everything.
+                "--cluster-require-full-coverage",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(node_dir),
+                "--logfile",
+                "redis.log",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=port, socket_connect_timeout=0.5)
+        try:
+            wait_for(lambda: _pings(client), within=10, what=f"redis-server on {port}")
+        finally:
+            client.close()
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        """Until every node reports the cluster ok, with all slots assigned."""
+
+        def ok() -> bool:
+            for port in self.ports:
+                client = redis.Redis(port=port, decode_responses=True)
+                try:
+                    info = client.execute_command("CLUSTER INFO")
+                except redis.RedisError:
+                    return False
+                finally:
+                    client.close()
+                if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                    return False
+            return True
+
+        wait_for(ok, within=within, what="cluster state ok")
+
+    def owner_port(self, slot: int) -> int:
+        """The port of the master that serves ``slot`` now."""
+        for start, end, (_host, port, *_rest), *_ in redis.Redis(
+            port=self.ports[0]
+        ).execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        raise LookupError(f"slot {slot} is not served")
+
+    def node_id(self, port: int) -> str:
+        return str(redis.Redis(port=port, decode_responses=True).execute_command("CLUSTER MYID"))
+
+    def reshard(self, *, source: int, target: int, slots: int) -> None:
+        """Move ``slots`` slots from the master on ``source`` to the one on ``target``."""
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "reshard",
+                f"127.0.0.1:{self.ports[0]}",
+                "--cluster-from",
+                self.node_id(source),
+                "--cluster-to",
+                self.node_id(target),
+                "--cluster-slots",
+                str(slots),
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "100",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.wait_ok()
+
+    def kill(self, port: int) -> None:
+        process = self.processes.pop(port)
+        process.kill()
+        process.wait(timeout=10)
+
+    def restart(self, port: int) -> None:
+        self._spawn(port)
+        self.wait_ok()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.kill()
+            process.wait(timeout=10)
+        self.processes.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
