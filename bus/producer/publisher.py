@@ -32,7 +32,9 @@ from typing import Any
 import msgspec
 import redis
 
+from bus.connect import is_cluster_client, sync_client
 from bus.keys import Keys
+from bus.producer.routing import ClusterSender
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,7 @@ class Publisher:
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._client: redis.Redis | None = self._injected
+        self._router: ClusterSender | None = None
         # Drops are counted apart per thread: an unlocked += shared by two
         # threads could lose counts.
         self._published = self._dropped = self._dropped_by_flusher = self._errors = 0
@@ -218,6 +221,10 @@ class Publisher:
                 return True
             try:
                 refused = self._send(batch)
+            except _PartlySent as partial:
+                self._published += len(batch) - len(partial.unsent) - partial.refused
+                self._on_failure(partial.unsent, partial.cause)
+                return False
             except Exception as exc:  # the flusher must outlive any failure, ours included
                 self._on_failure(batch, exc)
                 return False
@@ -244,9 +251,11 @@ class Publisher:
         """
         client = self._client
         if client is None:
-            client = self._client = redis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+            client = self._client = sync_client(
+                self.settings, socket_timeout=5, socket_connect_timeout=2
             )
+        if is_cluster_client(client):
+            return self._send_to_cluster(client, batch)
         parts: list[bytes] = []
         for head, payload in batch:
             parts += (head, b"$%d\r\n" % len(payload), payload, b"\r\n")
@@ -262,12 +271,26 @@ class Publisher:
             pool.release(conn)
         if refused is None:
             return 0
+        return self._refused(*refused)
+
+    def _refused(self, count: int, error: str) -> int:
         # Redis answered, but refused some entries (say, a key that is not a
         # stream): resending would fail the same way, so they count as dropped.
-        self._dropped_by_flusher += refused[0]
+        self._dropped_by_flusher += count
         self._errors += 1
-        self._last_error = refused[1]
-        return refused[0]
+        self._last_error = error
+        return count
+
+    def _send_to_cluster(self, client: redis.Redis, batch: list[tuple[bytes, bytes]]) -> int:
+        """The batch split by master, one packed pipeline each (see bus.producer.routing)."""
+        if self._router is None:
+            streams = [self._keys.events(p) for p in range(self.settings.partitions)]
+            self._router = ClusterSender(client, self._heads, streams)
+        sent = self._router.send(batch)
+        refused = self._refused(sent.refused, sent.last_error) if sent.refused else 0
+        if sent.failure is not None:
+            raise _PartlySent(sent.unsent_in_order(), refused, sent.failure)
+        return refused
 
     def _on_failure(self, batch: list[tuple[bytes, bytes]], exc: BaseException) -> None:
         self._errors += 1
@@ -300,6 +323,16 @@ class Publisher:
             self._client.set(self._keys.publisher(self._source), payload, ex=_STATS_TTL_S)
         except (redis.RedisError, OSError):
             pass
+
+
+class _PartlySent(Exception):
+    """Some of a batch's entries reached the cluster; ``unsent`` go back to the buffer."""
+
+    def __init__(
+        self, unsent: list[tuple[bytes, bytes]], refused: int, cause: BaseException
+    ) -> None:
+        super().__init__(str(cause))
+        self.unsent, self.refused, self.cause = unsent, refused, cause
 
 
 def _xadd_head(key: str, maxlen: int) -> bytes:

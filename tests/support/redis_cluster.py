@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,11 @@ class OwnedCluster:
         raise LookupError(f"slot {slot} is not served")
 
     def node_id(self, port: int) -> str:
-        return str(redis.Redis(port=port, decode_responses=True).execute_command("CLUSTER MYID"))
+        client = redis.Redis(port=port, decode_responses=True)
+        try:
+            return str(client.execute_command("CLUSTER MYID"))
+        finally:
+            client.close()
 
     def reshard(self, *, source: int, target: int, slots: int) -> None:
         """Move ``slots`` slots from the master on ``source`` to the one on ``target``."""
@@ -156,6 +161,34 @@ class OwnedCluster:
             timeout=120,
         )
         self.wait_ok()
+
+    def move_slot(
+        self, slot: int, to_port: int, *, while_migrating: Callable[[], None] | None = None
+    ) -> None:
+        """Move one slot by hand, as ``redis-cli --cluster reshard`` does for each slot:
+        mark it importing/migrating, MIGRATE its keys, then hand it over.
+        ``while_migrating`` runs after the keys moved and before the hand-over
+        (the source then answers ASK for them)."""
+        from_port = self.owner_port(slot)
+        source, target = redis.Redis(port=from_port), redis.Redis(port=to_port)
+        try:
+            target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", self.node_id(from_port))
+            source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", self.node_id(to_port))
+            while keys := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                source.execute_command(
+                    "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys
+                )
+            if while_migrating is not None:
+                while_migrating()
+            for port in self.ports:
+                node = redis.Redis(port=port)
+                try:
+                    node.execute_command("CLUSTER SETSLOT", slot, "NODE", self.node_id(to_port))
+                finally:
+                    node.close()
+        finally:
+            source.close()
+            target.close()
 
     def kill(self, port: int) -> None:
         process = self.processes.pop(port)
