@@ -15,18 +15,24 @@ A live message is the same, tab-separated: ``id, s, m, f, p``.
 The fan-out worker writes through :class:`GuardedWriter`, which appends the
 same entries and publishes the same messages, and saves the trace's
 conversion state in the same script run (see :mod:`bus.fanout.handler`).
+
+Live messages go out with ``PUBLISH`` on a standalone Redis and with
+``SPUBLISH`` (sharded pub/sub) on a cluster, from the script that appends:
+each channel carries its topic's hash tag, so it lives in the slot of the
+topic's history and only that shard's node handles it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
+from bus.connect import publish_command
 from bus.keys import Keys
+from bus.scripts import LuaScript, execute
 
 TopicKind = Literal["trace", "thread"]
 Position = Literal["ok", "missed", "unknown"]
@@ -78,107 +84,125 @@ class Outgoing:
     final: bool = False
 
 
-# KEYS: history stream, seq counter. ARGV: channel, maxlen, ttl, then (m, f, p) triples.
-_APPEND = """
+# KEYS: history stream, seq counter. ARGV: channel, publish command, maxlen, ttl,
+# then (m, f, p) triples. Returns the last entry id.
+_APPEND = LuaScript("""
 local last = ''
-for i = 4, #ARGV, 3 do
+local tab = '\\t'
+for i = 5, #ARGV, 3 do
   local seq = redis.call('INCR', KEYS[2])
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
                     's', seq, 'm', ARGV[i], 'f', ARGV[i + 1], 'p', ARGV[i + 2])
-  local tab = '\\t'
-  redis.call('PUBLISH', ARGV[1],
+  redis.call(ARGV[2], ARGV[1],
              last .. tab .. seq .. tab .. ARGV[i] .. tab .. ARGV[i + 1] .. tab .. ARGV[i + 2])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return last
-"""
+""")
 
 
 class HistoryWriter:
-    """Appends protocol events to topics (used by the fan-out worker)."""
+    """Appends protocol events to topics (used by tests and benchmarks)."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
-        self._script = redis.register_script(_APPEND)
+        self._publish = publish_command(redis)
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_s = ttl_s
 
-    async def queue(self, pipe: Any, topic: Topic, events: Sequence[Outgoing]) -> None:
+    def queue(self, pipe: Any, topic: Topic, events: Sequence[Outgoing]) -> None:
         """Add one append of ``events`` to ``pipe`` (one script run; sent on execute)."""
         if not events:
             return
-        args: list[Any] = [topic.channel(self._keys), self._maxlen, self._ttl_s]
+        args: list[Any] = [topic.channel(self._keys), self._publish, self._maxlen, self._ttl_s]
         for item in events:
             args += [item.method, b"1" if item.final else b"0", item.payload]
-        await self._script(
-            keys=[topic.history(self._keys), topic.seq(self._keys)], args=args, client=pipe
-        )
+        _APPEND.queue(pipe, [topic.history(self._keys), topic.seq(self._keys)], args)
 
 
-# The fan-out worker's guarded append: the topics of one trace and that trace's
-# conversion state change together or not at all. KEYS: state hash, then
-# (history stream, seq counter) per topic. ARGV: expected state version, state
-# blob, state ttl, maxlen, ttl, topic count n, n channels, then (m, f, p)
-# triples. Only the first topic (the trace) keeps the final flag: a thread
-# outlives each of its traces. Returns the new version, or -1 when the stored
-# version is not the expected one (another writer got there first).
-_APPLY = """
+# The fan-out worker's guarded append: a trace's history and its conversion
+# state change together or not at all. KEYS: state hash, history stream, seq
+# counter (one slot: all tagged with the trace). ARGV: expected state version,
+# state blob, state ttl, maxlen, history ttl, channel, publish command, then
+# (m, f, p) triples. Returns {new version, last entry id}, or {-1, ''} when the
+# stored version is not the expected one (another writer got there first).
+_APPLY = LuaScript("""
 local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if version ~= tonumber(ARGV[1]) then return -1 end
-local n = tonumber(ARGV[6])
-local first = 7 + n
+if version ~= tonumber(ARGV[1]) then return {-1, ''} end
 local tab = '\\t'
-for t = 1, n do
-  local hist, seqkey, channel = KEYS[2 * t], KEYS[2 * t + 1], ARGV[6 + t]
-  for i = first, #ARGV, 3 do
-    local final = ARGV[i + 1]
-    if t > 1 then final = '0' end
-    local seq = redis.call('INCR', seqkey)
-    local id = redis.call('XADD', hist, 'MAXLEN', '~', ARGV[4], '*',
-                          's', seq, 'm', ARGV[i], 'f', final, 'p', ARGV[i + 2])
-    redis.call('PUBLISH', channel,
-               id .. tab .. seq .. tab .. ARGV[i] .. tab .. final .. tab .. ARGV[i + 2])
-  end
-  if #ARGV >= first then
-    redis.call('EXPIRE', hist, ARGV[5])
-    redis.call('EXPIRE', seqkey, ARGV[5])
-  end
+local last = ''
+for i = 8, #ARGV, 3 do
+  local seq = redis.call('INCR', KEYS[3])
+  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+                    's', seq, 'm', ARGV[i], 'f', ARGV[i + 1], 'p', ARGV[i + 2])
+  redis.call(ARGV[7], ARGV[6],
+             last .. tab .. seq .. tab .. ARGV[i] .. tab .. ARGV[i + 1] .. tab .. ARGV[i + 2])
+end
+if #ARGV >= 8 then
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 redis.call('HSET', KEYS[1], 'v', version + 1, 's', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return version + 1
-"""
+return {version + 1, last}
+""")
+
+# The thread copy: a trace's new history entries appended to its thread's topic
+# (own ids and seq, never final), exactly once. The thread's keys live in the
+# thread's slot, not the trace's, so this is a second script: it runs after the
+# trace's own write and records, per trace, the last trace entry it copied.
+# KEYS: thread history, thread seq, copied marker. ARGV: trace id, expected
+# marker ('' for none), new marker, maxlen, ttl, channel, publish command, then
+# (m, p) pairs. Returns 1, or the stored marker when it is not the expected one.
+_COPY = LuaScript("""
+local marker = redis.call('HGET', KEYS[3], ARGV[1]) or ''
+if marker ~= ARGV[2] then return marker end
+local tab = '\\t'
+for i = 8, #ARGV, 2 do
+  local seq = redis.call('INCR', KEYS[2])
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*',
+                        's', seq, 'm', ARGV[i], 'f', '0', 'p', ARGV[i + 1])
+  redis.call(ARGV[7], ARGV[6],
+             id .. tab .. seq .. tab .. ARGV[i] .. tab .. '0' .. tab .. ARGV[i + 1])
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
+return 1
+""")
+
+SCRIPTS = (_APPEND, _APPLY, _COPY)
+"""Every history script, for :func:`bus.scripts.execute` to load on NOSCRIPT."""
 
 
 class GuardedWriter:
-    """Appends a trace's protocol events to its topics and saves its state, atomically.
+    """Appends a trace's protocol events to its history and saves its state, atomically.
 
-    One script run per trace per batch: the history entries of every topic,
-    the trace's conversion state and the id of the last bus entry applied are
-    written together, and only if the state is still at the version the
-    writer loaded. A replica that lost its lease mid-batch is thus refused
-    instead of appending a second copy. Keys of several topics in one script
-    need a single-node Redis (or a thread id hash-tagged like its traces).
+    One script run per trace per batch: the history entries, the trace's
+    conversion state and the id of the last bus entry applied are written
+    together, and only if the state is still at the version the writer
+    loaded. A replica that lost its lease mid-batch is thus refused instead
+    of appending a second copy. Every key of the script carries the trace's
+    hash tag, so it runs on Redis Cluster too; the trace's thread, whose keys
+    carry the thread's tag, is written by :meth:`queue_copy` afterwards.
 
-    The script goes out as a bare EVALSHA: redis-py's pipelined scripts ask
-    ``SCRIPT EXISTS`` before every pipeline, one more round trip per batch on
-    the fan-out's hot path. When Redis lost its script cache (restart,
-    ``SCRIPT FLUSH``) the pipeline fails with ``NoScriptError``; the caller
-    then reloads its state, calls :meth:`load` and retries (the version guard
-    makes the retry safe whichever of the pipeline's writes did run).
+    The scripts go out as bare EVALSHAs (see :mod:`bus.scripts`); when Redis
+    lost its script cache the pipeline fails with ``NoScriptError``, and the
+    caller reloads its state, calls :meth:`load` and retries (the version
+    guard and the copy marker make the retry safe whichever writes did run).
     """
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
         self._redis = redis
-        self._sha = hashlib.sha1(_APPLY.encode()).hexdigest()
+        self._publish = publish_command(redis)
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_s = ttl_s
 
     async def load(self) -> None:
-        """(Re)load the script into Redis's script cache."""
-        await self._redis.script_load(_APPLY)
+        """(Re)load the scripts into Redis's script cache (every master's, on a cluster)."""
+        for script in SCRIPTS:
+            await self._redis.script_load(script.text)
 
     def queue(
         self,
@@ -187,18 +211,36 @@ class GuardedWriter:
         state_key: str,
         version: int,
         state: bytes,
-        topics: Sequence[Topic],
+        trace_id: str,
         events: Sequence[Outgoing],
     ) -> None:
-        """Add one guarded append to ``pipe``; its reply is the new version or -1."""
-        keys = [state_key]
-        args: list[Any] = [version, state, self._ttl_s, self._maxlen, self._ttl_s, len(topics)]
-        for topic in topics:
-            keys += [topic.history(self._keys), topic.seq(self._keys)]
-            args.append(topic.channel(self._keys))
+        """Add one guarded append to ``pipe``; its reply is [new version or -1, last id]."""
+        topic, keys = Topic("trace", trace_id), self._keys
+        args: list[Any] = [version, state, self._ttl_s, self._maxlen, self._ttl_s]
+        args += [topic.channel(keys), self._publish]
         for item in events:
             args += [item.method, b"1" if item.final else b"0", item.payload]
-        pipe.evalsha(self._sha, len(keys), *keys, *args)
+        _APPLY.queue(pipe, [state_key, topic.history(keys), topic.seq(keys)], args)
+
+    def queue_copy(
+        self,
+        pipe: Any,
+        *,
+        trace_id: str,
+        thread_id: str,
+        after: str,
+        last: str,
+        items: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Add one thread copy to ``pipe``: ``items`` ((method, payload) of the trace's
+        entries after ``after``, up to ``last``); its reply is 1 or the stored marker."""
+        topic, keys = Topic("thread", thread_id), self._keys
+        args: list[Any] = [trace_id, after, last, self._maxlen, self._ttl_s]
+        args += [topic.channel(keys), self._publish]
+        for method, payload in items:
+            args += [method, payload]
+        script_keys = [topic.history(keys), topic.seq(keys), keys.thread_copied(thread_id)]
+        _COPY.queue(pipe, script_keys, args)
 
 
 def parse_message(data: bytes) -> StreamItem:

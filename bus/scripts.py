@@ -24,7 +24,8 @@ class LuaScript:
         self.sha = hashlib.sha1(text.encode()).hexdigest()
 
     def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # execute_command, not pipe.evalsha: redis-py refuses the latter in cluster pipelines.
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 async def execute(

@@ -6,6 +6,13 @@ trace's state (:mod:`bus.fanout.convert`), consecutive text deltas are merged
 (:func:`bus.fanout.protocol.coalesce`), and every trace's events and new state go
 to Redis in one pipelined round trip: one guarded script run per trace
 (:class:`bus.history.GuardedWriter`), which also publishes each event live.
+A trace with a ``thread_id`` is then copied to its thread's topic by a
+second script in the thread's slot (on a cluster the thread's keys live
+elsewhere). The copy is exactly once: the thread keeps, per trace, the last
+trace entry it copied, and a copy whose expected marker is not the stored
+one is refused; a replica that does not know the marker (it reloaded the
+trace's state) catches the thread up from the trace's history instead, also
+when the redelivered batch holds only entries already applied.
 
 At-least-once delivery meets exactly-once history here: each trace's state
 records the id of the last entry applied, written atomically with the
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -28,15 +36,17 @@ from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
 from bus.fanout.state import TraceState
-from bus.history import GuardedWriter, Topic
+from bus.history import SCRIPTS, GuardedWriter, Outgoing, Topic
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
 from bus.runtime.worker import WorkerContext
+from bus.scripts import execute
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_CONFLICT_ROUNDS = 5
+_CATCH_UP_PAGE = 500
 
 
 @dataclass(slots=True)
@@ -48,6 +58,18 @@ class FanoutStats:
     """Protocol events appended (per trace; a thread copy is not counted again)."""
     conflicts: int = 0
     """Guarded writes refused because another writer had changed the state."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """A trace's entries of one batch, to append to its thread after the trace's write."""
+
+    trace: str
+    thread: str
+    after: str
+    """The last trace entry copied before these ('' for none)."""
+    last: str
+    items: list[tuple[str, bytes]]
 
 
 class FanoutHandler:
@@ -63,6 +85,9 @@ class FanoutHandler:
         self._window_s = settings.fanout_coalesce_ms / 1000
         self._cache_max = settings.fanout_cache_traces
         self._cache: dict[str, TraceState] = {}
+        self._copied: dict[str, str] = {}
+        """Per cached trace with a thread: its last history entry copied to the thread.
+        Absent when unknown (state reloaded): the thread is then caught up from history."""
         self.stats = FanoutStats()
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> None:
@@ -70,19 +95,30 @@ class FanoutHandler:
         for delivery in deliveries:
             groups.setdefault(delivery.event.trace_id, []).append(delivery)
         self.stats.entries += len(deliveries)
+        copies: list[_Copy] = []
+        threads: dict[str, str] = {}
+        pending = groups
         for _ in range(MAX_CONFLICT_ROUNDS):
-            await self._load([trace for trace in groups if trace not in self._cache])
+            await self._load([trace for trace in pending if trace not in self._cache])
+            threads.update((t, self._cache[t].thread) for t in pending if self._cache[t].thread)
             try:
-                refused = await self._apply(groups)
+                refused = await self._apply(pending, copies)
             except NoScriptError:
                 # Redis lost its script cache; _apply dropped the cached state.
                 await self._writer.load()
                 continue
-            if not refused:
-                return
-            self.stats.conflicts += len(refused)
-            groups = {trace: groups[trace] for trace in refused}
-        raise FanoutConflict(f"state of traces {sorted(groups)} kept changing under this writer")
+            if refused:
+                self.stats.conflicts += len(refused)
+            pending = {trace: groups[trace] for trace in refused}
+            if not pending:
+                break
+        # Threads are written after their traces (another slot on a cluster), also
+        # for the traces written before a conflict gave up: their entries are acked.
+        await self._copy_to_threads(copies, threads)
+        if pending:
+            raise FanoutConflict(
+                f"state of traces {sorted(pending)} kept changing under this writer"
+            )
 
     async def _load(self, traces: list[str]) -> None:
         if not traces:
@@ -92,56 +128,118 @@ class FanoutHandler:
                 pipe.hmget(self._keys.fanout_state(trace), ["v", "s"])
             replies = await pipe.execute()
         for trace, (version, blob) in zip(traces, replies, strict=True):
-            self._cache[trace] = fanstate.load(blob, version)
+            self._cache[trace] = state = fanstate.load(blob, version)
+            if state.version == 0:
+                self._copied[trace] = ""  # never written: nothing copied to a thread either
+            else:
+                self._copied.pop(trace, None)
 
-    async def _apply(self, groups: dict[str, list[Delivery]]) -> list[str]:
+    async def _apply(self, groups: dict[str, list[Delivery]], copies: list[_Copy]) -> list[str]:
         """Convert and write every trace's entries in one round trip; return refused traces."""
-        written: list[str] = []
+        written: list[tuple[str, list[Outgoing]]] = []
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for trace, group in groups.items():
-                    if self._queue(pipe, trace, group):
-                        written.append(trace)
+                    events = self._queue(pipe, trace, group)
+                    if events is not None:
+                        written.append((trace, events))
                 replies = await pipe.execute() if written else []
         except BaseException:
             # The state in memory may be ahead of Redis now: reload it next time.
             for trace in groups:
                 self._cache.pop(trace, None)
+                self._copied.pop(trace, None)
             raise
         refused = []
-        for trace, reply in zip(written, replies, strict=True):
+        for (trace, events), (version, last) in zip(written, replies, strict=True):
             state = self._cache.pop(trace)
-            if int(reply) < 0:
+            if int(version) < 0:
                 refused.append(trace)
-            elif state.runs:
-                state.version = int(reply)
+                continue
+            if state.thread and events and trace in self._copied:
+                items = [(event.method, event.payload) for event in events]
+                copies.append(_Copy(trace, state.thread, self._copied[trace], _text(last), items))
+            if state.runs:
+                state.version = int(version)
                 self._cache[trace] = state  # re-inserted: the cache evicts oldest first
         # Evicting costs one reload later; the version guard keeps it correct either way.
         while len(self._cache) > self._cache_max:
-            del self._cache[next(iter(self._cache))]
+            evicted = next(iter(self._cache))
+            del self._cache[evicted]
+            self._copied.pop(evicted, None)
         return refused
 
-    def _queue(self, pipe: aioredis.client.Pipeline, trace: str, group: list[Delivery]) -> bool:
+    def _queue(
+        self, pipe: aioredis.client.Pipeline, trace: str, group: list[Delivery]
+    ) -> list[Outgoing] | None:
         state = self._cache[trace]
         fresh = [d for d in group if not state.applied(d.entry_id)]
         self.stats.duplicates += len(group) - len(fresh)
         if not fresh:
-            return False
+            return None
         events = coalesce(convert_all(state, [d.event for d in fresh]), self._window_s)
         state.last = fresh[-1].entry_id
-        topics = [Topic("trace", trace)]
-        if state.thread:
-            topics.append(Topic("thread", state.thread))
         self.stats.events += len(events)
+        outgoing = [event.outgoing() for event in events]
         self._writer.queue(
             pipe,
             state_key=self._keys.fanout_state(trace),
             version=state.version,
             state=fanstate.dump(state),
-            topics=topics,
-            events=[event.outgoing() for event in events],
+            trace_id=trace,
+            events=outgoing,
         )
-        return True
+        return outgoing
+
+    async def _copy_to_threads(self, copies: list[_Copy], threads: dict[str, str]) -> None:
+        """Append each trace's new entries to its thread, exactly once and in order."""
+        replies = await self._run_copies(copies) if copies else []
+        for copy, reply in zip(copies, replies, strict=True):
+            if reply == 1:
+                self._remember_copied(copy.trace, copy.last)
+            else:  # another writer copied meanwhile, or a copy was lost: catch up
+                self._copied.pop(copy.trace, None)
+        for trace, thread in threads.items():
+            if trace not in self._copied:
+                await self._catch_up(trace, thread)
+
+    async def _run_copies(self, copies: list[_Copy]) -> list[Any]:
+        def build(pipe: Any) -> None:
+            for c in copies:
+                self._writer.queue_copy(
+                    pipe,
+                    trace_id=c.trace,
+                    thread_id=c.thread,
+                    after=c.after,
+                    last=c.last,
+                    items=c.items,
+                )
+
+        return await execute(self._redis, SCRIPTS, build)
+
+    async def _catch_up(self, trace: str, thread: str) -> None:
+        """Copy to the thread every trace history entry after the thread's marker."""
+        history = Topic("trace", trace).history(self._keys)
+        marker = _text(await self._redis.hget(self._keys.thread_copied(thread), trace) or b"")
+        while True:
+            entries: Any = await self._redis.xrange(
+                history, min=f"({marker}" if marker else "-", max="+", count=_CATCH_UP_PAGE
+            )
+            if not entries:
+                self._remember_copied(trace, marker)
+                return
+            last = _text(entries[-1][0])
+            items = [(fields[b"m"].decode(), fields[b"p"]) for _, fields in entries]
+            (reply,) = await self._run_copies([_Copy(trace, thread, marker, last, items)])
+            marker = last if reply == 1 else _text(reply)
+
+    def _remember_copied(self, trace: str, last: str) -> None:
+        if trace in self._cache:
+            self._copied[trace] = last
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def build_handler(ctx: WorkerContext) -> FanoutHandler:

@@ -105,9 +105,7 @@ class ClusterSender:
         return redirected
 
     def _owner(self, head: bytes) -> ClusterNode:
-        node: ClusterNode = self._client.nodes_manager.get_node_from_slot(
-            self._slot_of_head[head]
-        )
+        node: ClusterNode = self._client.nodes_manager.get_node_from_slot(self._slot_of_head[head])
         return node
 
     def _write(
@@ -121,7 +119,7 @@ class ClusterSender:
         pool = self._client.get_redis_connection(node).connection_pool
         try:
             conn = pool.get_connection()
-            conn.send_packed_command([b"".join(parts)], check_health=False)
+            conn.send_packed_command([b"".join(parts)], check_health=False)  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._lost(None, pool, exc, items, result)
             return None, None

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
+import pytest
 import fakeredis.aioredis
 import redis
 import redis.asyncio as aioredis
@@ -287,3 +288,43 @@ async def test_a_lost_script_cache_is_reloaded_without_duplicates(settings: Sett
     assert handler.stats.duplicates == 0
     await async_client.aclose()
     sync_client.close()
+
+
+async def check_lost_thread_copy_is_caught_up_once(
+    sync_client: redis.Redis, async_client: aioredis.Redis, settings: Settings
+) -> None:
+    """A replica dies after writing a trace and before copying it to its thread; the
+    redelivered batch, all duplicates for the trace, still brings the thread up to date."""
+    thread_id = "thread-lost-copy"
+    _publish(sync_client, settings, _chain_run(thread=thread_id))
+    items = await deliveries(async_client, settings)
+    trace = _trace_of(items)
+    quiet = settings.replace(fanout_coalesce_ms=0.0)
+    dying = FanoutHandler(redis=async_client, settings=quiet)
+    half = len(items) // 2
+    await dying(items[:half])
+
+    async def killed(*args: object) -> None:
+        raise ConnectionError("worker killed between the trace write and the thread copy")
+
+    dying._copy_to_threads = killed  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await dying(items[half:])
+    trace_events = await history(async_client, settings, Topic("trace", trace))
+    thread_topic = Topic("thread", thread_id)
+    assert len(await history(async_client, settings, thread_topic)) < len(trace_events)
+
+    successor = FanoutHandler(redis=async_client, settings=quiet)
+    await successor(items[half:])  # redelivered after the lease moved
+    await successor(items[half:])  # and once more: nothing to copy
+    assert successor.stats.duplicates == 2 * (len(items) - half)
+    thread_events = await history(async_client, settings, thread_topic)
+    assert [e["params"] for e in thread_events] == [e["params"] for e in trace_events]
+    assert [e["seq"] for e in thread_events] == list(range(1, len(trace_events) + 1))
+    assert not any(e["final"] for e in thread_events)
+
+
+async def test_lost_thread_copy_is_caught_up_once(
+    sync_redis: redis.Redis, async_redis: aioredis.Redis, settings: Settings
+) -> None:
+    await check_lost_thread_copy_is_caught_up_once(sync_redis, async_redis, settings)

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from bus.runtime.consumer import Delivery, GroupConsumer
 from bus.runtime.metrics import MetricsExporter
 from bus.runtime.status import collect_status
+from bus.keys import Keys
 from bus.settings import Settings
 from tests.support.processes import free_port
 from tests.support.publishing import publish, traces_events
@@ -21,11 +22,11 @@ async def test_status_reports_lag_pending_and_dead_letters(
     settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
 ) -> None:
     publish(sync_redis, settings, traces_events(8, 10))
+    keys = Keys(settings.prefix, settings.partitions)
     for p in range(settings.partitions):
-        stream = f"{settings.prefix}:events:{{{p}}}"
-        sync_redis.xgroup_create(stream, "late", id="0", mkstream=True)
+        sync_redis.xgroup_create(keys.events(p), "late", id="0", mkstream=True)
     # Read 3 entries of partition 0 without acking: pending 3, lag down by 3.
-    stream0 = f"{settings.prefix}:events:{{0}}"
+    stream0 = keys.events(0)
     sync_redis.xreadgroup("late", "p0", {stream0: ">"}, count=3)
     sync_redis.xadd(f"{settings.prefix}:dlq:late", {b"reason": b"x"})
 

@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 from langchain_protocol import protocol
 from pydantic import TypeAdapter
 
-from bus.history import HistoryWriter, Outgoing, Topic
+from bus.history import SCRIPTS, HistoryWriter, Outgoing, Topic
 from bus.keys import Keys
+from bus.scripts import execute
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-secret"
@@ -133,10 +134,13 @@ async def append(
     """Append ``events`` to every topic, ``batch`` events per script run."""
     writer = HistoryWriter(redis, Keys(prefix), maxlen=100_000, ttl_s=600)
     for start in range(0, len(events), batch):
-        async with redis.pipeline(transaction=False) as pipe:
+        chunk = events[start : start + batch]
+
+        def build(pipe: Any, chunk: list[Outgoing] = chunk) -> None:
             for topic in topics:
-                await writer.queue(pipe, topic, events[start : start + batch])
-            await pipe.execute()
+                writer.queue(pipe, topic, chunk)
+
+        await execute(redis, SCRIPTS, build)
 
 
 @dataclass
