@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
+from arq.connections import ArqRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
@@ -36,6 +37,8 @@ __all__ = [
     "is_cluster",
     "is_cluster_client",
     "publish_command",
+    "queue_client",
+    "queue_url",
     "sync_client",
 ]
 
@@ -99,3 +102,26 @@ def publish_command(client: object) -> str:
     services), and with one node sharding buys nothing.
     """
     return "SPUBLISH" if is_cluster_client(client) else "PUBLISH"
+
+
+def queue_url(settings: Settings) -> str:
+    """Where arq's queue, job and health keys live: ``LCBUS_QUEUE_REDIS_URL``, else the
+    data plane's Redis, which must then be standalone."""
+    if settings.queue_redis_url:
+        return settings.queue_redis_url
+    if is_cluster(settings):
+        raise ConfigError(
+            f"{settings.redis_url} is a Redis Cluster, where arq cannot run (it uses "
+            "multi-key transactions): set LCBUS_QUEUE_REDIS_URL to a standalone Redis"
+        )
+    return settings.redis_url
+
+
+def queue_client(settings: Settings, *, share: aioredis.Redis | None = None) -> ArqRedis:
+    """An arq client for enqueueing attempts. It shares ``share``'s connection pool
+    when the queue lives on that (standalone) Redis; otherwise the caller owns it and
+    closes it with ``aclose()``."""
+    url = queue_url(settings)
+    if share is not None and not is_cluster_client(share) and url == settings.redis_url:
+        return ArqRedis(connection_pool=share.connection_pool)
+    return cast(ArqRedis, ArqRedis.from_url(url))  # from_url builds the class it is called on

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from bus.connect import publish_command
 from bus.keys import Keys
-from bus.scripts import LuaScript, execute
+from bus.scripts import LuaScript
 
 TopicKind = Literal["trace", "thread"]
 Position = Literal["ok", "missed", "unknown"]

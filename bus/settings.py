@@ -143,11 +143,6 @@ class Settings:
             raise ConfigError("webhook_schedule needs at least one delay")
 
     @property
-    def queue_url(self) -> str:
-        """Where arq's queue, job and health keys live."""
-        return self.queue_redis_url or self.redis_url
-
-    @property
     def heartbeat_interval_s(self) -> float:
         ms = self.heartbeat_ms or min(self.lease_ttl_ms / 3, 1000)
         return ms / 1000

@@ -7,8 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from bus.connect import async_client
 from bus.runtime import deadletter
 from bus.settings import Settings
 
@@ -29,7 +28,7 @@ def register(subparsers: Any) -> None:
 
 
 async def _list(settings: Settings, group: str, count: int) -> list[deadletter.DeadLetter]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = async_client(settings)
     try:
         return await deadletter.list_dead_letters(client, settings, group, count=count)
     finally:
@@ -37,7 +36,7 @@ async def _list(settings: Settings, group: str, count: int) -> list[deadletter.D
 
 
 async def _replay(settings: Settings, group: str, ids: list[str]) -> list[str]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = async_client(settings)
     try:
         return await deadletter.replay(client, settings, group, ids)
     finally:

@@ -7,8 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from bus.connect import async_client
 from bus.runtime.status import BusStatus, collect_status
 from bus.settings import Settings
 
@@ -20,7 +19,7 @@ def register(subparsers: Any) -> None:
 
 
 async def _collect(settings: Settings) -> BusStatus:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = async_client(settings)
     try:
         return await collect_status(client, settings)
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from bus.cli.tailing import describe, event_filter, follow
+from bus.connect import sync_client
 from bus.errors import EventDecodeError
 from bus.settings import Settings
 
@@ -30,7 +31,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_client(settings)
     matches = event_filter(types=args.types, trace_id=args.trace)
     shown = 0
     try:

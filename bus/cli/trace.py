@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
+from bus.connect import async_client
 from bus.settings import Settings
 from bus.traces.store import TracePage, get_trace, list_traces
 from bus.traces.tree import RunNode, Trace, TraceSummary
@@ -36,7 +37,7 @@ def register(subparsers: Any) -> None:
 
 def _with_client(settings: Settings, call: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     async def go() -> T:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = async_client(settings)
         try:
             return await call(client)
         finally:

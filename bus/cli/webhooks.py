@@ -11,9 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 
+from bus.connect import async_client, queue_client
 from bus.errors import BusError
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
@@ -79,12 +78,14 @@ async def _attempts(reg: Endpoints, args: argparse.Namespace) -> Any:
 
 
 async def _replay(reg: Endpoints, args: argparse.Namespace) -> Any:
-    # The registry's connection pool serves arq's enqueue too (closed with it).
-    arq = ArqRedis(connection_pool=reg.redis.connection_pool)
-    if args.message:
-        count = await replay(reg.redis, arq, reg.settings, args.message)
-    else:
-        count = await replay_since(reg.redis, arq, reg.settings, _since(args.since))
+    arq = queue_client(reg.settings)
+    try:
+        if args.message:
+            count = await replay(reg.redis, arq, reg.settings, args.message)
+        else:
+            count = await replay_since(reg.redis, arq, reg.settings, _since(args.since))
+    finally:
+        await arq.aclose()
     return {"replayed": count}
 
 
@@ -103,7 +104,7 @@ def _runner(action: Action) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         async def go() -> Any:
             settings = Settings.from_env()
-            client = aioredis.Redis.from_url(settings.redis_url)
+            client = async_client(settings)
             try:
                 return await action(Endpoints(redis=client, settings=settings), args)
             finally:

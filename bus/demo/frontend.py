@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bus.connect import async_client
 from bus.demo.app import build_tool_chain, openai_model
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
     settings = Settings.from_env()
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = async_client(settings)
     routes = demo_routes(
         settings,
         redis,

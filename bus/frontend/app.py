@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from bus.connect import async_client
 from bus.frontend.hub import Hub, hub_name
 from bus.frontend.sse import thread_stream, trace_stream
 from bus.frontend.state import AppState
@@ -60,7 +61,7 @@ def create_app(
     """The frontend app. ``redis`` (a bytes client) is used as given and not closed."""
 
     # Created now (it connects lazily) so that mounted APIs can share it.
-    client = redis if redis is not None else aioredis.Redis.from_url(settings.redis_url)
+    client = redis if redis is not None else async_client(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -14,10 +14,12 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from bus.keys import Keys
+from bus.scripts import LuaScript, execute
 
 # Taking a lease we already hold (say after a short outage where our local
 # deadline passed but the key survived) must succeed, hence the GET first.
@@ -77,6 +79,9 @@ def assign(partitions: int, members: Sequence[str], me: str) -> frozenset[int]:
     return frozenset(p for p in range(partitions) if ordered[p % n] == me)
 
 
+_RENEW_SCRIPT = LuaScript(_RENEW)
+
+
 class Leases:
     """Lease and membership operations of one replica in one group."""
 
@@ -89,7 +94,6 @@ class Leases:
         self.replica_id = replica_id
         self.ttl_ms = ttl_ms
         self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._heartbeat = redis.register_script(_HEARTBEAT)
 
@@ -112,11 +116,15 @@ class Leases:
         parts = list(partitions)
         if not parts:
             return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for p in parts:
-                key = self._keys.lease(self.group, p)
-                await self._renew(keys=[key], args=[self.replica_id, self.ttl_ms], client=pipe)
-            results = await pipe.execute()
+                _RENEW_SCRIPT.queue(
+                    pipe, [self._keys.lease(self.group, p)], [self.replica_id, self.ttl_ms]
+                )
+
+        # Pipelined as bare EVALSHAs: cluster pipelines refuse redis-py's Script objects.
+        results = await execute(self._redis, [_RENEW_SCRIPT], build)
         return {p: bool(r) for p, r in zip(parts, results, strict=True)}
 
     async def release(self, partition: int) -> bool:

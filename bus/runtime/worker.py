@@ -9,6 +9,9 @@ A worker module does::
 and is started with ``arq workers.traces.WorkerSettings``. arq's own job
 queue (``{prefix}:arq:{worker}``) runs beside the consumer for jobs such as
 webhook attempts; ``arq --check`` reads the health key arq keeps fresh.
+The consumer and handlers use the data plane's Redis (a cluster or not, see
+:mod:`bus.connect`); arq's keys live on ``LCBUS_QUEUE_REDIS_URL``, a
+standalone Redis (the data plane's own Redis when that is standalone).
 On SIGTERM arq cancels its poll loop and calls ``on_shutdown``, where the
 consumer finishes and acknowledges its batch in hand and releases its leases.
 """
@@ -28,6 +31,7 @@ from arq.connections import RedisSettings
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from bus.connect import async_client, queue_url
 from bus.keys import Keys
 from bus.runtime.consumer import BatchHandler, GroupConsumer
 from bus.runtime.metrics import MetricsExporter
@@ -58,8 +62,8 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     read_block_ms), so a silently dead connection becomes an error to back
     off from instead of a hang.
     """
-    return aioredis.Redis.from_url(
-        settings.redis_url,
+    return async_client(
+        settings,
         socket_connect_timeout=2,
         socket_timeout=settings.read_block_ms / 1000 + 5,
         health_check_interval=30,
@@ -160,7 +164,8 @@ def consumer_worker_settings(
     jobs = list(functions) or [func(consumer_stats, name="consumer_stats")]
     attrs: dict[str, Any] = {
         # arq reads these from the class __dict__, not through inheritance.
-        "redis_settings": RedisSettings.from_dsn(cfg.redis_url),
+        # arq's own keys live apart from the data plane when that is a cluster.
+        "redis_settings": RedisSettings.from_dsn(queue_url(cfg)),
         "queue_name": Keys(cfg.prefix, cfg.partitions).arq_queue(worker),
         "functions": jobs,
         "on_startup": startup,

@@ -29,11 +29,11 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bus.connect import queue_client
 from bus.errors import EndpointNotFound, WebhookError
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
@@ -62,7 +62,7 @@ class _Admin:
         self.settings = settings
         self.redis = redis
         self.registry = Endpoints(redis=redis, settings=settings)
-        self.arq = ArqRedis(connection_pool=redis.connection_pool)
+        self.arq = queue_client(settings, share=redis)
 
     def guarded(self, handler: Handler) -> Handler:
         token = self.settings.admin_token

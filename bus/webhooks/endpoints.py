@@ -216,17 +216,20 @@ class Endpoints:
 
     async def remove(self, endpoint_id: str) -> None:
         keys = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # The record goes first, then its index entry: the index and the record live
+        # in different slots on a cluster, so no transaction spans them, and in this
+        # order a crash in between leaves an index entry that readers skip.
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(keys.endpoint(endpoint_id))
-            pipe.srem(keys.endpoints(), endpoint_id)
             pipe.delete(
                 keys.attempts(endpoint_id),
                 keys.endpoint_slots(endpoint_id),
                 keys.endpoint_pause(endpoint_id),
                 keys.endpoint_throttle(endpoint_id),
             )
-            deleted, *_ = await pipe.execute()
-        if not deleted:
+            pipe.srem(keys.endpoints(), endpoint_id)
+            deleted, _, indexed = await pipe.execute()
+        if not deleted and not indexed:
             raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
 
     async def enable(self, endpoint_id: str) -> None:

@@ -7,7 +7,6 @@ session ends.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -18,18 +17,6 @@ from redis.cluster import RedisCluster
 
 from bus.settings import Settings
 from tests.support.redis_cluster import OwnedCluster
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[OwnedCluster]:
-    owned = OwnedCluster()
-    try:
-        owned.start()
-    except (AssertionError, OSError, subprocess.SubprocessError):
-        owned = OwnedCluster()  # a port taken between choosing it and binding it
-        owned.start()
-    yield owned
-    owned.stop()
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
-import pytest
 import fakeredis.aioredis
+import pytest
 import redis
 import redis.asyncio as aioredis
 from langchain_core.callbacks import dispatch_custom_event

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from bus.cli import main as lcbus
+from bus.connect import async_client
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.traces.aggregator import TraceAggregator
@@ -25,7 +25,7 @@ def trace_id(settings: Settings, sync_redis: redis.Redis, monkeypatch: pytest.Mo
     handler.close()
 
     async def aggregate() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = async_client(settings)
         try:
             await TraceAggregator(redis=client, settings=settings)(
                 bus_deliveries(sync_redis, settings)
@@ -34,9 +34,8 @@ def trace_id(settings: Settings, sync_redis: redis.Redis, monkeypatch: pytest.Mo
             await client.aclose()
 
     asyncio.run(aggregate())
-    monkeypatch.setenv("LCBUS_REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("LCBUS_PREFIX", settings.prefix)
-    monkeypatch.setenv("LCBUS_PARTITIONS", str(settings.partitions))
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
     return str(root.id)
 
 

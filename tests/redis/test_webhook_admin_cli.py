@@ -80,8 +80,8 @@ async def test_admin_refuses_bad_input(admin: httpx.AsyncClient) -> None:
 def test_cli_round_trip(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("LCBUS_REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("LCBUS_PREFIX", settings.prefix)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("LCBUS_WEBHOOK_ALLOW_NETWORKS", LOOPBACK)
 
     def run(*argv: str) -> object:

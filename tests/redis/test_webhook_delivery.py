@@ -16,6 +16,7 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
+from bus.connect import queue_client
 from bus.events import BaseEvent, WebhookEndpointDisabled, decode
 from bus.keys import Keys
 from bus.producer.publisher import ENTRY_FIELD
@@ -57,7 +58,7 @@ def wh_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def arq_pool(wh_settings: Settings) -> AsyncIterator[ArqRedis]:
-    pool = ArqRedis.from_url(wh_settings.redis_url)
+    pool = queue_client(wh_settings)
     yield pool
     await pool.aclose()
 

@@ -8,7 +8,9 @@ master comes back with every write it acknowledged.
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import wait_for
 
 MASTERS = 3
 
@@ -28,7 +30,7 @@ class OwnedCluster:
     def __init__(self, masters: int = MASTERS) -> None:
         if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
             pytest.skip("redis-server and redis-cli are needed for the cluster tests")
-        self.ports = [free_port() for _ in range(masters)]
+        self.ports = [_cluster_port() for _ in range(masters)]
         self.dir = Path(tempfile.mkdtemp(prefix="lcbus-cluster-"))
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -175,9 +177,7 @@ class OwnedCluster:
             target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", self.node_id(from_port))
             source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", self.node_id(to_port))
             while keys := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-                source.execute_command(
-                    "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys
-                )
+                source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
             if while_migrating is not None:
                 while_migrating()
             for port in self.ports:
@@ -205,6 +205,24 @@ class OwnedCluster:
             process.wait(timeout=10)
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cluster_port() -> int:
+    """A free port p with p + 10000 free too (the node's cluster bus), at most 55535."""
+    for _ in range(100):
+        port = random.randint(20_000, 55_000)
+        if all(_free(p) for p in (port, port + 10_000)):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _pings(client: redis.Redis) -> bool:
