@@ -12,7 +12,6 @@ import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
 
 import pytest
 import redis
@@ -83,14 +82,17 @@ def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
     name = f"lcbus-test-{uuid.uuid4().hex[:12]}"
     yield name
-    client = sync_client(Settings(redis_url=redis_url))
-    try:
-        if is_cluster_client(client):
-            cast(Any, client).delete(*list(client.scan_iter(match=f"{name}:*", count=1000)))
-        else:
-            _delete_prefix(client, name)
-    finally:
-        client.close()
+    # On the cluster run, arq's queue keys sit on the standalone Redis.
+    for url in {redis_url, REDIS_URL} if ON_CLUSTER else {redis_url}:
+        client = sync_client(Settings(redis_url=url))
+        try:
+            if is_cluster_client(client):
+                for key in list(client.scan_iter(match=f"{name}:*", count=1000)):
+                    client.delete(key)
+            else:
+                _delete_prefix(client, name)
+        finally:
+            client.close()
 
 
 @pytest.fixture

@@ -266,11 +266,11 @@ async def test_an_attempt_job_is_refused_while_its_job_or_result_exists(
     assert (queued.function, queued.args) == (JOB_FUNCTION, ("ep_x", "msg_1", 1, 0, ""))
     jid = job_id("ep_x", "msg_1", 1)
     # What arq leaves once the job has run: no job key, a result key.
-    await async_redis.delete(job_key_prefix + jid)
-    await async_redis.zrem(queue, jid)
-    await async_redis.set(result_key_prefix + jid, b"r", px=60_000)
+    await arq_pool.delete(job_key_prefix + jid)
+    await arq_pool.zrem(queue, jid)
+    await arq_pool.set(result_key_prefix + jid, b"r", px=60_000)
     try:
         assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
-        assert await async_redis.zcard(queue) == 0
+        assert await arq_pool.zcard(queue) == 0
     finally:
-        await async_redis.delete(result_key_prefix + jid)
+        await arq_pool.delete(result_key_prefix + jid)
