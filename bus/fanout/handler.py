@@ -40,7 +40,7 @@ from bus.history import SCRIPTS, GuardedWriter, Outgoing, Topic
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
 from bus.runtime.worker import WorkerContext
-from bus.scripts import execute
+from bus.scripts import execute, send
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,12 @@ class FanoutHandler:
     async def _load(self, traces: list[str]) -> None:
         if not traces:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for trace in traces:
                 pipe.hmget(self._keys.fanout_state(trace), ["v", "s"])
-            replies = await pipe.execute()
+
+        replies = await send(self._redis, build)
         for trace, (version, blob) in zip(traces, replies, strict=True):
             self._cache[trace] = state = fanstate.load(blob, version)
             if state.version == 0:
@@ -137,13 +139,15 @@ class FanoutHandler:
     async def _apply(self, groups: dict[str, list[Delivery]], copies: list[_Copy]) -> list[str]:
         """Convert and write every trace's entries in one round trip; return refused traces."""
         written: list[tuple[str, list[Outgoing]]] = []
+
+        def build(pipe: Any) -> None:
+            for trace, group in groups.items():
+                events = self._queue(pipe, trace, group)
+                if events is not None:
+                    written.append((trace, events))
+
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for trace, group in groups.items():
-                    events = self._queue(pipe, trace, group)
-                    if events is not None:
-                        written.append((trace, events))
-                replies = await pipe.execute() if written else []
+            replies = await send(self._redis, build)
         except BaseException:
             # The state in memory may be ahead of Redis now: reload it next time.
             for trace in groups:

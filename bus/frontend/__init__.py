@@ -8,6 +8,7 @@ each client gets replay-then-live with no gap and no duplicate (:func:`follow`).
 from bus.frontend.app import create_app
 from bus.frontend.filters import Filter
 from bus.frontend.follow import Start, follow
-from bus.frontend.hub import Hub, Subscriber
+from bus.frontend.hub import Hub
+from bus.frontend.subscriber import Subscriber
 
 __all__ = ["Filter", "Hub", "Start", "Subscriber", "create_app", "follow"]

@@ -21,7 +21,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bus.errors import EventsMissed, InvalidPosition
-from bus.frontend.hub import Hub, Subscriber
+from bus.frontend.hub import Hub
+from bus.frontend.subscriber import Subscriber
 from bus.history import StreamItem, Topic, position, read_after
 from bus.keys import Keys
 

@@ -1,4 +1,7 @@
-"""One Redis pub/sub connection per frontend process, shared by all its clients.
+"""The frontend process's pub/sub connections, shared by all its clients.
+
+One connection on a standalone Redis; on a Redis Cluster one per master
+whose shard serves a watched channel (sharded pub/sub, ``SSUBSCRIBE``).
 
 A topic channel is subscribed when its first client arrives and unsubscribed
 when its last one leaves. A reader task parses each live message once and
@@ -10,10 +13,10 @@ otherwise: when it reconnects it re-subscribes every channel and, once Redis
 confirms, asks each subscriber to *resync*, i.e. re-read history after the
 last event it delivered. History holds every event, so nothing is lost.
 
-The connection is a raw :class:`redis.asyncio.Connection` rather than
-redis-py's ``PubSub`` so that the hub, not the library, decides how
-reconnection and confirmations work: "subscribed" means Redis confirmed the
-channel, which is what makes "subscribe, then read history" gap-free.
+"Subscribed" means Redis confirmed the channel, which is what makes
+"subscribe, then read history" gap-free. A channel moving to another shard
+(a slot migration, a failover) is handled the same way: subscribe where it
+lives now, wait for the confirmation, resync.
 """
 
 from __future__ import annotations
@@ -22,77 +25,27 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 
-from bus.errors import SlowConsumer
-from bus.history import StreamItem, parse_message
+from bus.connect import is_cluster_client
+from bus.frontend.subscriber import Subscriber
+from bus.history import parse_message
+from bus.keys import key_slot
 
 log = logging.getLogger(__name__)
 
 _RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)
-
-
-class Subscriber:
-    """One client's view of one channel: a bounded queue and two flags.
-
-    ``resync`` asks the client to re-read history after its last event (set
-    after a reconnect, or when the queue overflows while the client is still
-    replaying history: then history has everything the queue dropped).
-    ``overflowed`` means the client fell behind while live: it is dropped.
-    """
-
-    __slots__ = ("_wake", "items", "maxsize", "overflowed", "replaying", "resync")
-
-    def __init__(self, maxsize: int) -> None:
-        self.items: deque[StreamItem] = deque()
-        self.maxsize = maxsize
-        self.resync = True
-        self.replaying = False
-        self.overflowed = False
-        self._wake = asyncio.Event()
-
-    def offer(self, item: StreamItem) -> None:
-        """Called by the hub's reader; never blocks."""
-        if self.overflowed:
-            return
-        if len(self.items) >= self.maxsize:
-            self.items.clear()
-            if self.replaying:
-                self.resync = True
-            else:
-                self.overflowed = True
-        else:
-            self.items.append(item)
-        self._wake.set()
-
-    def request_resync(self) -> None:
-        self.resync = True
-        self._wake.set()
-
-    def drain(self) -> list[StreamItem]:
-        """Every live item queued right now (none while a resync or a drop is pending)."""
-        if self.overflowed or self.resync or not self.items:
-            return []
-        items = list(self.items)
-        self.items.clear()
-        return items
-
-    async def next(self) -> StreamItem | None:
-        """The next live item, or None when the client must resync from history."""
-        while True:
-            if self.overflowed:
-                raise SlowConsumer("client fell behind its queue (slow consumer)")
-            if self.resync:
-                return None
-            if self.items:
-                return self.items.popleft()
-            self._wake.clear()
-            await self._wake.wait()
 
 
 class _Channel:
@@ -104,26 +57,33 @@ class _Channel:
 
 
 class Hub:
-    """The process's shared pub/sub connection; an async context manager."""
+    """The process's shared pub/sub connections; an async context manager.
+
+    One connection on a standalone Redis (``SUBSCRIBE``); on a cluster one per
+    master that owns a watched channel's slot (``SSUBSCRIBE``), opened when a
+    channel first needs it. When a connection drops, a subscription is refused
+    with ``MOVED``, or a node drops a subscription itself (it does so when the
+    channel's slot migrates away), the hub refreshes the slot map, subscribes
+    each affected channel where its slot lives now and, once confirmed, asks
+    the channel's subscribers to resync from history.
+    """
 
     def __init__(
         self, redis: aioredis.Redis, *, queue_size: int, ping_interval_s: float, name: str
     ) -> None:
-        pool = redis.connection_pool
-        # RESP2 on purpose: pub/sub messages then arrive as plain replies to read_response,
-        # instead of going to redis-py's RESP3 push-handler machinery.
-        kwargs = {**pool.connection_kwargs, "client_name": name, "protocol": 2}
-        self._conn_kwargs: dict[str, Any] = kwargs
-        self._conn_class: Any = pool.connection_class
+        self._redis: Any = redis
+        self._cluster = is_cluster_client(redis)
+        self._commands = (
+            ("SSUBSCRIBE", "SUNSUBSCRIBE") if self._cluster else ("SUBSCRIBE", "UNSUBSCRIBE")
+        )
+        self._name = name
         self._queue_size = queue_size
         self._ping_interval_s = ping_interval_s
         self._channels: dict[str, _Channel] = {}
-        # SUBSCRIBEs sent per channel on the current connection and not yet confirmed.
-        self._pending: dict[str, int] = {}
-        self._conn: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self.connected = False
-        self.reconnects = 0
+        self._links: dict[str, _Link] = {}
+        self._route: dict[str, _Link] = {}
+        self._rerouted = 0
+        self._started = False
 
     async def __aenter__(self) -> Hub:
         await self.start()
@@ -133,15 +93,28 @@ class Hub:
         await self.aclose()
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="lcbus-hub")
+        if self._started:
+            return
+        self._started = True
+        if not self._cluster:
+            pool = self._redis.connection_pool
+            self._open_link("redis", pool.connection_class, pool.connection_kwargs)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.aclose()
+        self._started = False
+
+    @property
+    def connected(self) -> bool:
+        """Every connection the watched channels need is up (and, standalone, the one)."""
+        links = [link for link in self._links.values() if link.channels or not self._cluster]
+        return all(link.connected for link in links)
+
+    @property
+    def reconnects(self) -> int:
+        return self._rerouted + sum(link.reconnects for link in self._links.values())
 
     @property
     def channel_count(self) -> int:
@@ -154,7 +127,8 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-            await self._send("SUBSCRIBE", channel)
+            link = self._route[channel] = await self._link_for(channel)
+            await link.subscribe(channel)
         state.subscribers.add(sub)
         try:
             await state.ready.wait()
@@ -163,13 +137,132 @@ class Hub:
             state.subscribers.discard(sub)
             if not state.subscribers and self._channels.get(channel) is state:
                 del self._channels[channel]
-                await self._send("UNSUBSCRIBE", channel)
+                gone = self._route.pop(channel, None)
+                if gone is not None:
+                    await gone.unsubscribe(channel)
+
+    # -- routing (cluster) ---------------------------------------------------------
+
+    def _open_link(self, key: str, connection_class: Any, kwargs: dict[str, Any]) -> _Link:
+        # RESP2 on purpose: pub/sub messages then arrive as plain replies to read_response,
+        # instead of going to redis-py's RESP3 push-handler machinery.
+        conn_kwargs = {**kwargs, "client_name": self._name, "protocol": 2}
+        link = self._links[key] = _Link(self, lambda: connection_class(**conn_kwargs))
+        link.start()
+        return link
+
+    async def _link_for(self, channel: str) -> _Link:
+        """The connection to the node that serves ``channel``'s slot now."""
+        if not self._cluster:
+            return self._links["redis"]
+        await self._redis.initialize()
+        try:
+            node = self._redis.nodes_manager.get_node_from_slot(key_slot(channel))
+        except (SlotNotCoveredError, RedisClusterException):
+            current = self._route.get(channel)
+            if current is not None:
+                return current  # the node is down, nobody took its slots: wait for it
+            raise
+        link = self._links.get(node.name)
+        if link is None:
+            link = self._open_link(node.name, node.connection_class, node.connection_kwargs)
+        return link
+
+    async def reroute(self, link: _Link, *, refresh: bool = True) -> None:
+        """Subscribe ``link``'s channels wherever their slots are served now."""
+        if not self._cluster:
+            return
+        if refresh:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.nodes_manager.initialize()
+        for channel in list(link.channels):
+            state = self._channels.get(channel)
+            if state is None:
+                continue
+            try:
+                target = await self._link_for(channel)
+            except (SlotNotCoveredError, RedisClusterException):
+                continue
+            if target is link and channel in link.confirmed:
+                continue
+            self._rerouted += 1
+            link.forget(channel)
+            state.ready.clear()
+            self._route[channel] = target
+            await target.subscribe(channel)
+
+    # -- called by the links ---------------------------------------------------------
+
+    def deliver(self, channel: bytes, data: bytes) -> None:
+        state = self._channels.get(channel.decode())
+        if state is None:
+            return
+        try:
+            item = parse_message(data)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("skipping a malformed live message on %r", channel)
+            return
+        for sub in state.subscribers:
+            sub.offer(item)
+
+    def confirmed(self, link: _Link, channel: str) -> None:
+        state = self._channels.get(channel)
+        if state is None or self._route.get(channel) is not link or state.ready.is_set():
+            return
+        state.ready.set()
+        # Messages published while the channel was not subscribed are only in history.
+        for sub in state.subscribers:
+            sub.request_resync()
+
+
+class _Link:
+    """One pub/sub connection: subscribes its channels, reads and dispatches replies.
+
+    The connection is a raw :class:`redis.asyncio.Connection` rather than
+    redis-py's ``PubSub`` so that the hub, not the library, decides how
+    reconnection and confirmations work.
+    """
+
+    def __init__(self, hub: Hub, connect: Any) -> None:
+        self._hub = hub
+        self._connect = connect
+        self._subscribe_cmd, self._unsubscribe_cmd = hub._commands
+        self.channels: set[str] = set()
+        self.confirmed: set[str] = set()
+        # SUBSCRIBEs sent per channel on the current connection and not yet confirmed.
+        self._pending: dict[str, int] = {}
+        self._conn: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.connected = False
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="lcbus-hub")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def subscribe(self, channel: str) -> None:
+        self.channels.add(channel)
+        await self._send(self._subscribe_cmd, channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self.forget(channel)
+        await self._send(self._unsubscribe_cmd, channel)
+
+    def forget(self, channel: str) -> None:
+        self.channels.discard(channel)
+        self.confirmed.discard(channel)
 
     async def _send(self, command: str, channel: str) -> None:
         conn = self._conn
         if conn is None:
-            return  # the reader subscribes every live channel when it reconnects
-        if command == "SUBSCRIBE":
+            return  # the reader subscribes every channel of the link when it reconnects
+        if command == self._subscribe_cmd:
             self._pending[channel] = self._pending.get(channel, 0) + 1
         try:
             await conn.send_command(command, channel)
@@ -181,7 +274,7 @@ class Hub:
     async def _run(self) -> None:
         failures = 0
         while True:
-            conn = self._conn_class(**self._conn_kwargs)
+            conn = self._connect()
             try:
                 await conn.connect()
                 await self._resubscribe_all(conn)
@@ -192,8 +285,11 @@ class Hub:
             finally:
                 self._conn = None
                 self.connected = False
+                self.confirmed.clear()
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
+            # On a cluster the slots may have moved while the node was away (failover).
+            await self._hub.reroute(self)
             await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
             failures += 1
             self.reconnects += 1
@@ -203,14 +299,19 @@ class Hub:
         self._conn = conn
         self.connected = True
         # Snapshot with no await in between: channels added later send their own SUBSCRIBE.
-        for channel, state in list(self._channels.items()):
-            state.ready.clear()
-            await self._send("SUBSCRIBE", channel)
+        for channel in list(self.channels):
+            await self._send(self._subscribe_cmd, channel)
 
     async def _pump(self, conn: Any) -> None:
         awaiting_pong = False
         while True:
-            reply = await conn.read_response(timeout=self._ping_interval_s)
+            try:
+                reply = await conn.read_response(timeout=self._hub._ping_interval_s)
+            except (MovedError, ClusterDownError, ResponseError) as exc:
+                # A subscription refused (its slot lives elsewhere now): route it anew.
+                log.info("pub/sub subscription refused (%s); rerouting", exc)
+                await self._hub.reroute(self)
+                continue
             if reply is None:
                 if awaiting_pong:
                     raise ConnectionError("pub/sub connection did not answer PING")
@@ -219,23 +320,18 @@ class Hub:
                 continue
             awaiting_pong = False
             if isinstance(reply, list) and reply:
-                self._handle(reply)
+                await self._handle(reply)
 
-    def _handle(self, reply: list[Any]) -> None:
+    async def _handle(self, reply: list[Any]) -> None:
         kind = reply[0]
-        if kind == b"message":
-            state = self._channels.get(reply[1].decode())
-            if state is None:
-                return
-            try:
-                item = parse_message(reply[2])
-            except (ValueError, UnicodeDecodeError):
-                log.warning("skipping a malformed live message on %r", reply[1])
-                return
-            for sub in state.subscribers:
-                sub.offer(item)
-        elif kind == b"subscribe":
+        if kind in (b"message", b"smessage"):
+            self._hub.deliver(reply[1], reply[2])
+        elif kind in (b"subscribe", b"ssubscribe"):
             self._confirm(reply[1].decode())
+        elif kind == b"sunsubscribe" and reply[1].decode() in self.confirmed:
+            # Not asked for: the node gave the channel's slot away (a migration).
+            self.confirmed.discard(reply[1].decode())
+            await self._hub.reroute(self)
 
     def _confirm(self, channel: str) -> None:
         left = self._pending.get(channel, 1) - 1
@@ -243,13 +339,9 @@ class Hub:
             self._pending[channel] = left
             return
         self._pending.pop(channel, None)
-        state = self._channels.get(channel)
-        if state is None or state.ready.is_set():
-            return
-        state.ready.set()
-        # Messages published while the channel was not subscribed are only in history.
-        for sub in state.subscribers:
-            sub.request_resync()
+        if channel in self.channels:
+            self.confirmed.add(channel)
+            self._hub.confirmed(self, channel)
 
 
 def hub_name(prefix: str) -> str:

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 
 from bus.keys import Keys, partition_of
 from bus.producer.publisher import ENTRY_FIELD
-from bus.scripts import LuaScript, execute
+from bus.scripts import LuaScript, execute, send
 from bus.settings import Settings
 from bus.traces.tree import Trace, TraceState, TraceSummary, build, is_complete, summarize
 
@@ -128,10 +128,12 @@ class TraceStore:
                 self._cache.move_to_end(trace_id)
                 found[trace_id] = cached
         if missing:
-            async with self.redis.pipeline(transaction=False) as pipe:
+
+            def build(pipe: Any) -> None:
                 for trace_id in missing:
                     pipe.hmget(self._tree(trace_id), ["v", "s"])
-                replies = await pipe.execute()
+
+            replies = await send(self.redis, build)
             for trace_id, (version, blob) in zip(missing, replies, strict=True):
                 found[trace_id] = _loaded(trace_id, version, blob)
         return found

@@ -29,12 +29,13 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from arq.connections import ArqRedis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bus.connect import queue_client
-from bus.errors import EndpointNotFound, WebhookError
+from bus.errors import ConfigError, EndpointNotFound, WebhookError
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
 from bus.webhooks.outbox import dead_letters, replay, replay_since
@@ -62,7 +63,15 @@ class _Admin:
         self.settings = settings
         self.redis = redis
         self.registry = Endpoints(redis=redis, settings=settings)
-        self.arq = queue_client(settings, share=redis)
+        self._arq: ArqRedis | None = None
+
+    @property
+    def arq(self) -> ArqRedis:
+        """arq's queue, for replays: made on first use, so that a frontend on a cluster
+        without ``LCBUS_QUEUE_REDIS_URL`` still streams (its replay answers 503)."""
+        if self._arq is None:
+            self._arq = queue_client(self.settings, share=self.redis)
+        return self._arq
 
     def guarded(self, handler: Handler) -> Handler:
         token = self.settings.admin_token
@@ -79,6 +88,8 @@ class _Admin:
                 return await handler(request)
             except EndpointNotFound as exc:
                 return _error(404, str(exc))
+            except ConfigError as exc:  # a replay with no queue Redis configured
+                return _error(503, str(exc))
             except (WebhookError, msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
                 return _error(400, str(exc))
 

@@ -180,7 +180,10 @@ class OwnedCluster:
                 source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
             if while_migrating is not None:
                 while_migrating()
-            for port in self.ports:
+            # Target first, then source: in the other order the source already
+            # redirects to a target that does not own the slot yet (MOVED ping-pong).
+            others = [p for p in self.ports if p not in (to_port, from_port)]
+            for port in [to_port, from_port, *others]:
                 node = redis.Redis(port=port)
                 try:
                     node.execute_command("CLUSTER SETSLOT", slot, "NODE", self.node_id(to_port))
