@@ -201,6 +201,10 @@ async def collect(
             if sse.event == "end":
                 got.ended = True
                 break
+            if not sse.data:
+                # httpx-sse turns the blank line after a keep-alive comment into an
+                # empty event once the stream has had an id: not a frame the server sent.
+                continue
             envelope = json.loads(sse.data)
             got.envelopes.append(envelope)
             got.ids.append(sse.id)
