@@ -18,6 +18,7 @@ from arq.worker import func
 
 from bus.events import ChainEnd, CustomEvent, LLMNewToken, ToolEnd, new_event_id
 from bus.keys import Keys
+from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, deliver_webhook
 from bus.webhooks.outbox import JOB_FUNCTION, WORKER
@@ -121,6 +122,8 @@ async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
     """Run the webhook queue in this process until it is empty (deferred jobs included)."""
     arq = ArqRedis.from_url(settings.redis_url)
     async with Deliverer(redis=redis, arq=arq, settings=settings) as deliverer:
+        ctx: dict[str, Any] = {}
+        WorkerContext(settings=settings, redis=redis, arq=ctx).provide(deliverer)
         worker = Worker(
             functions=[func(deliver_webhook, name=JOB_FUNCTION)],
             queue_name=Keys(settings.prefix).arq_queue(WORKER),
@@ -129,7 +132,7 @@ async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
             poll_delay=0.02,
             handle_signals=False,
             max_jobs=50,
-            ctx={"webhooks": deliverer},
+            ctx=ctx,
             log_results=False,
         )
         try:
