@@ -23,6 +23,7 @@ from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, deliver_webhook
 from bus.webhooks.outbox import JOB_FUNCTION, WORKER
 from tests.support.processes import free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RECEIVER = ROOT / "tests" / "support" / "webhook_receiver.py"
@@ -47,34 +48,28 @@ class Receiver:
         got: list[dict[str, Any]] = self.client.get(f"/received/{name}").json()
         return got
 
-    def wait_for(self, name: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.received(name)
-            if len(got) >= count or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
-
 
 def start_receiver() -> Iterator[Receiver]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(RECEIVER), str(port)], cwd=ROOT)
     receiver = Receiver(port)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                receiver.client.get("/health").raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        wait_until(lambda: _answers(receiver, proc), within=20, what="webhook receiver up")
         yield receiver
     finally:
         receiver.client.close()
         proc.terminate()
         proc.wait(10)
+
+
+def _answers(receiver: Receiver, proc: subprocess.Popen[bytes]) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"webhook receiver exited with {proc.returncode}")
+    try:
+        receiver.client.get("/health").raise_for_status()
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 def chain_end(trace: str = "t1", **fields: Any) -> ChainEnd:
