@@ -176,6 +176,12 @@ async def _stop_consumer(consumer: GroupConsumer) -> None:
     log.info("consumer %s stopped: %s", consumer.replica_id, consumer.stats.as_dict())
 
 
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    wctx = ctx.get(_CONTEXT_KEY)
+    if isinstance(wctx, WorkerContext):  # start-up may have failed before creating it
+        await wctx.cleanup.aclose()
+
+
 def consumer_worker_settings(
     *,
     worker: str,
@@ -202,11 +208,6 @@ def consumer_worker_settings(
         _ride_out_outages(ctx["redis"], cfg)
         await _start_consumer(wctx, group, build_handler)
 
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        wctx = ctx.get(_CONTEXT_KEY)
-        if isinstance(wctx, WorkerContext):
-            await wctx.cleanup.aclose()
-
     jobs = list(functions) or [func(consumer_stats, name="consumer_stats")]
     options = {"max_jobs": max_jobs, "poll_delay": poll_delay, "job_timeout": job_timeout}
     attrs: dict[str, Any] = {
@@ -215,7 +216,7 @@ def consumer_worker_settings(
         "queue_name": Keys(cfg.prefix).arq_queue(worker),
         "functions": jobs,
         "on_startup": startup,
-        "on_shutdown": shutdown,
+        "on_shutdown": _shutdown,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         # Our handler (installed at start-up) replaces arq's: see _stop_on_signals.
         "handle_signals": False,
