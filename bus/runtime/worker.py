@@ -160,14 +160,15 @@ async def _start_consumer(wctx: WorkerContext, group: str, build_handler: Handle
     consumer = GroupConsumer(redis=wctx.redis, settings=cfg, group=group, handler=handler)
     await consumer.start()
     wctx.consumer = consumer
+    # Pushed after the handler's own cleanup, so closed before it: the
+    # handler's resources outlive the consumer that calls it.
+    wctx.cleanup.push_async_callback(_stop_consumer, consumer)
     if cfg.metrics_port:
         exporter = MetricsExporter(
             consumer=consumer, redis=wctx.redis, settings=cfg, port=cfg.metrics_port
         )
         await exporter.start()
         wctx.cleanup.push_async_callback(exporter.aclose)
-    # Pushed last, so closed first: the handler's resources outlive its consumer.
-    wctx.cleanup.push_async_callback(_stop_consumer, consumer)
     log.info("consumer %s of group %s started", consumer.replica_id, group)
 
 
