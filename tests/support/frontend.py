@@ -189,6 +189,10 @@ async def collect(
             if sse.event == "end":
                 got.ended = True
                 break
+            if not sse.data:
+                # A keep-alive comment (": ping"): httpx-sse reports it as an
+                # empty message carrying the last id.
+                continue
             envelope = json.loads(sse.data)
             got.envelopes.append(envelope)
             got.ids.append(sse.id)
