@@ -34,7 +34,13 @@ def convert(state: StreamState, event: ev.Event) -> list[ProtoEvent]:
         thread = event.metadata.get("thread_id")
         if isinstance(thread, str | int) and str(thread):
             state.thread = str(thread)
+    # Token and stream events first: most events are one of them, and a case naming
+    # the exact class is the cheap one (isinstance against a base costs more).
     match event:
+        case ev.LLMNewToken():
+            MessageConverter(_run(state, event), event, out.append).token(event)
+        case ev.StreamEvent():
+            MessageConverter(_run(state, event), event, out.append).stream(event)
         case ev.ToolStart():
             run = _start(state, event, out)
             run.tool_call_id = event.tool_call_id or event.run_id
@@ -44,10 +50,6 @@ def convert(state: StreamState, event: ev.Event) -> list[ProtoEvent]:
             out.append(ProtoEvent(TOOLS, run.ns, event.time, data))
         case ev.RunStart():
             _start(state, event, out)
-        case ev.LLMNewToken():
-            MessageConverter(_run(state, event), event, out.append).token(event)
-        case ev.StreamEvent():
-            MessageConverter(_run(state, event), event, out.append).stream(event)
         case ev.LLMEnd():
             MessageConverter(_run(state, event), event, out.append).end(event)
             _end(state, event, out)

@@ -151,7 +151,13 @@ class TreeState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     updated_at: float = 0.0
 
 
-_RUN_EVENTS = (ev.RunStart, ev.RunEnd, ev.RunError, ev.LLMNewToken)
+_RUN_EVENT_TYPES = frozenset(
+    cls
+    for cls in ev.EVENT_TYPES.values()
+    if issubclass(cls, ev.RunStart | ev.RunEnd | ev.RunError | ev.LLMNewToken)
+)
+"""The concrete classes the tree folds in: a set lookup by type is several times cheaper
+than isinstance() against Struct bases, and most events are tokens or stream events."""
 
 
 def _start_inputs(event: ev.RunStart) -> Any:
@@ -185,12 +191,12 @@ def _end_outputs(event: ev.RunEnd) -> Any:
 
 def is_run_event(event: ev.BaseEvent) -> bool:
     """Whether the trace worker folds this event into a run tree."""
-    return isinstance(event, _RUN_EVENTS) and bool(event.trace_id) and bool(event.run_id)
+    return type(event) in _RUN_EVENT_TYPES and bool(event.trace_id) and bool(event.run_id)
 
 
 def apply(state: TreeState, event: ev.BaseEvent) -> None:
     """Merge one event's facts into ``state`` (other event types are ignored)."""
-    if not isinstance(event, _RUN_EVENTS) or not event.run_id:
+    if type(event) not in _RUN_EVENT_TYPES or not event.run_id:
         return
     run = state.runs.get(event.run_id)
     if run is None:
@@ -199,13 +205,13 @@ def apply(state: TreeState, event: ev.BaseEvent) -> None:
         rank = (1, event.source, event.seq)
         if rank < run.info_rank:
             _take_fields(run, event, rank)
-    match event:
+    match event:  # tokens first: the most frequent, and naming the exact class is cheapest
+        case ev.LLMNewToken():
+            _count_token(run, event)
         case ev.RunStart() if not run.started:
             _take_fields(run, event, (0, event.source, event.seq))
             run.started, run.start_time, run.start_seq = True, event.time, event.seq
             run.inputs = _start_inputs(event)
-        case ev.LLMNewToken():
-            _count_token(run, event)
         case ev.RunError() if run.end_kind != "error":
             run.end_kind, run.end_time = "error", event.time
             run.error, run.error_type = event.error, event.error_type
