@@ -280,3 +280,23 @@ def test_outcomes_keep_their_wire_values() -> None:
         "MESSAGE_EXPIRED": "message-expired",
     }
     assert msgspec.json.encode(Outcome.RECEIVER_GONE) == b'"gone"'
+
+
+async def test_a_busy_endpoint_puts_the_same_attempt_back(rig: Rig) -> None:
+    endpoint = await rig.registry.add(URL, max_concurrency=1)
+    msg_id = await rig.route_one(endpoint)
+    # Another worker process holds the endpoint's one slot for the next minute.
+    lease_end_ms = int((time.time() + 60) * 1000)
+    await rig.redis.zadd(rig.keys.endpoint_slots(endpoint.id), {"other-process": lease_end_ms})
+    async with rig.deliverer() as deliverer:
+        (first,) = await rig.queued()
+        assert await deliverer.attempt(first.job) == Outcome.WAITING
+        (again,) = await rig.queued()
+        assert again.job == AttemptJob(endpoint.id, msg_id, 1, wait=1)
+        assert 40 <= again.defer_ms <= 60  # 50 ms of backoff, +-20 % jitter
+        assert await deliverer.attempt(again.job) == Outcome.WAITING
+        (third,) = await rig.queued()
+        assert third.job == AttemptJob(endpoint.id, msg_id, 1, wait=2)
+        assert 80 <= third.defer_ms <= 120
+    assert rig.receiver.requests == []
+    assert await rig.log(endpoint) == []
