@@ -43,6 +43,7 @@ from bus.errors import EndpointNotFound
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
 from bus.keys import Keys, partition_of
 from bus.producer.publisher import ENTRY_FIELD
+from bus.runtime.worker import worker_context
 from bus.scripts import execute
 from bus.settings import Settings
 from bus.webhooks.endpoints import Attempt, Endpoint, Endpoints, decode_endpoint
@@ -347,7 +348,7 @@ async def deliver_webhook(
     HTTP failures are handled inside (they schedule the next attempt). Only
     Redis trouble escapes, as arq's ``Retry``, so arq runs this job again.
     """
-    deliverer: Deliverer = ctx["webhooks"]
+    deliverer = worker_context(ctx).service(Deliverer)
     job = AttemptJob(endpoint_id, msg_id, attempt, wait, series)
     try:
         return await deliverer.attempt(job)
