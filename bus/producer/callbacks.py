@@ -52,7 +52,7 @@ def guarded(callback: Callable[P, None]) -> Callable[P, None]:
     return guard
 
 
-def _error_callback(cls: type[ev.BaseEvent], name: str) -> Any:
+def _error_callback(cls: type[ev.RunError], name: str) -> Any:
     """The ``on_*_error`` callbacks differ only in the event they publish."""
 
     def callback(

@@ -51,7 +51,7 @@ class RunEmitter:
 
     def start(
         self,
-        cls: type[ev.BaseEvent],
+        cls: type[ev.RunStart],
         *,
         serialized: dict[str, Any] | None,
         run_id: UUID,
@@ -80,7 +80,7 @@ class RunEmitter:
 
     def finish(
         self,
-        cls: type[ev.BaseEvent],
+        cls: type[ev.RunEnd | ev.RunError],
         run_id: UUID,
         parent_run_id: UUID | None,
         fields: dict[str, Any],
