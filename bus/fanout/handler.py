@@ -35,11 +35,10 @@ from bus.errors import FanoutConflict
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
-from bus.fanout.state import TraceState
+from bus.fanout.state import StreamState
 from bus.history import SCRIPTS, GuardedWriter, Outgoing, Topic
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
-from bus.runtime.worker import WorkerContext
 from bus.scripts import execute, send
 from bus.settings import Settings
 
@@ -84,7 +83,7 @@ class FanoutHandler:
         )
         self._window_s = settings.fanout_coalesce_ms / 1000
         self._cache_max = settings.fanout_cache_traces
-        self._cache: dict[str, TraceState] = {}
+        self._cache: dict[str, StreamState] = {}
         self._copied: dict[str, str] = {}
         """Per cached trace with a thread: its last history entry copied to the thread.
         Absent when unknown (state reloaded): the thread is then caught up from history."""
@@ -244,8 +243,3 @@ class FanoutHandler:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-async def build_handler(ctx: WorkerContext) -> FanoutHandler:
-    """The :data:`bus.runtime.worker.HandlerFactory` of the fan-out worker."""
-    return FanoutHandler(redis=ctx.redis, settings=ctx.settings)

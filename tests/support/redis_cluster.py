@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.processes import wait_for
+from tests.support.waiting import wait_until
 
 MASTERS = 3
 
@@ -102,7 +102,7 @@ class OwnedCluster:
         )
         client = redis.Redis(port=port, socket_connect_timeout=0.5)
         try:
-            wait_for(lambda: _pings(client), within=10, what=f"redis-server on {port}")
+            wait_until(lambda: _pings(client), within=10, what=f"redis-server on {port}")
         finally:
             client.close()
 
@@ -122,7 +122,7 @@ class OwnedCluster:
                     return False
             return True
 
-        wait_for(ok, within=within, what="cluster state ok")
+        wait_until(ok, within=within, what="cluster state ok")
 
     def owner_port(self, slot: int) -> int:
         """The port of the master that serves ``slot`` now."""
