@@ -49,6 +49,7 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.traces
 	$(BIN)/python -m bench.webhooks
+	$(BIN)/python -m bench.cluster
 
 demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
 	$(BIN)/python -m bus.demo $(ARGS)

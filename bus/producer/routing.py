@@ -85,9 +85,14 @@ class ClusterSender:
     def _round(self, pending: list[_Item], result: ClusterSend) -> list[_Item]:
         """Send each entry to its owner (or to the ASK target given); return the redirected."""
         groups: dict[str, tuple[ClusterNode, bool, list[_Item]]] = {}
+        owners: dict[bytes, ClusterNode] = {}  # one slot-map lookup per partition and round
         for item in pending:
             try:
-                node = item[2] or self._owner(item[1][0])
+                node = (
+                    item[2]
+                    or owners.get(item[1][0])
+                    or owners.setdefault(item[1][0], self._owner(item[1][0]))
+                )
             except (SlotNotCoveredError, ClusterDownError) as exc:
                 result.unsent.append((item[0], item[1]))
                 result.failure = exc

@@ -27,7 +27,8 @@ MASTERS = 3
 class OwnedCluster:
     """``start()``, ``kill(port)``, ``restart(port)``, ``reshard(...)``, ``stop()``."""
 
-    def __init__(self, masters: int = MASTERS) -> None:
+    def __init__(self, masters: int = MASTERS, *, durable: bool = True) -> None:
+        self.durable = durable
         if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
             pytest.skip("redis-server and redis-cli are needed for the cluster tests")
         self.ports = [_cluster_port() for _ in range(masters)]
@@ -89,7 +90,7 @@ class OwnedCluster:
                 "--save",
                 "",
                 "--appendonly",
-                "yes",
+                "yes" if self.durable else "no",
                 "--appendfsync",
                 "always",
                 "--dir",
