@@ -165,3 +165,23 @@ def test_every_service_starts_and_becomes_healthy(compose: LocalCompose) -> None
     for name in order:
         compose.wait_healthy(name)
     assert compose.stop_all() == []
+
+
+def test_cluster_compose_file_runs_the_same_commands_on_a_cluster() -> None:
+    cluster: dict[str, Any] = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())[
+        "services"
+    ]
+    plain = load_services()
+    masters = [cluster[f"redis-{i}"]["command"] for i in (1, 2, 3)]
+    assert all(command[command.index("--cluster-enabled") + 1] == "yes" for command in masters)
+    assert "--cluster-enabled" not in cluster["queue"]["command"]
+    for name in ("fanout", "traces", "webhooks", "frontend"):
+        service = cluster[name]
+        assert service["command"] == plain[name]["command"]
+        assert service["healthcheck"]["test"] == plain[name]["healthcheck"]["test"]
+        env = service["environment"]
+        assert (env["LCBUS_REDIS_CLUSTER"], env["LCBUS_QUEUE_REDIS_URL"]) == (
+            "true",
+            "redis://queue:6379/0",
+        )
+        assert env["LCBUS_REDIS_URL"].startswith("redis://redis-1:")
