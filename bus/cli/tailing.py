@@ -11,8 +11,7 @@ import redis
 
 from bus import events as ev
 from bus.errors import EventDecodeError
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.settings import Settings
 
 Filter = Callable[[ev.Event], bool]

@@ -29,7 +29,7 @@ from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
 from bus.fanout.state import TraceState
 from bus.history import GuardedWriter, Topic
-from bus.keys import Keys
+from bus.keys import STATE_BLOB, STATE_VERSION, Keys
 from bus.runtime.consumer import Delivery
 from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
@@ -89,7 +89,7 @@ class FanoutHandler:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for trace in traces:
-                pipe.hmget(self._keys.fanout_state(trace), ["v", "s"])
+                pipe.hmget(self._keys.fanout_state(trace), [STATE_VERSION, STATE_BLOB])
             replies = await pipe.execute()
         for trace, (version, blob) in zip(traces, replies, strict=True):
             self._cache[trace] = fanstate.load(blob, version)

@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from bus.errors import EventDecodeError
 from bus.events import Event, UnknownEvent, decode
-from bus.keys import Keys
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime import deadletter
 from bus.runtime.lease import HeldPartition, LeaseLost, Leases, assign, default_replica_id
 from bus.runtime.outage import TRANSIENT_ERRORS, Outage
@@ -346,7 +346,9 @@ class GroupConsumer:
             failures = await self._handle(part, deliveries)
             if failures:
                 # Only a failure needs the payloads back (for the dead letter).
-                payloads = {i.decode(): f.get(b"e", b"") for i, f in entries if f is not None}
+                payloads = {
+                    i.decode(): f.get(ENTRY_FIELD, b"") for i, f in entries if f is not None
+                }
                 reason = deadletter.REASON_HANDLER_FAILED
                 for delivery, error in failures:
                     payload = payloads[delivery.entry_id]
@@ -367,7 +369,7 @@ class GroupConsumer:
             if fields is None:
                 self.stats.trimmed += 1
                 continue
-            payload = fields.get(b"e", b"")
+            payload = fields.get(ENTRY_FIELD, b"")
             try:
                 event = decode(payload)
             except EventDecodeError as exc:

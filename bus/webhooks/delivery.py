@@ -40,8 +40,7 @@ from redis.exceptions import RedisError
 
 from bus.errors import EndpointNotFound, UnsafeURLError
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.scripts import execute
 from bus.settings import Settings
 from bus.webhooks import ssrf
