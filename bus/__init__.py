@@ -10,17 +10,18 @@ app process stays light.
 from typing import TYPE_CHECKING, Any
 
 from bus.errors import (
+    AccessDenied,
     AccessError,
     BusError,
     ConfigError,
     EndpointNotFound,
     EventDecodeError,
     EventsMissed,
-    FanoutConflict,
     InvalidPosition,
+    InvalidQuery,
     SlowConsumer,
+    StateConflict,
     StreamError,
-    TraceConflictError,
     UnsafeURLError,
     WebhookError,
 )
@@ -55,6 +56,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AccessDenied",
     "AccessError",
     "BatchHandler",
     "BusCallbackHandler",
@@ -67,18 +69,18 @@ __all__ = [
     "Event",
     "EventDecodeError",
     "EventsMissed",
-    "FanoutConflict",
     "GroupConsumer",
     "InvalidPosition",
+    "InvalidQuery",
     "Keys",
     "Publisher",
     "PublisherStats",
     "RunNode",
     "Settings",
     "SlowConsumer",
+    "StateConflict",
     "StreamError",
     "Trace",
-    "TraceConflictError",
     "TraceSummary",
     "UnsafeURLError",
     "WebhookError",

@@ -12,18 +12,9 @@ import hmac
 
 from starlette.requests import HTTPConnection
 
-from bus.errors import AccessError
+from bus.errors import AccessDenied, AccessError
 from bus.settings import Settings
 from bus.tokens import grants, verify_token
-
-
-class Denied(Exception):
-    """A refused request; ``status`` is the HTTP status (401 or 403)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def token_of(conn: HTTPConnection) -> str | None:
@@ -44,17 +35,17 @@ def check_access(
     trace_id: str | None = None,
     thread_id: str | None = None,
 ) -> None:
-    """Return when ``conn`` may read the trace or thread; raise :class:`Denied` otherwise."""
+    """Return when ``conn`` may read the trace or thread; raise ``AccessDenied`` otherwise."""
     if settings.open_access:
         return
     token = token_of(conn)
     if token is None:
-        raise Denied(401, "a stream token is required (?token= or Authorization: Bearer)")
+        raise AccessDenied(401, "a stream token is required (?token= or Authorization: Bearer)")
     if settings.admin_token and hmac.compare_digest(token, settings.admin_token):
         return
     try:
         scope = verify_token(token, secret=settings.stream_secret)
     except AccessError as exc:
-        raise Denied(403, str(exc)) from None
+        raise AccessDenied(403, str(exc)) from None
     if not grants(scope, trace_id=trace_id, thread_id=thread_id):
-        raise Denied(403, "token is for another trace or thread")
+        raise AccessDenied(403, "token is for another trace or thread")

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
+from bus.errors import InvalidQuery
 from bus.settings import Settings
 from bus.traces.store import TracePage, get_trace, list_traces
 from bus.traces.tree import RunNode, Trace, TraceSummary
@@ -78,7 +79,11 @@ def run_traces(args: argparse.Namespace) -> int:
             cursor=args.cursor,
         )
 
-    page = _with_client(settings, fetch)
+    try:
+        page = _with_client(settings, fetch)
+    except InvalidQuery as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.json:
         print(msgspec.json.encode(page).decode())
         return 0

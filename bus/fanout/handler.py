@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from bus.errors import FanoutConflict
+from bus.errors import StateConflict
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
@@ -82,7 +82,7 @@ class FanoutHandler:
                 return
             self.stats.conflicts += len(refused)
             groups = {trace: groups[trace] for trace in refused}
-        raise FanoutConflict(f"state of traces {sorted(groups)} kept changing under this writer")
+        raise StateConflict(f"state of traces {sorted(groups)} kept changing under this writer")
 
     async def _load(self, traces: list[str]) -> None:
         if not traces:

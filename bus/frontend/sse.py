@@ -23,8 +23,8 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bus.access import Denied, check_access
-from bus.errors import StreamError
+from bus.access import check_access
+from bus.errors import AccessDenied, StreamError
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
@@ -87,7 +87,7 @@ async def trace_stream(request: Request) -> Response:
     try:
         check_access(request, state.settings, trace_id=trace_id)
         flt = Filter.build(parse_channels(request.query_params.get("channels")))
-    except Denied as exc:
+    except AccessDenied as exc:
         return _refuse(exc.status, exc.reason)
     except FilterError as exc:
         return _refuse(400, str(exc))
@@ -103,7 +103,7 @@ async def thread_stream(request: Request) -> Response:
         check_access(request, state.settings, thread_id=thread_id)
         body = _decode_request(await request.body())
         flt = Filter.build(body.channels, body.namespaces, body.depth)
-    except Denied as exc:
+    except AccessDenied as exc:
         return _refuse(exc.status, exc.reason)
     except (msgspec.DecodeError, FilterError) as exc:
         return _refuse(400, f"invalid EventStreamRequest: {exc}")

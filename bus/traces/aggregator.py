@@ -29,7 +29,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.errors import TraceConflictError
+from bus.errors import StateConflict
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
@@ -89,7 +89,7 @@ class TraceAggregator:
                 return
             self.conflicts += len(conflicts)
             pending, fresh = conflicts, True
-        raise TraceConflictError(f"traces kept changing under this worker: {pending[:5]}")
+        raise StateConflict(f"traces kept changing under this worker: {pending[:5]}")
 
     async def _save(self, loaded: Mapping[str, Loaded], now: float) -> list[str]:
         """Save, publishing ``trace_completed`` for the traces that just completed."""

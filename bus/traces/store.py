@@ -28,12 +28,16 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from bus.errors import InvalidQuery
 from bus.keys import STATE_BLOB, STATE_VERSION, TREE_SUMMARY, Keys, lua_fields, partition_of
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 from bus.traces.tree import Trace, TraceState, TraceSummary, build, is_complete, summarize
 
 __all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
+
+MAX_LIST_LIMIT = 1000
+"""The largest page ``list_traces`` returns."""
 
 LIST_SCAN_CAP = 5000
 """Index entries one ``list_traces`` call examines at most (filters are applied to
@@ -225,8 +229,11 @@ async def list_traces(
     ``metadata`` matches the root run's metadata, each value compared as text.
     A page can hold fewer than ``limit`` traces while ``next_cursor`` is set
     (at most :data:`LIST_SCAN_CAP` index entries are examined per call).
+    Raises :class:`~bus.errors.InvalidQuery` for a ``limit`` outside 1..1000 or
+    a cursor that no page returned.
     """
-    limit = max(1, min(limit, 1000))
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
     keys = Keys(settings.prefix)
     index = keys.trace_index()
     top, after = _parse_cursor(cursor)
@@ -268,7 +275,7 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str | None]:
     except ValueError:
         value = math.nan
     if not sep or math.isnan(value):
-        raise ValueError(f"bad trace list cursor: {cursor!r}")
+        raise InvalidQuery(f"bad trace list cursor: {cursor!r}")
     return value, member
 
 
