@@ -8,12 +8,13 @@ They load on first use, so that importing one runtime module (``outage``,
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bus.runtime.consumer import BatchHandler, Delivery, GroupConsumer
+    from bus.runtime.batches import BatchHandler, Delivery
+    from bus.runtime.consumer import GroupConsumer
     from bus.runtime.worker import WorkerContext, consumer_worker_settings
 
 _LAZY = {
-    "BatchHandler": "bus.runtime.consumer",
-    "Delivery": "bus.runtime.consumer",
+    "BatchHandler": "bus.runtime.batches",
+    "Delivery": "bus.runtime.batches",
     "GroupConsumer": "bus.runtime.consumer",
     "WorkerContext": "bus.runtime.worker",
     "consumer_worker_settings": "bus.runtime.worker",
