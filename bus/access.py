@@ -1,4 +1,6 @@
-"""Who may read a stream: a token from the query or the Authorization header.
+"""Who may read a stream, and the HTTP answers the frontend, trace and admin APIs share.
+
+A token comes from the query or the Authorization header.
 
 EventSource and browser WebSockets cannot set headers, so ``?token=`` is
 accepted beside ``Authorization: Bearer``. No token is 401; a forged,
@@ -11,21 +13,28 @@ from __future__ import annotations
 import hmac
 
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
 
 from bus.errors import AccessDenied, AccessError
 from bus.settings import Settings
 from bus.tokens import grants, verify_token
 
 
-def token_of(conn: HTTPConnection) -> str | None:
-    token = conn.query_params.get("token")
-    if token:
-        return token
-    header = conn.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
+def error_response(status: int, reason: str) -> JSONResponse:
+    """The JSON body every refused or malformed request gets: ``{"error": reason}``."""
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def bearer_token(conn: HTTPConnection) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, value = conn.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
+
+
+def token_of(conn: HTTPConnection) -> str | None:
+    return conn.query_params.get("token") or bearer_token(conn)
 
 
 def check_access(

@@ -11,7 +11,7 @@ The tree::
     │   ├── EventsMissed       its resume point is no longer in history
     │   ├── InvalidPosition    its resume point is malformed or lies beyond history
     │   └── SlowConsumer       it fell behind its bounded queue
-    ├── InvalidQuery       a trace query with a bad filter, limit or cursor
+    ├── InvalidQuery       a query or option with a bad filter, limit, cursor or KEY=VALUE
     ├── StateConflict      another writer kept changing a trace's stored state under us
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
@@ -74,7 +74,7 @@ class SlowConsumer(StreamError):
 
 
 class InvalidQuery(BusError):
-    """A trace query that cannot be answered: a bad filter, limit or cursor."""
+    """A query or option that cannot be parsed: a bad filter, limit, cursor or KEY=VALUE pair."""
 
 
 class StateConflict(BusError):

@@ -35,6 +35,7 @@ from bus.keys import (
     Keys,
     lua_fields,
 )
+from bus.parsing import entry_order, text
 
 TopicKind = Literal["trace", "thread"]
 Position = Literal["ok", "missed", "unknown"]
@@ -216,7 +217,7 @@ def parse_message(data: bytes) -> StreamItem:
 
 
 def _item(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamItem:
-    event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    event_id = text(entry_id)
     return StreamItem(
         event_id,
         int(fields[HISTORY_SEQ]),
@@ -253,12 +254,6 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     if not first:
         return "missed"
     first_id, fields = first[0]
-    if _id_tuple(after) > _id_tuple(first_id):
+    if entry_order(after) > entry_order(first_id):
         return "unknown"
     return "ok" if int(fields[HISTORY_SEQ]) == 1 else "missed"
-
-
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)

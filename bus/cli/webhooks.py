@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
 from bus.errors import BusError
+from bus.parsing import key_values
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
 from bus.webhooks.outbox import replay, replay_since
@@ -27,12 +28,7 @@ def _print(value: Any) -> None:
 
 
 async def _add(reg: Endpoints, args: argparse.Namespace) -> Any:
-    metadata = {}
-    for pair in args.metadata:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise BusError(f"--metadata takes KEY=VALUE, got {pair!r}")
-        metadata[key] = value
+    metadata = key_values(args.metadata, option="--metadata")
     endpoint = await reg.add(
         args.url,
         events=args.event or ["*"],

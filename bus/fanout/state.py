@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import msgspec
 
+from bus.parsing import entry_order
+
 MessageMode = str
 """``""`` (no message yet), ``"token"`` (from on_llm_new_token), ``"stream"``
 (from on_stream_event) or ``"done"`` (message finished)."""
@@ -72,8 +74,3 @@ def load(blob: bytes | None, version: bytes | None) -> TraceState:
     state = _decoder.decode(blob) if blob else TraceState()
     state.version = int(version) if version else 0
     return state
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -21,9 +21,10 @@ from collections.abc import AsyncIterator
 import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from bus.access import check_access
+from bus.access import error_response as _refuse
 from bus.errors import AccessDenied, StreamError
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
@@ -74,10 +75,6 @@ def _response(state: AppState, topic: Topic, start: Start, flt: Filter) -> Respo
         send_timeout=state.settings.send_timeout_s,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
-
-
-def _refuse(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)
 
 
 async def trace_stream(request: Request) -> Response:

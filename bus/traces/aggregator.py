@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from bus import events as ev
 from bus.errors import StateConflict
 from bus.keys import Keys
+from bus.parsing import text
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
@@ -117,7 +118,7 @@ class TraceAggregator:
         raw = await self.redis.zrangebyscore(
             self.keys.trace_open(), "-inf", cutoff, start=0, num=_SWEEP_BATCH
         )
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
+        ids = [text(m) for m in raw]
         if not ids:
             return 0
         loaded = await self.store.load(ids, fresh=True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import msgspec
 import redis.asyncio as aioredis
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from bus.access import check_access
+from bus.access import error_response as _error
 from bus.errors import AccessDenied, InvalidQuery
+from bus.parsing import key_values
 from bus.settings import Settings
 from bus.traces.store import get_trace, list_traces
 
@@ -52,7 +54,7 @@ def trace_routes(settings: Settings, redis: aioredis.Redis) -> list[BaseRoute]:
             return denied
         query = request.query_params
         try:
-            metadata = dict(_pair(item) for item in query.getlist("metadata"))
+            metadata = key_values(query.getlist("metadata"), option="metadata")
             page = await list_traces(
                 redis,
                 settings,
@@ -73,13 +75,6 @@ def trace_routes(settings: Settings, redis: aioredis.Redis) -> list[BaseRoute]:
     ]
 
 
-def _pair(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise InvalidQuery(f"metadata filter must be key=value, got {item!r}")
-    return key, value
-
-
 def _limit(text: str) -> int:
     try:
         return int(text)
@@ -94,7 +89,3 @@ def _denied(request: Request, settings: Settings, *, trace_id: str | None) -> Re
     except AccessDenied as exc:
         return _error(exc.status, exc.reason)
     return None
-
-
-def _error(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 
 from bus.errors import InvalidQuery
 from bus.keys import STATE_BLOB, STATE_VERSION, TREE_SUMMARY, Keys, lua_fields, partition_of
+from bus.parsing import text
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 from bus.traces.tree import Trace, TraceState, TraceSummary, build, is_complete, summarize
@@ -245,7 +246,7 @@ async def list_traces(
             index, top, "-inf", start=offset, num=chunk, withscores=True
         )
         offset += len(raw)
-        rows = [(_text(m), float(s)) for m, s in raw]
+        rows = [(text(m), float(s)) for m, s in raw]
         if after is not None:  # equal scores come in descending member order
             rows = [(m, s) for m, s in rows if not (s == top and m >= after)]
         blobs = await _summaries(redis, settings, [m for m, _ in rows])
@@ -321,7 +322,3 @@ def _matches(
 
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

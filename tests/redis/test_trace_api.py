@@ -123,7 +123,7 @@ async def test_list_pages_with_a_cursor(client: httpx.AsyncClient) -> None:
     [
         ("cursor=garbage", "bad trace list cursor: 'garbage'"),
         ("cursor=1.5", "bad trace list cursor: '1.5'"),
-        ("metadata=novalue", "metadata filter must be key=value, got 'novalue'"),
+        ("metadata=novalue", "metadata takes KEY=VALUE, got 'novalue'"),
         ("limit=0", "limit must be between 1 and 1000, got 0"),
         ("limit=1001", "limit must be between 1 and 1000, got 1001"),
         ("limit=ten", "limit must be a whole number, got 'ten'"),
