@@ -24,6 +24,7 @@ from bus import decode
 from bus import events as ev
 from bus.keys import ENTRY_FIELD, Keys
 from bus.settings import Settings
+from bus.tokens import verify_token
 from tests.support.processes import ROOT
 
 APP = ROOT / "tests" / "support" / "publish_only_app.py"
@@ -120,6 +121,15 @@ def test_base_install_publishes_a_chain_without_the_extras(
     ]
     assert {e.trace_id for e in events} == {root} and events[0].run_id == root
     assert len({e.id for e in events}) == len(events)
+
+
+def test_base_install_runs_the_cli(bare_python: Path) -> None:
+    lcbus = bare_python.parent / "lcbus"
+    env = {"PATH": os.environ["PATH"], "LCBUS_STREAM_SECRET": "base-secret"}
+    out = subprocess.run(
+        [lcbus, "token", "trace-1"], env=env, capture_output=True, text=True, check=True
+    )
+    assert verify_token(out.stdout.strip(), secret="base-secret") == "trace:trace-1"
 
 
 def _human(text: str) -> dict[str, object]:
