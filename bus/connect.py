@@ -21,16 +21,18 @@ standalone Redis; default ``LCBUS_REDIS_URL``). See ``bus.runtime.worker``.
 from __future__ import annotations
 
 import threading
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from bus.errors import ConfigError
 from bus.settings import Settings
+
+if TYPE_CHECKING:  # arq is not part of the base install (the CLI runs without it)
+    from arq.connections import ArqRedis
 
 __all__ = [
     "async_client",
@@ -121,6 +123,8 @@ def queue_client(settings: Settings, *, share: aioredis.Redis | None = None) -> 
     """An arq client for enqueueing attempts. It shares ``share``'s connection pool
     when the queue lives on that (standalone) Redis; otherwise the caller owns it and
     closes it with ``aclose()``."""
+    from arq.connections import ArqRedis
+
     url = queue_url(settings)
     if share is not None and not is_cluster_client(share) and url == settings.redis_url:
         return ArqRedis(connection_pool=share.connection_pool)

@@ -7,10 +7,11 @@ carries the history entry id: that id is the protocol ``eventId`` and the SSE
 ``id:``, which is what makes resume exact. Frontends subscribe first, then read
 history after the client's position, and merge the two by id.
 
-Entry fields: ``s`` per-topic sequence number, ``m`` the protocol channel
-(``messages``, ``tools``, ``lifecycle``, ``custom``), ``f`` = ``1`` on the
-topic's final event, ``p`` the JSON of ``{"method": ..., "params": ...}``.
-A live message is the same, tab-separated: ``id, s, m, f, p``.
+Entry fields (named in :mod:`bus.keys`): ``HISTORY_SEQ`` the per-topic sequence
+number, ``HISTORY_CHANNEL`` the protocol channel (``messages``, ``tools``,
+``lifecycle``, ``custom``), ``HISTORY_FINAL`` = ``1`` on the topic's final event,
+``HISTORY_PAYLOAD`` the JSON of ``{"method": ..., "params": ...}``. A live message
+is the same, tab-separated: entry id, sequence, channel, final flag, payload.
 
 The fan-out worker writes through :class:`GuardedWriter`, which appends the
 same entries and publishes the same messages, and saves the trace's
@@ -31,7 +32,15 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from bus.connect import publish_command
-from bus.keys import Keys
+from bus.keys import (
+    HISTORY_CHANNEL,
+    HISTORY_FINAL,
+    HISTORY_PAYLOAD,
+    HISTORY_SEQ,
+    Keys,
+    lua_fields,
+)
+from bus.parsing import entry_order, text
 from bus.scripts import LuaScript
 
 TopicKind = Literal["trace", "thread"]
@@ -86,13 +95,14 @@ class Outgoing:
 
 # KEYS: history stream, seq counter. ARGV: channel, publish command, maxlen, ttl,
 # then (m, f, p) triples. Returns the last entry id.
-_APPEND = LuaScript("""
+_APPEND = LuaScript(
+    lua_fields("""
 local last = ''
 local tab = '\\t'
 for i = 5, #ARGV, 3 do
   local seq = redis.call('INCR', KEYS[2])
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
-                    's', seq, 'm', ARGV[i], 'f', ARGV[i + 1], 'p', ARGV[i + 2])
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', '$SEQ', seq,
+                    '$CHANNEL', ARGV[i], '$FINAL', ARGV[i + 1], '$PAYLOAD', ARGV[i + 2])
   redis.call(ARGV[2], ARGV[1],
              last .. tab .. seq .. tab .. ARGV[i] .. tab .. ARGV[i + 1] .. tab .. ARGV[i + 2])
 end
@@ -100,6 +110,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return last
 """)
+)
 
 
 class HistoryWriter:
@@ -127,15 +138,16 @@ class HistoryWriter:
 # state blob, state ttl, maxlen, history ttl, channel, publish command, then
 # (m, f, p) triples. Returns {new version, last entry id}, or {-1, ''} when the
 # stored version is not the expected one (another writer got there first).
-_APPLY = LuaScript("""
-local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+_APPLY = LuaScript(
+    lua_fields("""
+local version = tonumber(redis.call('HGET', KEYS[1], '$VERSION') or '0')
 if version ~= tonumber(ARGV[1]) then return {-1, ''} end
 local tab = '\\t'
 local last = ''
 for i = 8, #ARGV, 3 do
   local seq = redis.call('INCR', KEYS[3])
-  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
-                    's', seq, 'm', ARGV[i], 'f', ARGV[i + 1], 'p', ARGV[i + 2])
+  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', '$SEQ', seq,
+                    '$CHANNEL', ARGV[i], '$FINAL', ARGV[i + 1], '$PAYLOAD', ARGV[i + 2])
   redis.call(ARGV[7], ARGV[6],
              last .. tab .. seq .. tab .. ARGV[i] .. tab .. ARGV[i + 1] .. tab .. ARGV[i + 2])
 end
@@ -143,10 +155,11 @@ if #ARGV >= 8 then
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
-redis.call('HSET', KEYS[1], 'v', version + 1, 's', ARGV[2])
+redis.call('HSET', KEYS[1], '$VERSION', version + 1, '$BLOB', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {version + 1, last}
 """)
+)
 
 # The thread copy: a trace's new history entries appended to its thread's topic
 # (own ids and seq, never final), exactly once. The thread's keys live in the
@@ -155,14 +168,15 @@ return {version + 1, last}
 # KEYS: thread history, thread seq, copied marker. ARGV: trace id, expected
 # marker ('' for none), new marker, maxlen, ttl, channel, publish command, then
 # (m, p) pairs. Returns 1, or the stored marker when it is not the expected one.
-_COPY = LuaScript("""
+_COPY = LuaScript(
+    lua_fields("""
 local marker = redis.call('HGET', KEYS[3], ARGV[1]) or ''
 if marker ~= ARGV[2] then return marker end
 local tab = '\\t'
 for i = 8, #ARGV, 2 do
   local seq = redis.call('INCR', KEYS[2])
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*',
-                        's', seq, 'm', ARGV[i], 'f', '0', 'p', ARGV[i + 1])
+                        '$SEQ', seq, '$CHANNEL', ARGV[i], '$FINAL', '0', '$PAYLOAD', ARGV[i + 1])
   redis.call(ARGV[7], ARGV[6],
              id .. tab .. seq .. tab .. ARGV[i] .. tab .. '0' .. tab .. ARGV[i + 1])
 end
@@ -170,6 +184,7 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
 return 1
 """)
+)
 
 SCRIPTS = (_APPEND, _APPLY, _COPY)
 """Every history script, for :func:`bus.scripts.execute` to load on NOSCRIPT."""
@@ -250,9 +265,13 @@ def parse_message(data: bytes) -> StreamItem:
 
 
 def _item(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamItem:
-    event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    event_id = text(entry_id)
     return StreamItem(
-        event_id, int(fields[b"s"]), fields[b"m"].decode(), fields.get(b"f") == b"1", fields[b"p"]
+        event_id,
+        int(fields[HISTORY_SEQ]),
+        fields[HISTORY_CHANNEL].decode(),
+        fields.get(HISTORY_FINAL) == b"1",
+        fields[HISTORY_PAYLOAD],
     )
 
 
@@ -283,12 +302,6 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     if not first:
         return "missed"
     first_id, fields = first[0]
-    if _id_tuple(after) > _id_tuple(first_id):
+    if entry_order(after) > entry_order(first_id):
         return "unknown"
-    return "ok" if int(fields[b"s"]) == 1 else "missed"
-
-
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    return "ok" if int(fields[HISTORY_SEQ]) == 1 else "missed"

@@ -14,9 +14,9 @@ import msgspec
 
 from bus.connect import async_client, queue_client
 from bus.errors import BusError
+from bus.parsing import key_values
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
-from bus.webhooks.outbox import replay, replay_since
 
 Action = Callable[[Endpoints, argparse.Namespace], Awaitable[Any]]
 
@@ -26,12 +26,7 @@ def _print(value: Any) -> None:
 
 
 async def _add(reg: Endpoints, args: argparse.Namespace) -> Any:
-    metadata = {}
-    for pair in args.metadata:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise BusError(f"--metadata takes KEY=VALUE, got {pair!r}")
-        metadata[key] = value
+    metadata = key_values(args.metadata, option="--metadata")
     endpoint = await reg.add(
         args.url,
         events=args.event or ["*"],
@@ -78,6 +73,9 @@ async def _attempts(reg: Endpoints, args: argparse.Namespace) -> Any:
 
 
 async def _replay(reg: Endpoints, args: argparse.Namespace) -> Any:
+    # Imported here: the rest of the CLI runs on the base install, without arq.
+    from bus.webhooks.outbox import replay, replay_since
+
     arq = queue_client(reg.settings)
     try:
         if args.message:

@@ -31,13 +31,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from bus.errors import FanoutConflict
+from bus.errors import StateConflict
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
 from bus.fanout.state import StreamState
 from bus.history import SCRIPTS, GuardedWriter, Outgoing, Topic
-from bus.keys import Keys
+from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD, STATE_BLOB, STATE_VERSION, Keys
+from bus.parsing import text
 from bus.runtime.consumer import Delivery
 from bus.scripts import execute, send
 from bus.settings import Settings
@@ -115,7 +116,7 @@ class FanoutHandler:
         # for the traces written before a conflict gave up: their entries are acked.
         await self._copy_to_threads(copies, threads)
         if pending:
-            raise FanoutConflict(
+            raise StateConflict(
                 f"state of traces {sorted(pending)} kept changing under this writer"
             )
 
@@ -125,7 +126,7 @@ class FanoutHandler:
 
         def build(pipe: Any) -> None:
             for trace in traces:
-                pipe.hmget(self._keys.fanout_state(trace), ["v", "s"])
+                pipe.hmget(self._keys.fanout_state(trace), [STATE_VERSION, STATE_BLOB])
 
         replies = await send(self._redis, build)
         for trace, (version, blob) in zip(traces, replies, strict=True):
@@ -161,7 +162,7 @@ class FanoutHandler:
                 continue
             if state.thread and events and trace in self._copied:
                 items = [(event.method, event.payload) for event in events]
-                copies.append(_Copy(trace, state.thread, self._copied[trace], _text(last), items))
+                copies.append(_Copy(trace, state.thread, self._copied[trace], text(last), items))
             if state.runs:
                 state.version = int(version)
                 self._cache[trace] = state  # re-inserted: the cache evicts oldest first
@@ -223,7 +224,7 @@ class FanoutHandler:
     async def _catch_up(self, trace: str, thread: str) -> None:
         """Copy to the thread every trace history entry after the thread's marker."""
         history = Topic("trace", trace).history(self._keys)
-        marker = _text(await self._redis.hget(self._keys.thread_copied(thread), trace) or b"")
+        marker = text(await self._redis.hget(self._keys.thread_copied(thread), trace) or b"")
         while True:
             entries: Any = await self._redis.xrange(
                 history, min=f"({marker}" if marker else "-", max="+", count=_CATCH_UP_PAGE
@@ -231,15 +232,13 @@ class FanoutHandler:
             if not entries:
                 self._remember_copied(trace, marker)
                 return
-            last = _text(entries[-1][0])
-            items = [(fields[b"m"].decode(), fields[b"p"]) for _, fields in entries]
+            last = text(entries[-1][0])
+            items = [
+                (fields[HISTORY_CHANNEL].decode(), fields[HISTORY_PAYLOAD]) for _, fields in entries
+            ]
             (reply,) = await self._run_copies([_Copy(trace, thread, marker, last, items)])
-            marker = last if reply == 1 else _text(reply)
+            marker = last if reply == 1 else text(reply)
 
     def _remember_copied(self, trace: str, last: str) -> None:
         if trace in self._cache:
             self._copied[trace] = last
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

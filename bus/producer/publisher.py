@@ -33,14 +33,11 @@ import msgspec
 import redis
 
 from bus.connect import is_cluster_client, sync_client
-from bus.keys import Keys
+from bus.keys import ENTRY_FIELD, Keys
 from bus.producer.routing import ClusterSender
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-ENTRY_FIELD = b"e"
-"""The one field of every event stream entry: the msgpack-encoded event."""
 
 _MAX_BACKOFF_S = 1.0
 _STATS_EVERY_S = 5.0

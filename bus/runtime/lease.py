@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bus.keys import Keys
+from bus.parsing import text
 from bus.scripts import LuaScript, execute
 
 # Taking a lease we already hold (say after a short outage where our local
@@ -102,7 +103,7 @@ class Leases:
         raw = await self._heartbeat(
             keys=[self._keys.members(self.group)], args=[self.replica_id, self.ttl_ms]
         )
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+        return sorted(text(m) for m in raw)
 
     async def leave(self) -> None:
         await self._redis.zrem(self._keys.members(self.group), self.replica_id)
@@ -133,7 +134,7 @@ class Leases:
 
     async def owner(self, partition: int) -> str | None:
         raw = await self._redis.get(self._keys.lease(self.group, partition))
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return None if raw is None else text(raw)
 
 
 class LeaseLost(Exception):

@@ -29,8 +29,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.errors import TraceConflictError
+from bus.errors import StateConflict
 from bus.keys import Keys, partition_of
+from bus.parsing import text
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
@@ -89,7 +90,7 @@ class TraceAggregator:
                 return
             self.conflicts += len(conflicts)
             pending, fresh = conflicts, True
-        raise TraceConflictError(f"traces kept changing under this worker: {pending[:5]}")
+        raise StateConflict(f"traces kept changing under this worker: {pending[:5]}")
 
     async def _save(self, loaded: Mapping[str, Loaded], now: float) -> list[str]:
         """Save, publishing ``trace_completed`` for the traces that just completed."""
@@ -121,7 +122,7 @@ class TraceAggregator:
                     self.keys.trace_open(p), "-inf", cutoff, start=0, num=_SWEEP_BATCH
                 )
             replies = await pipe.execute()
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for raw in replies for m in raw]
+        ids = [text(m) for raw in replies for m in raw]
         if not ids:
             return 0
         loaded = await self.store.load(ids, fresh=True)

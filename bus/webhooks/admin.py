@@ -34,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bus.access import bearer_token
+from bus.access import error_response as _error
 from bus.connect import queue_client
 from bus.errors import ConfigError, EndpointNotFound, WebhookError
 from bus.settings import Settings
@@ -52,10 +54,6 @@ class _AddBody(msgspec.Struct, forbid_unknown_fields=True):
     rate_limit: int = 0
     max_concurrency: int = 10
     description: str = ""
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class _Admin:
@@ -79,8 +77,8 @@ class _Admin:
         async def endpoint(request: Request) -> Response:
             if not token:
                 return _error(503, "admin API disabled: set LCBUS_ADMIN_TOKEN")
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not given:
+            given = bearer_token(request)
+            if given is None:
                 return _error(401, "send Authorization: Bearer <admin token>")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(403, "wrong admin token")

@@ -21,8 +21,7 @@ from standardwebhooks.webhooks import Webhook
 
 from bus.connect import queue_client
 from bus.events import WebhookEndpointDisabled, decode
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, Outcome

@@ -18,8 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from bus.connect import queue_client
 from bus.events import BaseEvent, WebhookEndpointDisabled, decode
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoint, Endpoints
