@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) ## create .venv and install the project with every extra and the dev tools
 
 # The tiers: tests/unit (no Redis), tests/redis (real Redis, in process),
-# tests/processes (real processes, browsers, compose).
-test: $(STAMP) lint typecheck ## every tier: lint, typecheck, unit, redis, processes (Redis at REDIS_URL)
-	$(BIN)/python -m pytest -q tests/unit tests/redis tests/processes $(ARGS)
+# tests/processes (real processes, browsers, compose), tests/cluster (a 3-master
+# Redis Cluster the session starts from redis-server).
+test: $(STAMP) lint typecheck ## every tier: lint, typecheck, unit, redis, processes, cluster (Redis at REDIS_URL)
+	$(BIN)/python -m pytest -q tests/unit tests/redis tests/processes tests/cluster $(ARGS)
 
 test-unit: $(STAMP) ## tests/unit only: no Redis, seconds
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)

@@ -92,7 +92,7 @@ def test_base_install_publishes_a_chain_without_the_extras(
     assert Path(report["bus_file"]).is_relative_to(site)
     assert report["installed"] == []
 
-    entries = sync_redis.xrange(Keys(settings.prefix).events(0))
+    entries = sync_redis.xrange(Keys(settings.prefix, settings.partitions).events(0))
     events = [decode(fields[ENTRY_FIELD]) for _, fields in entries]
     names = {e.run_id: e.name for e in events}
     seen = [
