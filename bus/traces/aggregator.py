@@ -177,6 +177,7 @@ def completed_event(state: TraceState) -> ev.TraceCompleted:
     summary = summarize(state)
     rollup = {
         "usage": msgspec.to_builtins(summary.usage),
+        "unreported_usage": summary.unreported_usage,
         "latency_ms": summary.latency_ms,
         "start_time": summary.start_time,
         "end_time": summary.end_time,

@@ -100,7 +100,9 @@ function drawWaterfall(trace) {
     bar.style.left = `${(left * 100).toFixed(2)}%`;
     bar.style.width = `${Math.max((right - left) * 100, 0.3).toFixed(2)}%`;
     const note = document.createElement("span");
-    const tokens = node.usage ? ` · ${node.usage.total_tokens} tok` : "";
+    // null: the provider did not report usage (unknown, which is not 0).
+    const unknown = node.model_type && node.end_time != null ? " · tokens unknown" : "";
+    const tokens = node.usage ? ` · ${node.usage.total_tokens ?? "?"} tok` : unknown;
     const ms = node.duration_ms == null ? "running" : `${node.duration_ms.toFixed(1)} ms`;
     note.textContent = ms + tokens;
     bar.append(note);
