@@ -21,12 +21,14 @@ from bus.errors import (
     SlowConsumer,
     StreamError,
     TraceConflictError,
+    TraceContextError,
     UnsafeURLError,
     WebhookError,
 )
 from bus.events import Event, decode, decode_json, encode, encode_json
 from bus.keys import Keys, partition_of
 from bus.producer.callbacks import BusCallbackHandler
+from bus.producer.propagation import continue_trace, trace_headers
 from bus.producer.publisher import Publisher, PublisherStats
 from bus.runtime.consumer import BatchHandler, Delivery, GroupConsumer
 from bus.runtime.worker import WorkerContext, consumer_worker_settings
@@ -79,11 +81,13 @@ __all__ = [
     "StreamError",
     "Trace",
     "TraceConflictError",
+    "TraceContextError",
     "TraceSummary",
     "UnsafeURLError",
     "WebhookError",
     "WorkerContext",
     "consumer_worker_settings",
+    "continue_trace",
     "create_app",
     "decode",
     "decode_json",
@@ -94,5 +98,6 @@ __all__ = [
     "partition_of",
     "stream_token",
     "thread_token",
+    "trace_headers",
     "verify_token",
 ]

@@ -12,12 +12,14 @@ The tree::
     │   └── SlowConsumer       it fell behind its bounded queue
     ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
     ├── TraceConflictError a run tree kept changing under the trace worker's writes
+    ├── TraceContextError  trace headers (``bus.continue_trace``) that do not name a run
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
 
 The callback handler never raises any of these into the app: it logs and
-counts instead. They surface from the CLI, the workers and the admin APIs.
+counts instead. They surface from the CLI, the workers, the admin APIs and
+``continue_trace``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class FanoutConflict(BusError):
 
 class TraceConflictError(BusError):
     """A run tree kept changing under the trace worker's writes (the batch is retried)."""
+
+
+class TraceContextError(BusError, ValueError):
+    """Trace headers that do not name a run (a malformed id, say)."""
 
 
 class WebhookError(BusError):
