@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ from bus import BusCallbackHandler, Settings, get_trace, stream_token, trace_hea
 from bus.traces.tree import RunNode, Trace
 from tests.processes.test_demo import CHROMIUM, IN_CI
 from tests.support.frontend import SECRET, frontend
-from tests.support.processes import ROOT, free_port, spawn, start_worker, stop, wait_http
+from tests.support.processes import free_port, spawn, start_worker, stop, wait_http
 from tests.support.waiting import wait_until
 
 WORKER = "workers.traces.WorkerSettings"
@@ -160,28 +157,3 @@ def test_the_page_draws_the_child_runs_under_the_parent(
         ["GenericFakeChatModel", "42px", "bar llm", "MS · tokens unknown"],
         ["StrOutputParser", "42px", "bar parser", "MS"],
     ]
-
-
-def test_the_readme_run_tree_example_runs_as_written(settings: Settings, tmp_path: Path) -> None:
-    example = ROOT / "examples" / "run_tree.py"
-    readme = (ROOT / "README.md").read_text()
-    assert f"```python\n{example.read_text()}```" in readme  # included verbatim
-    worker = start_worker(settings, tmp_path / "traces.log", target=WORKER)
-    try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **settings.to_env()}
-        env.pop("REDIS_URL", None)
-        result = subprocess.run(
-            [sys.executable, str(example)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        stop(worker, signal.SIGTERM)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == (
-        "success [('ChatPromptTemplate', 'prompt'), ('GenericFakeChatModel', 'llm'),"
-        " ('StrOutputParser', 'parser')]\n"
-    )
