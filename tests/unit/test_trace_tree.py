@@ -112,3 +112,11 @@ def test_usage_not_reported_is_unknown_and_partial_usage_keeps_its_gaps() -> Non
     }
     assert msgspec.to_builtins(trace.usage) == msgspec.to_builtins(completion.usage)
     assert trace.unreported_usage == 1
+
+
+def test_the_demo_renders_unknown_counts_as_unknown() -> None:
+    from bus.demo.client import render_tree
+
+    node = {"name": "m", "run_type": "llm", "duration_ms": 1.0, "children": []}
+    trace = {"trace_id": "t", "status": "success", "root": {**node, "usage": {"input_tokens": 2}}}
+    assert render_tree(trace).splitlines()[1].split() == ["m", "(llm)", "1.0", "ms", "?", "tok"]
