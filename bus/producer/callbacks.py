@@ -107,7 +107,7 @@ class BusCallbackHandler(BaseCallbackHandler):
 
     def trace_id_of(self, run_id: UUID) -> str | None:
         """The trace of a run this handler has seen start and not yet end."""
-        run = self._runs.get(run_id)
+        run = self._events.runs.get(run_id)
         return run.trace.trace_id if run is not None else None
 
     def close(self, timeout: float | None = None) -> None:
