@@ -11,15 +11,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import tool
 
 from bus import BusCallbackHandler, Settings, get_trace, stream_token, trace_headers
+from bus.traces.aggregator import TraceAggregator
 from bus.traces.tree import RunNode, Trace
 from tests.processes.test_demo import CHROMIUM, IN_CI
 from tests.support.frontend import SECRET, frontend
 from tests.support.processes import free_port, spawn, start_worker, stop, wait_http
+from tests.support.published import bus_deliveries
 from tests.support.waiting import wait_until
 
 WORKER = "workers.traces.WorkerSettings"
@@ -126,29 +129,35 @@ def test_child_service_refuses_malformed_trace_headers(child_url: str) -> None:
     assert answer.json() == {"error": "lcbus-trace-id is not a run id (a UUID): 'not-a-uuid'"}
 
 
-@pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="Chromium is not installed")
-def test_the_page_draws_the_child_runs_under_the_parent(
-    settings: Settings, child_url: str, tmp_path: Path
-) -> None:
+def waterfall(settings: Settings, trace_id: str, rows: int) -> list[list[str]]:
+    """The page's waterfall for the trace once it has ``rows`` rows: label, indent, bar
+    class and note (with the duration replaced by ``MS``), read in Chromium."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM is not None, "CI must install Chromium (.ci/run does)"
-    root = run_parent(settings, child_url, tmp_path)
-    token = stream_token(root, secret=SECRET)
+    token = stream_token(trace_id, secret=SECRET)
     env = {"LCBUS_PARTITIONS": str(settings.partitions)}
     with frontend(settings.redis_url, settings.prefix, **env) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
-        page.goto(f"{server.url}/?trace={root}&token={token}")
-        page.wait_for_function("document.querySelectorAll('#waterfall .row').length >= 6")
-        rows = page.eval_on_selector_all(
+        page.goto(f"{server.url}/?trace={trace_id}&token={token}")
+        page.wait_for_function(f"document.querySelectorAll('#waterfall .row').length >= {rows}")
+        found: list[list[str]] = page.eval_on_selector_all(
             "#waterfall .row",
             "rows => rows.map(r => [r.querySelector('.label').textContent,"
             " r.querySelector('.label').style.paddingLeft, r.querySelector('.bar').className,"
             " r.querySelector('.bar span').textContent.replace(/^[0-9.]+ ms/, 'MS')])",
         )
         browser.close()
-    assert rows == [
+    return found
+
+
+@pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="Chromium is not installed")
+def test_the_page_draws_the_child_runs_under_the_parent(
+    settings: Settings, child_url: str, tmp_path: Path
+) -> None:
+    root = run_parent(settings, child_url, tmp_path)
+    assert waterfall(settings, root, 6) == [
         ["parent", "0px", "bar chain", "MS"],
         ["ask_child", "14px", "bar tool", "MS"],
         ["child_pipeline", "28px", "bar chain", "MS"],
@@ -157,3 +166,38 @@ def test_the_page_draws_the_child_runs_under_the_parent(
         ["GenericFakeChatModel", "42px", "bar llm", "MS · tokens unknown"],
         ["StrOutputParser", "42px", "bar parser", "MS"],
     ]
+
+
+@pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="Chromium is not installed")
+def test_the_page_draws_runs_whose_parent_is_not_on_the_bus(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """A run naming the trace but not its parent run (metadata only) is an orphan: still drawn."""
+    parent_handler, other_handler = (BusCallbackHandler(settings=settings) for _ in range(2))
+    root = uuid.uuid4()
+
+    def step(text: str) -> str:
+        config: RunnableConfig = {
+            "callbacks": [other_handler],
+            "metadata": {"lcbus_trace_id": str(root)},
+        }
+        return str(RunnableLambda(str.upper, name="elsewhere").invoke(text, config))
+
+    parent = RunnableLambda(step, name="parent")
+    assert parent.invoke("x", {"callbacks": [parent_handler], "run_id": root}) == "X"
+    for handler in (parent_handler, other_handler):
+        assert handler.publisher.flush(5)
+        handler.close()
+    asyncio.run(_aggregate(settings, sync_redis))
+    assert waterfall(settings, str(root), 2) == [
+        ["parent", "0px", "bar chain", "MS"],
+        ["elsewhere", "0px", "bar chain", "MS"],
+    ]
+
+
+async def _aggregate(settings: Settings, sync_redis: redis.Redis) -> None:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await TraceAggregator(redis=client, settings=settings)(bus_deliveries(sync_redis, settings))
+    finally:
+        await client.aclose()
