@@ -6,13 +6,18 @@ how much of each was already sent. The worker keeps it per trace in one
 msgpack blob that it writes in the same script run as the trace's history
 entries (see :mod:`bus.history`), together with the id of the last bus entry
 applied. That makes a batch's effect atomic per trace: a replica taking over
-mid-trace loads the blob and continues exactly where the history stops, and a
-redelivered entry is recognised by its id and skipped.
+mid-trace loads the blob and continues exactly where the history stops, and an
+event already applied is recognised by its identity (producer and sequence)
+and skipped, whether it comes back as a redelivered entry or as a second entry
+of a batch the publisher re-sent.
 """
 
 from __future__ import annotations
 
 import msgspec
+
+from bus.events import BaseEvent
+from bus.seqranges import SeqRanges, add_seq
 
 MessageMode = str
 """``""`` (no message yet), ``"token"`` (from on_llm_new_token), ``"stream"``
@@ -50,13 +55,25 @@ class TraceState(msgspec.Struct, omit_defaults=True):
     version: int = 0
     """Bumped on every write; a writer whose expected version is stale is refused."""
     last: str = ""
-    """Stream entry id of the last bus event applied (entries at or before it are skipped)."""
+    """Stream entry id of the last bus event applied: an event without a ``source``
+    (an older producer) is recognised by its entry id, at or before this one."""
     thread: str = ""
     """The ``thread_id`` this trace is also published to, once known."""
     runs: dict[str, RunState] = {}
+    applied: dict[str, SeqRanges] = {}
+    """Per producing process (event ``source``), the ``seq`` of every event applied."""
 
-    def applied(self, entry_id: str) -> bool:
-        return bool(self.last) and entry_order(entry_id) <= entry_order(self.last)
+    def take(self, entry_id: str, event: BaseEvent) -> bool:
+        """Record the event as applied; False when it already was (a duplicate)."""
+        if not event.source:
+            if self.last and entry_order(entry_id) <= entry_order(self.last):
+                return False
+            self.last = entry_id
+            return True
+        ranges = self.applied.get(event.source)
+        if ranges is None:
+            ranges = self.applied[event.source] = []
+        return add_seq(ranges, event.seq)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -28,6 +28,7 @@ import logging
 import random
 import secrets
 import time
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_WAIT_S = 2.0
 _REDIS_RETRY_S = 2.0
+_MAX_UNSETTLED = 10_000
+"""Sent attempts remembered while Redis cannot record their outcome."""
 _USER_AGENT = "lcbus-webhooks/0.1"
 _json = msgspec.json.encode
 
@@ -97,8 +100,23 @@ class Result:
         return self.status is not None and 200 <= self.status < 300
 
 
+@dataclass(frozen=True, slots=True)
+class _Posted:
+    """An attempt sent whose outcome is not recorded yet."""
+
+    endpoint: Endpoint
+    body: bytes
+    result: Result
+    token: str
+
+
 class Deliverer:
-    """Makes attempts; one per worker process, kept in arq's ctx."""
+    """Makes attempts; one per worker process, kept in arq's ctx.
+
+    An attempt that was sent but whose outcome Redis failed to record (Redis
+    went away right after the POST) is re-run by arq; the same process then
+    records the remembered outcome instead of sending the message again.
+    """
 
     def __init__(self, *, redis: aioredis.Redis, arq: ArqRedis, settings: Settings) -> None:
         self.redis = redis
@@ -114,6 +132,7 @@ class Deliverer:
             wait_s=settings.webhook_local_wait_ms / 1000,
         )
         self._sizes: dict[str, int] = {}
+        self._unsettled: dict[tuple[str, str, int, int, str], _Posted] = {}
         limits = httpx.Limits(
             max_connections=settings.webhook_max_jobs * 2,
             max_keepalive_connections=settings.webhook_max_jobs,
@@ -177,6 +196,12 @@ class Deliverer:
     async def _attempt(
         self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str
     ) -> str:
+        job = (endpoint_id, msg_id, attempt, wait, series)
+        posted = self._unsettled.pop(job, None)
+        if posted is not None:
+            # This process already sent this attempt; Redis failed while it
+            # recorded the outcome. Record it now rather than POST again.
+            return await self._settle_posted(job, posted)
         token = secrets.token_hex(8)
         code, raw, body = await self._begin(endpoint_id, msg_id, token)
         if code == GONE:
@@ -202,7 +227,20 @@ class Deliverer:
         except BaseException:
             await self.limits.release(endpoint_id, token)
             raise
-        return await self._settle(endpoint, msg_id, body, attempt, series, result, token)
+        return await self._settle_posted(job, _Posted(endpoint, body, result, token))
+
+    async def _settle_posted(self, job: tuple[str, str, int, int, str], posted: _Posted) -> str:
+        """Record a sent attempt; if Redis fails meanwhile, remember it for arq's re-run."""
+        _, msg_id, attempt, _, series = job
+        try:
+            return await self._settle(
+                posted.endpoint, msg_id, posted.body, attempt, series, posted.result, posted.token
+            )
+        except RedisError:
+            self._unsettled[job] = posted
+            while len(self._unsettled) > _MAX_UNSETTLED:
+                del self._unsettled[next(iter(self._unsettled))]
+            raise
 
     async def _wait(
         self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str, wait_ms: int
