@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bus import events as ev
+from bus.errors import EventRejected
 from bus.fanout.protocol import APPENDABLE_DELTAS, MESSAGES, ProtoEvent
 from bus.fanout.state import Block, RunState
 
@@ -26,6 +27,11 @@ Emit = Callable[[ProtoEvent], None]
 
 LC_ID_PREFIX = "lc_run-"
 """langchain-core names a streamed message ``lc_run--<run id>``; so do we."""
+MAX_BLOCKS = 256
+"""Content blocks per message. An index from an event is trusted only below it: the
+state keeps one entry per block up to the highest index seen."""
+MAX_TOOL_ARGS = 1_000_000
+"""Characters of tool-call arguments one block may accumulate from token chunks."""
 _USAGE_KEYS = ("input_tokens", "output_tokens", "total_tokens")
 _USAGE_ALIASES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"}
 _DETAIL_KEYS = {
@@ -84,6 +90,8 @@ class MessageConverter:
         for index, block in enumerate(self.run.blocks):
             if block.key == key:
                 return index, block
+        if len(self.run.blocks) >= MAX_BLOCKS:
+            raise EventRejected(f"a message with more than {MAX_BLOCKS} content blocks")
         block = Block(key=key, kind=str(skeleton["type"]))
         self.run.blocks.append(block)
         index = len(self.run.blocks) - 1
@@ -109,6 +117,8 @@ class MessageConverter:
         block.name = name or block.name
         args = chunk.get("args")
         if isinstance(args, str) and args:
+            if len(block.args) + len(args) > MAX_TOOL_ARGS:
+                raise EventRejected(f"tool-call arguments over {MAX_TOOL_ARGS} characters")
             block.args += args
             self._delta(at, "tool-call-delta", args)
 
@@ -127,6 +137,7 @@ class MessageConverter:
         elif kind == "content-block-start":
             index = data.get("index")
             if isinstance(index, int) and index >= len(self.run.blocks):
+                _check_index(index)
                 while len(self.run.blocks) <= index:
                     self.run.blocks.append(Block(key=f"w{len(self.run.blocks)}", kind="?"))
                 content = data.get("content")
@@ -146,6 +157,7 @@ class MessageConverter:
         if not isinstance(index, int) or field is None or not isinstance(delta, dict):
             self._out(data)  # data or block deltas: nothing the tokens could have sent
             return
+        _check_index(index)
         while len(self.run.blocks) <= index:
             self.run.blocks.append(Block(key=f"w{len(self.run.blocks)}", kind="?"))
         block = self.run.blocks[index]
@@ -202,6 +214,11 @@ class MessageConverter:
                 data["code"] = event.error_type
             self._out(data)
         self.run.mode = "done"
+
+
+def _check_index(index: int) -> None:
+    if not 0 <= index < MAX_BLOCKS:
+        raise EventRejected(f"content block index {index} outside 0..{MAX_BLOCKS - 1}")
 
 
 def _text(text: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bus.errors import EventDecodeError
+from bus.errors import EventDecodeError, EventRejected
 from bus.events import Event, UnknownEvent, decode
 from bus.keys import Keys
 from bus.runtime import deadletter
@@ -382,9 +382,13 @@ class GroupConsumer:
             if failures:
                 # Only a failure needs the payloads back (for the dead letter).
                 payloads = {i.decode(): f.get(b"e", b"") for i, f in entries if f is not None}
-                reason = deadletter.REASON_HANDLER_FAILED
                 for delivery, error in failures:
                     payload = payloads[delivery.entry_id]
+                    reason = (
+                        deadletter.REASON_REJECTED
+                        if isinstance(error, EventRejected)
+                        else deadletter.REASON_HANDLER_FAILED
+                    )
                     dead.append(self._dead(reason, error, part, delivery.entry_id, payload))
                 # Dead letters keep stream order, whichever way each one failed.
                 dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
@@ -477,6 +481,10 @@ class GroupConsumer:
                 # Redis trouble inside the handler is an outage, not poison:
                 # the reader backs off and re-reads the batch from pending.
                 raise
+            except EventRejected as exc:
+                # The same input is refused the same way: no retry.
+                self.stats.failed += 1
+                return exc
             except Exception as exc:
                 self.stats.failed += 1
                 error = exc
