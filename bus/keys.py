@@ -45,6 +45,11 @@ class Keys:
     def arq_queue(self, worker: str) -> str:
         return f"{self.prefix}:arq:{worker}"
 
+    def arq(self, name: str) -> str:
+        """One of arq's own keys (``arq:job:<id>``, ``arq:result:<id>``, ``arq:abort``,
+        ...), moved under the prefix."""
+        return f"{self.prefix}:{name}"
+
     def publisher(self, source: str) -> str:
         """Expiring stats of one publishing process (for ``lcbus status``)."""
         return f"{self.prefix}:publisher:{source}"

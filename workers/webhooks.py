@@ -14,10 +14,10 @@ stops one slow endpoint from taking all of them.
 
 from __future__ import annotations
 
-from arq.connections import ArqRedis
 from arq.worker import func
 from redis.asyncio import BlockingConnectionPool
 
+from bus.runtime.arqpool import PrefixedArqRedis
 from bus.runtime.consumer import BatchHandler
 from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
@@ -46,7 +46,7 @@ async def build_handler(ctx: WorkerContext) -> BatchHandler:
     pool = BlockingConnectionPool.from_url(
         ctx.settings.redis_url, max_connections=ctx.settings.webhook_redis_connections, timeout=30
     )
-    client = ArqRedis(connection_pool=pool)
+    client = PrefixedArqRedis(pool, prefix=ctx.settings.prefix)
     ctx.arq["webhooks"] = Deliverer(redis=client, arq=client, settings=ctx.settings)
     ctx.arq["webhooks_redis"] = client
     return Router(redis=client, arq=client, settings=ctx.settings)
@@ -56,7 +56,7 @@ async def on_shutdown(ctx: WorkerContext) -> None:
     deliverer: Deliverer | None = ctx.arq.get("webhooks")
     if deliverer is not None:
         await deliverer.aclose()
-    client: ArqRedis | None = ctx.arq.get("webhooks_redis")
+    client: PrefixedArqRedis | None = ctx.arq.get("webhooks_redis")
     if client is not None:
         await client.aclose(close_connection_pool=True)
 

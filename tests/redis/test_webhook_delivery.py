@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from bus.events import BaseEvent, WebhookEndpointDisabled, decode
 from bus.keys import Keys
 from bus.producer.publisher import ENTRY_FIELD
+from bus.runtime.arqpool import arq_pool as make_arq_pool
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoint, Endpoints
@@ -57,7 +58,7 @@ def wh_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def arq_pool(wh_settings: Settings) -> AsyncIterator[ArqRedis]:
-    pool = ArqRedis.from_url(wh_settings.redis_url)
+    pool = make_arq_pool(wh_settings)
     yield pool
     await pool.aclose()
 
@@ -265,11 +266,30 @@ async def test_an_attempt_job_is_refused_while_its_job_or_result_exists(
     assert (queued.function, queued.args) == (JOB_FUNCTION, ("ep_x", "msg_1", 1, 0, ""))
     jid = job_id("ep_x", "msg_1", 1)
     # What arq leaves once the job has run: no job key, a result key.
-    await async_redis.delete(job_key_prefix + jid)
+    keys = Keys(wh_settings.prefix)
+    await async_redis.delete(keys.arq(job_key_prefix + jid))
     await async_redis.zrem(queue, jid)
-    await async_redis.set(result_key_prefix + jid, b"r", px=60_000)
-    try:
-        assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
-        assert await async_redis.zcard(queue) == 0
-    finally:
-        await async_redis.delete(result_key_prefix + jid)
+    await async_redis.set(keys.arq(result_key_prefix + jid), b"r", px=60_000)
+    assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
+    assert await async_redis.zcard(queue) == 0
+
+
+async def test_arq_keeps_every_key_of_its_jobs_under_the_prefix(
+    setup: Setup, async_redis: aioredis.Redis
+) -> None:
+    endpoint, _name = await setup.endpoint(behaviour={"statuses": [500, 200]})
+    event = chain_end()
+    await setup.send(event)
+    await setup.run()
+    # Every job id names the endpoint, so this finds whatever arq wrote for them.
+    found = sorted([k.decode() async for k in async_redis.scan_iter(match=f"*{endpoint.id}*")])
+    keys = Keys(setup.settings.prefix)
+    first, second = (job_id(endpoint.id, "msg_" + event.id, n) for n in (1, 2))
+    assert found == sorted(
+        [
+            f"{setup.settings.prefix}:arq:result:{first}",
+            f"{setup.settings.prefix}:arq:result:{second}",
+            keys.attempts(endpoint.id),
+            keys.endpoint(endpoint.id),
+        ]
+    )
