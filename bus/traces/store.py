@@ -1,9 +1,14 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
 Each trace is one hash ``keys.tree(trace_id, partition)`` with fields ``v`` (a version
-counter), ``s`` (the msgpack :class:`~bus.traces.tree.TraceState`) and ``m`` (the
-JSON :class:`~bus.traces.tree.TraceSummary` the list filters read), expiring
-``trace_ttl_s`` after its last write. A write is a compare-and-set on ``v``:
+counter), ``t`` (the msgpack :class:`~bus.traces.tree.TraceState` without its
+runs), ``r:<run id>`` (each run's msgpack :class:`~bus.traces.tree.RunState`) and
+``m`` (the JSON :class:`~bus.traces.tree.TraceSummary` the list filters read),
+expiring ``trace_ttl_s`` after its last write. A save writes only the runs the
+batch changed, the summary and ``t``: a trace of a thousand large tool runs
+costs each run's bytes about once, not the whole tree per batch. (A tree an
+older version stored as one state blob, field ``s``, still loads; its next
+save writes every run and drops the blob.) A write is a compare-and-set on ``v``:
 leases make one worker replica the writer of a trace's partition, but a
 replica that lost its lease mid-batch, or the timeout sweep of another replica,
 may write too; the loser reloads and re-applies (applying is idempotent).
@@ -31,7 +36,15 @@ from bus.keys import Keys, partition_of
 from bus.producer.publisher import ENTRY_FIELD
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
-from bus.traces.tree import Trace, TraceState, TraceSummary, build, is_complete, summarize
+from bus.traces.tree import (
+    RunState,
+    Trace,
+    TraceState,
+    TraceSummary,
+    build,
+    is_complete,
+    summarize,
+)
 
 __all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
 
@@ -43,14 +56,24 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(TraceState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
-# KEYS: tree, done flag, event stream. ARGV: expected version, state, summary, ttl,
-# completed event ('' for none), stream maxlen, entry field.
+VERSION_FIELD, TRACE_FIELD, SUMMARY_FIELD, LEGACY_STATE_FIELD = b"v", b"t", b"m", b"s"
+RUN_FIELD_PREFIX = b"r:"
+_run_encoder = msgspec.msgpack.Encoder()
+_run_decoder = msgspec.msgpack.Decoder(RunState)
+
+# KEYS: tree, done flag, event stream. ARGV: expected version, trace fields, summary, ttl,
+# completed event ('' for none), stream maxlen, entry field, '1' to drop a legacy state
+# blob, then (run field, run) pairs.
 # -> {new version, 1 if the event was published}, or -1 when the version moved on.
 _SAVE = LuaScript("""
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
-redis.call('HSET', KEYS[1], 'v', new, 's', ARGV[2], 'm', ARGV[3])
+redis.call('HSET', KEYS[1], 'v', new, 't', ARGV[2], 'm', ARGV[3])
+for i = 9, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 's') end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', ARGV[7], ARGV[5])
@@ -80,6 +103,13 @@ class Saved:
 class Loaded:
     version: int
     state: TraceState
+    changed: set[str] | None = None
+    """Ids of the runs changed since the last save (the caller adds them); None: all,
+    as for a tree stored in the older one-blob form."""
+
+    def touched(self, run_id: str) -> None:
+        if self.changed is not None:
+            self.changed.add(run_id)
 
 
 class TraceStore:
@@ -109,7 +139,7 @@ class TraceStore:
         for trace_id in trace_ids:
             cached = None if fresh else self._cache.get(trace_id)
             if cached is None and not fresh and trace_id in new:
-                found[trace_id] = Loaded(0, TraceState(trace_id=trace_id))
+                found[trace_id] = Loaded(0, TraceState(trace_id=trace_id), set())
             elif cached is None:
                 missing.append(trace_id)
             else:
@@ -118,10 +148,10 @@ class TraceStore:
         if missing:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for trace_id in missing:
-                    pipe.hmget(self._tree(trace_id), ["v", "s"])
+                    pipe.hgetall(self._tree(trace_id))
                 replies = await pipe.execute()
-            for trace_id, (version, blob) in zip(missing, replies, strict=True):
-                found[trace_id] = _loaded(trace_id, version, blob)
+            for trace_id, fields in zip(missing, replies, strict=True):
+                found[trace_id] = _loaded(trace_id, fields)
         return found
 
     async def save(
@@ -134,20 +164,19 @@ class TraceStore:
         """
         keys, ttl, partitions = self.keys, self.settings.trace_ttl_s, self.settings.partitions
         items = list(loaded.items())
-        writes = [
-            (trace_id, item.version, _state_encoder.encode(item.state), summarize(item.state))
-            for trace_id, item in items
-        ]
-        done = [trace_id for trace_id, _, _, summary in writes if summary.completed]
-        still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
+        writes = [(trace_id, item, summarize(item.state)) for trace_id, item in items]
+        done = [trace_id for trace_id, _, summary in writes if summary.completed]
+        still_open = {trace_id: now for trace_id, _, summary in writes if not summary.completed}
         tail = [self.settings.stream_maxlen, ENTRY_FIELD]
 
         def build(pipe: Any) -> None:
-            for trace_id, version, blob, summary in writes:
+            for trace_id, item, summary in writes:
                 p = partition_of(trace_id, partitions)
                 script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
                 event = announce.get(trace_id, b"")
-                args = [version, blob, msgspec.json.encode(summary), ttl, event, *tail]
+                args = [item.version, _trace_fields(item.state), msgspec.json.encode(summary)]
+                args += [ttl, event, *tail, b"1" if item.changed is None else b"0"]
+                args += _run_fields(item)
                 _SAVE.queue(pipe, script_keys, args)
             pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
             if still_open:
@@ -169,6 +198,7 @@ class TraceStore:
                 self._cache.pop(trace_id, None)
                 continue
             item.version = int(reply[0])
+            item.changed = set()
             if reply[1] == 1:
                 saved.published.append(trace_id)
             self._remember(trace_id, item)
@@ -190,10 +220,43 @@ class TraceStore:
             self._cache.popitem(last=False)
 
 
-def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
-    if version is None or blob is None:
-        return Loaded(0, TraceState(trace_id=trace_id))
-    return Loaded(int(version), _state_decoder.decode(blob))
+def _trace_fields(state: TraceState) -> bytes:
+    return _state_encoder.encode(
+        TraceState(trace_id=state.trace_id, timed_out=state.timed_out, updated_at=state.updated_at)
+    )
+
+
+def _run_fields(item: Loaded) -> list[bytes]:
+    runs = item.state.runs
+    ids = runs if item.changed is None else [r for r in item.changed if r in runs]
+    fields: list[bytes] = []
+    for run_id in ids:
+        fields += (RUN_FIELD_PREFIX + run_id.encode(), _run_encoder.encode(runs[run_id]))
+    return fields
+
+
+def _state_of(trace_id: str, fields: Mapping[bytes, bytes]) -> TraceState | None:
+    """A stored tree's state (either form), or None when nothing is stored."""
+    if TRACE_FIELD in fields:
+        state = _state_decoder.decode(fields[TRACE_FIELD])
+        start = len(RUN_FIELD_PREFIX)
+        state.runs = {
+            name[start:].decode(): _run_decoder.decode(value)
+            for name, value in fields.items()
+            if name.startswith(RUN_FIELD_PREFIX)
+        }
+        return state
+    if LEGACY_STATE_FIELD in fields:
+        return _state_decoder.decode(fields[LEGACY_STATE_FIELD])
+    return None
+
+
+def _loaded(trace_id: str, fields: Mapping[bytes, bytes]) -> Loaded:
+    state = _state_of(trace_id, fields)
+    if state is None or VERSION_FIELD not in fields:
+        return Loaded(0, TraceState(trace_id=trace_id), set())
+    legacy = TRACE_FIELD not in fields
+    return Loaded(int(fields[VERSION_FIELD]), state, None if legacy else set())
 
 
 # -- read API ----------------------------------------------------------------------
@@ -201,10 +264,9 @@ def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
 
 async def get_trace(redis: aioredis.Redis, settings: Settings, trace_id: str) -> Trace | None:
     """The run tree of ``trace_id`` (live or finished), or None when unknown or expired."""
-    blob: Any = await redis.hget(_tree_key(settings, trace_id), "s")
-    if blob is None:
-        return None
-    return build(_state_decoder.decode(blob))
+    fields: Any = await redis.hgetall(_tree_key(settings, trace_id))
+    state = _state_of(trace_id, fields)
+    return None if state is None else build(state)
 
 
 async def list_traces(
