@@ -114,6 +114,10 @@ class Keys:
     def webhook_message(self, message_id: str) -> str:
         return f"{self.prefix}:wh:msg:{{{message_id}}}"
 
+    def webhook_run(self, run_id: str) -> str:
+        """A run's tags and metadata, for endpoints that filter its token events on them."""
+        return f"{self.prefix}:wh:run:{{{run_id}}}"
+
     # Per-endpoint delivery limits; same hash tag as the endpoint, so one
     # script may touch them all on Redis Cluster.
     def endpoint_slots(self, endpoint_id: str) -> str:

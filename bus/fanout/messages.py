@@ -44,6 +44,19 @@ def message_id(run_id: str) -> str:
     return f"{LC_ID_PREFIX}-{run_id}"
 
 
+def message_meta(event: ev.BaseEvent) -> dict[str, str]:
+    """What a message's ``metadata`` takes from its run's metadata."""
+    meta: dict[str, str] = {}
+    for source, target in (("ls_provider", "provider"), ("ls_model_name", "model")):
+        value = event.metadata.get(source)
+        if isinstance(value, str):
+            meta[target] = value
+    thread = event.metadata.get("thread_id")
+    if isinstance(thread, str):
+        meta["thread_id"] = thread
+    return meta
+
+
 class MessageConverter:
     """Converts the model events of one run, writing into that run's state."""
 
@@ -61,15 +74,11 @@ class MessageConverter:
     def _start_message(self) -> None:
         data: dict[str, Any] = {"event": "message-start", "role": "ai"}
         data["id"] = message_id(self.event.run_id)
-        meta = {"run_id": self.event.run_id}
-        for source, target in (("ls_provider", "provider"), ("ls_model_name", "model")):
-            value = self.event.metadata.get(source)
-            if isinstance(value, str):
-                meta[target] = value
-        thread = self.event.metadata.get("thread_id")
-        if isinstance(thread, str):
-            meta["thread_id"] = thread
-        data["metadata"] = meta
+        # Kept from the run's start; an event of an older producer carries it itself.
+        data["metadata"] = {
+            "run_id": self.event.run_id,
+            **(self.run.message_meta or message_meta(self.event)),
+        }
         self._out(data)
 
     # -- on_llm_new_token ---------------------------------------------------------

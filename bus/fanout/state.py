@@ -49,6 +49,9 @@ class RunState(msgspec.Struct, omit_defaults=True):
     mode: MessageMode = ""
     blocks: list[Block] = []
     tool_call_id: str = ""
+    message_meta: dict[str, str] = {}
+    """A model run's ``provider``, ``model`` and ``thread_id``, from its start event's
+    metadata: its token events do not repeat the run's metadata."""
 
 
 class TraceState(msgspec.Struct, omit_defaults=True):

@@ -203,7 +203,9 @@ def apply(state: TraceState, event: ev.BaseEvent) -> None:
             _take_fields(run, event, (0, event.source, event.seq))
             run.started, run.start_time, run.start_seq = True, event.time, event.seq
             run.inputs = _start_inputs(event)
-    elif not run.started and (1, event.source, event.seq) < run.info_rank:
+    elif kind != _TOKEN and not run.started and (1, event.source, event.seq) < run.info_rank:
+        # An end or error carries the run's fields too; a token does not (only the
+        # run's start and end do), so it never supplies them.
         _take_fields(run, event, (1, event.source, event.seq))
     if kind == _TOKEN:
         _count_token(run, event)

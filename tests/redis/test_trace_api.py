@@ -227,6 +227,15 @@ def test_an_end_before_its_start_keeps_the_start_fields() -> None:
     assert trace.root.error == "KeyError: 'k'"
 
 
+def test_a_run_whose_start_is_lost_takes_its_fields_from_its_end_not_its_tokens() -> None:
+    state = TraceState(trace_id="t")
+    common = {"time": 1.0, "trace_id": "t", "source": "app", "run_type": "chat_model"}
+    apply(state, ev.LLMNewToken(id="a", run_id="m", seq=2, token="hi", **common))
+    apply(state, ev.LLMEnd(id="b", run_id="m", seq=3, name="model", tags=["x"], **common))
+    run = state.runs["m"]
+    assert (run.name, run.tags, run.end_kind) == ("model", ["x"], "end")
+
+
 def test_seq_ranges() -> None:
     ranges: list[list[int]] = []
     for seq in (5, 3, 4, 9, 7, 8, 4, 1):

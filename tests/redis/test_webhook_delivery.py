@@ -16,7 +16,7 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
-from bus.events import BaseEvent, WebhookEndpointDisabled, decode
+from bus.events import BaseEvent, ChatModelStart, WebhookEndpointDisabled, decode, new_event_id
 from bus.keys import Keys
 from bus.producer.publisher import ENTRY_FIELD
 from bus.runtime.arqpool import arq_pool as make_arq_pool
@@ -293,3 +293,25 @@ async def test_arq_keeps_every_key_of_its_jobs_under_the_prefix(
             keys.endpoint(endpoint.id),
         ]
     )
+
+
+async def test_token_webhooks_filtered_on_tags_match_the_runs_start(
+    setup: Setup, wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis
+) -> None:
+    """Token events do not repeat their run's tags: a tag filter matches them through
+    the run's start, also on a replica that did not see that start."""
+    _endpoint, name = await setup.endpoint(events=["llm.new_token"], tags=["prod"])
+
+    def start(run: str, tags: list[str]) -> ChatModelStart:
+        return ChatModelStart(
+            id=new_event_id(), time=time.time(), run_id=run, trace_id=run, seq=1, tags=tags
+        )
+
+    prod, dev = [token("run-prod") for _ in range(3)], token("run-dev")
+    await setup.send(start("run-prod", ["prod"]), prod[0], start("run-dev", ["dev"]), dev)
+    # The partition moves to another replica mid-run: it never saw the run start.
+    other = Router(redis=async_redis, arq=arq_pool, settings=wh_settings)
+    await other([Delivery(entry_id="0-2", partition=0, event=e) for e in prod[1:]])
+    await setup.run()
+    got = sorted(r["headers"]["webhook-id"] for r in setup.rx.received(name))
+    assert got == sorted("msg_" + e.id for e in prod)
