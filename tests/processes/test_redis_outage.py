@@ -38,8 +38,10 @@ from bus.settings import Settings
 from bus.tokens import stream_token
 from bus.webhooks.endpoints import Endpoint, Endpoints
 from tests.support.frontend import SECRET, Received, collect, frontend
-from tests.support.processes import free_port, start_redis, start_worker, stop, wait_for
+from tests.support.processes import start_worker, stop
 from tests.support.protocol import history, text_of
+from tests.support.redis_server import OwnedRedis
+from tests.support.waiting import wait_until
 from tests.support.webhooks import LOOPBACK, Receiver, start_receiver
 
 WORDS = 150
@@ -131,30 +133,29 @@ class Supervisor:
         stop(self.process, signal.SIGTERM)
 
 
-def _outage(
-    server: subprocess.Popen[bytes], port: int, data: Path, client: redis.Redis, settings: Settings
-) -> subprocess.Popen[bytes]:
+def _outage(server: OwnedRedis, client: redis.Redis, settings: Settings) -> None:
     """Stall Redis past the publisher's socket timeout, then SIGKILL and restart it."""
-    wait_for(lambda: _stream_entries(client, settings) >= 30, what="the trace streaming")
-    server.send_signal(signal.SIGSTOP)
+    wait_until(lambda: _stream_entries(client, settings) >= 30, what="the trace streaming")
+    server.pause()
     time.sleep(1.5)
-    server.send_signal(signal.SIGCONT)
-    wait_for(lambda: _stream_entries(client, settings) >= 80, what="the stream resuming")
-    server.send_signal(signal.SIGKILL)
-    server.wait()
-    time.sleep(0.3)
-    return start_redis(port, data)
+    server.resume()
+    wait_until(lambda: _stream_entries(client, settings) >= 80, what="the stream resuming")
+    server.restart(down_s=0.3)
+
+
+@pytest.fixture
+def server() -> Iterator[OwnedRedis]:
+    with OwnedRedis(aof=True) as owned:
+        owned.start()
+        yield owned
 
 
 def test_redis_stalled_then_killed_mid_stream_loses_and_doubles_nothing(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, server: OwnedRedis
 ) -> None:
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    server = start_redis(port, data)
+    port = server.port
     settings = Settings(
-        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_url=server.url,
         prefix="lcbus-outage",
         partitions=2,
         lease_ttl_ms=1500,
@@ -172,9 +173,9 @@ def test_redis_stalled_then_killed_mid_stream_loses_and_doubles_nothing(
     app = threading.Thread(target=_app, args=(settings, port, run_id, failures))
     try:
         lease = Keys(settings.prefix).lease("fanout", 0)
-        wait_for(lambda: client.exists(lease) > 0, what="the fan-out worker up")
+        wait_until(lambda: client.exists(lease) > 0, what="the fan-out worker up")
         app.start()
-        server = _outage(server, port, data, client, settings)
+        _outage(server, client, settings)
         app.join(timeout=60)
 
         def done(check: Any) -> bool:
@@ -182,11 +183,11 @@ def test_redis_stalled_then_killed_mid_stream_loses_and_doubles_nothing(
             hooks.check()
             return bool(check())
 
-        wait_for(lambda: done(lambda: _finished(client, settings, trace)), what="the trace's end")
+        wait_until(lambda: done(lambda: _finished(client, settings, trace)), what="the trace's end")
         sse = asyncio.run(_sse(settings, trace))
         entries, events = _published(client, settings)
         expected = {"msg_" + e.id for e in events if ev.event_type(e) in WEBHOOK_TYPES}
-        wait_for(lambda: done(lambda: _webhook_ids(receiver) >= expected), what="every webhook")
+        wait_until(lambda: done(lambda: _webhook_ids(receiver) >= expected), what="every webhook")
         time.sleep(1.0)  # a late duplicate would arrive meanwhile
         stored = asyncio.run(_history(settings, trace))
     finally:
@@ -195,7 +196,6 @@ def test_redis_stalled_then_killed_mid_stream_loses_and_doubles_nothing(
         if app.ident is not None:
             app.join(timeout=30)
         client.close()
-        stop(server, signal.SIGKILL)
     assert not failures
     # The outage made the publisher send events twice ...
     assert entries > len(events)
