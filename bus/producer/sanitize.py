@@ -8,6 +8,12 @@ Secrets never leave the process: ``SecretStr`` values, the values of keys
 that name credentials (``api_key``, ``github_token``, ``openai_key``,
 ``Authorization``, ``password``, ...) and the second item of header-like pairs
 such as ``("Authorization", "Bearer ...")`` are replaced by :data:`REDACTED`.
+Strings that cannot be encoded (a lone surrogate, from a provider that split
+an emoji across chunks or from user input) are repaired by
+:func:`encode_event` when, and only when, the normal encoding fails: valid
+surrogate pairs are joined, lone ones become U+FFFD. Integers msgpack cannot
+carry (beyond 64 bits) become their decimal text.
+
 Free text that may quote credentials (a tool's argument string, exception
 messages, agent logs) goes through :func:`redact_text`, which redacts
 ``name=value`` / ``name: value`` assignments of such names, ``Bearer``/``Basic``
@@ -24,12 +30,17 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel, SecretBytes, SecretStr
+
+from bus import events as ev
 
 REDACTED = "[redacted]"
 CYCLE = "[cycle]"
 MAX_DEPTH = 24
 TRUNCATED = "…[truncated {} bytes]"
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+"""The integers msgpack carries."""
 
 # Anywhere in the name: ``openai_api_key``, ``client_secret``, ``X-Auth-Password``...
 _SECRET_WORD = re.compile(
@@ -110,10 +121,44 @@ def safe_str(value: str, *, max_bytes: int) -> str:
     return head + TRUNCATED.format(len(encoded) - max_bytes)
 
 
+def encode_event(event: ev.BaseEvent) -> bytes:
+    """``event`` as msgpack, its strings repaired first if they cannot be encoded.
+
+    The normal encoding is tried first: the repair walks the whole event and
+    only runs for an event that needs it.
+    """
+    try:
+        return ev.encode(event)
+    except UnicodeEncodeError:
+        return ev.encode(msgspec.convert(_repaired(msgspec.to_builtins(event)), type(event)))
+
+
+def encodable(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD (valid pairs joined)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _repaired(value: Any) -> Any:
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, dict):
+        return {encodable(k) if isinstance(k, str) else k: _repaired(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_repaired(item) for item in value]
+    return value
+
+
 def _walk(value: Any, budget: _Budget, depth: int, path: set[int]) -> Any:
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | float):
         budget.left -= 8
         return value
+    if isinstance(value, int):
+        budget.left -= 8
+        return value if _INT_MIN <= value <= _INT_MAX else str(value)
     if isinstance(value, str):
         return _take_str(value, budget)
     if isinstance(value, SecretStr | SecretBytes):
