@@ -22,7 +22,7 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 from bus import events as ev
 from bus.producer.publisher import Publisher
 from bus.producer.runs import Run, RunRegistry
-from bus.producer.sanitize import safe, safe_str
+from bus.producer.sanitize import encode_event, redact_text, safe, safe_str
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,24 @@ class BusCallbackHandler(BaseCallbackHandler):
             source=self.publisher.source,
             **fields,
         )
-        self.publisher.publish(trace.partition, ev.encode(event))
+        self.publisher.publish(trace.partition, encode_event(event))
+
+    def _emit_token(self, cls: type[ev.BaseEvent], run: Run, fields: dict[str, Any]) -> None:
+        """A per-token event: the run's name, tags and metadata ride on its start and end
+        only (consumers that need them keep them per run)."""
+        trace = run.trace
+        event = cls(
+            id=ev.new_event_id(),
+            time=time.time(),
+            run_id=run.run_id,
+            trace_id=trace.trace_id,
+            seq=next(trace.seq),
+            parent_run_id=run.parent_run_id,
+            run_type=run.run_type,
+            source=self.publisher.source,
+            **fields,
+        )
+        self.publisher.publish(trace.partition, encode_event(event))
 
     def _start(
         self,
@@ -138,14 +155,21 @@ class BusCallbackHandler(BaseCallbackHandler):
         fields: dict[str, Any],
     ) -> None:
         run = self._runs.lookup(run_id, parent_run_id)
-        self._emit(cls, run, fields)
-        self._runs.end(run)
+        try:
+            self._emit(cls, run, fields)
+        except Exception:
+            # The run's end must go out, without its payload rather than not at all:
+            # consumers wait for it to finish the run, its trace and its streams.
+            self._emit(cls, run, {})
+            raise
+        finally:
+            self._runs.end(run)
 
     def _error(
         self, cls: type[ev.BaseEvent], error: BaseException, run_id: UUID, parent: UUID | None
     ) -> None:
         fields = {
-            "error": safe_str(_error_text(error), max_bytes=self._max),
+            "error": safe_str(redact_text(_error_text(error)), max_bytes=self._max),
             "error_type": type(error).__name__,
         }
         self._finish(cls, run_id, parent, fields)
@@ -242,7 +266,7 @@ class BusCallbackHandler(BaseCallbackHandler):
                 fields = {"token": text, "tool_call_chunks": self._safe(tool_chunks)}
             else:
                 fields = {"token": text}
-            self._emit(ev.LLMNewToken, run, fields)
+            self._emit_token(ev.LLMNewToken, run, fields)
         except Exception as exc:
             self._failed("on_llm_new_token", exc)
 
@@ -256,7 +280,7 @@ class BusCallbackHandler(BaseCallbackHandler):
     ) -> None:
         try:
             run = self._runs.get(run_id) or self._runs.lookup(run_id, parent_run_id)
-            self._emit(ev.StreamEvent, run, {"data": self._safe(event)})
+            self._emit_token(ev.StreamEvent, run, {"data": self._safe(event)})
         except Exception as exc:
             self._failed("on_stream_event", exc)
 
@@ -351,10 +375,11 @@ class BusCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         try:
-            fields = {
-                "input_str": safe_str(str(input_str), max_bytes=self._max),
-                "inputs": self._safe(inputs),
-            }
+            structured = self._safe(inputs)
+            # The argument string repeats the arguments: derived from the sanitized
+            # ones when LangChain passes them, else with quoted credentials redacted.
+            text = str(structured) if isinstance(inputs, dict) else redact_text(str(input_str))
+            fields = {"input_str": safe_str(text, max_bytes=self._max), "inputs": structured}
             if kwargs.get("tool_call_id"):
                 fields["tool_call_id"] = str(kwargs["tool_call_id"])
             self._start(
@@ -433,7 +458,7 @@ class BusCallbackHandler(BaseCallbackHandler):
             fields = {
                 "tool": str(getattr(action, "tool", "")),
                 "tool_input": self._safe(getattr(action, "tool_input", None)),
-                "log": safe_str(str(getattr(action, "log", "")), max_bytes=self._max),
+                "log": safe_str(redact_text(str(getattr(action, "log", ""))), max_bytes=self._max),
             }
             self._emit(ev.AgentAction, run, fields)
         except Exception as exc:
@@ -446,7 +471,7 @@ class BusCallbackHandler(BaseCallbackHandler):
             run = self._runs.lookup(run_id, parent_run_id)
             fields = {
                 "return_values": self._safe(getattr(finish, "return_values", {}) or {}),
-                "log": safe_str(str(getattr(finish, "log", "")), max_bytes=self._max),
+                "log": safe_str(redact_text(str(getattr(finish, "log", ""))), max_bytes=self._max),
             }
             self._emit(ev.AgentFinish, run, fields)
         except Exception as exc:
@@ -470,7 +495,9 @@ class BusCallbackHandler(BaseCallbackHandler):
             error = outcome.exception() if outcome is not None and outcome.failed else None
             fields = {
                 "attempt": int(getattr(retry_state, "attempt_number", 0) or 0),
-                "error": safe_str(_error_text(error), max_bytes=self._max) if error else "",
+                "error": (
+                    safe_str(redact_text(_error_text(error)), max_bytes=self._max) if error else ""
+                ),
             }
             self._emit(ev.Retry, run, fields)
         except Exception as exc:

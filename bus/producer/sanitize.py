@@ -65,8 +65,16 @@ def is_secret_key(key: str) -> bool:
 
 
 # ``name=value``, ``name: value``, ``"name": "value"``, ``'name': 'value'`` in free text.
+# Names like the keys above (the words, the suffixes, the camelCase forms), so that a
+# credential's name is found wherever it stands, not only where a scan for any
+# ``name: value`` happens to start.
+_SECRET_NAME = (
+    r"[\w\-.]*(?i:api[_-]?key|apikey|secret|password|passwd|passphrase|authorization|bearer"
+    r"|credential|private[_-]?key|cookie|session[_-]?id)[\w\-.]*"
+    r"|[\w\-.]*[_\-.](?i:key|token)|(?i:token|auth)|\w*[a-z0-9](?:Key|Token)"
+)
 _ASSIGNMENT = re.compile(
-    r"""(?P<q>["']?)(?P<name>[A-Za-z_][\w\-.]*)(?P=q)(?P<sep>\s*[:=]\s*)"""
+    rf"""(?P<q>["']?)\b(?P<name>{_SECRET_NAME})(?P=q)(?P<sep>\s*[:=]\s*)"""
     r"""(?P<value>"[^"]*"|'[^']*'|(?:(?:Bearer|Basic|Token)\s+)?[^\s,;&)}\]'"]+)"""
 )
 _SCHEME_CREDENTIAL = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{6,}", re.IGNORECASE)
