@@ -19,6 +19,11 @@ import msgspec
 from bus.events import BaseEvent
 from bus.seqranges import SeqRanges, add_seq
 
+MAX_SEQ_RANGES = 1_000
+"""Ranges of applied seqs kept per source. Each gap in a source's numbering (events
+the publisher dropped) costs one; past the bound the two oldest merge, taking the
+oldest gap for applied, so a hostile or broken producer cannot grow the state."""
+
 MessageMode = str
 """``""`` (no message yet), ``"token"`` (from on_llm_new_token), ``"stream"``
 (from on_stream_event) or ``"done"`` (message finished)."""
@@ -76,7 +81,12 @@ class TraceState(msgspec.Struct, omit_defaults=True):
         ranges = self.applied.get(event.source)
         if ranges is None:
             ranges = self.applied[event.source] = []
-        return add_seq(ranges, event.seq)
+        if not add_seq(ranges, event.seq):
+            return False
+        if len(ranges) > MAX_SEQ_RANGES:
+            ranges[0][1] = ranges[1][1]
+            del ranges[1]
+        return True
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -452,6 +452,17 @@ def test_state_survives_a_round_trip_mid_message() -> None:
     assert not reloaded.take("3-1", make(ev.Text)) and reloaded.take("5-0", make(ev.Text))
 
 
+def test_applied_seqs_stay_bounded_whatever_the_producer_numbers() -> None:
+    state = TraceState()
+    for seq in range(1, 2 * fanstate.MAX_SEQ_RANGES + 10, 2):  # every other seq: all gaps
+        assert state.take("1-1", make(ev.Text, source="odd", seq=seq))
+    ranges = state.applied["odd"]
+    assert len(ranges) == fanstate.MAX_SEQ_RANGES
+    assert ranges[-1] == [2 * fanstate.MAX_SEQ_RANGES + 9, 2 * fanstate.MAX_SEQ_RANGES + 9]
+    assert not state.take("1-1", make(ev.Text, source="odd", seq=7))  # merged away: old
+    assert state.take("1-1", make(ev.Text, source="odd", seq=2 * fanstate.MAX_SEQ_RANGES + 8))
+
+
 def _delta(text: str, at: float, index: int = 0, run: str = "m") -> ProtoEvent:
     data = {
         "event": "content-block-delta",
