@@ -14,6 +14,8 @@ of a batch the publisher re-sent.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from bus.events import BaseEvent
@@ -24,9 +26,10 @@ MAX_SEQ_RANGES = 1_000
 the publisher dropped) costs one; past the bound the two oldest merge, taking the
 oldest gap for applied, so a hostile or broken producer cannot grow the state."""
 
-MessageMode = str
-"""``""`` (no message yet), ``"token"`` (from on_llm_new_token), ``"stream"``
-(from on_stream_event) or ``"done"`` (message finished)."""
+MessageMode = Literal["", "token", "stream", "done"]
+"""Where a model run's message comes from: ``""`` (no message yet), ``"token"``
+(from on_llm_new_token), ``"stream"`` (from on_stream_event), or ``"done"``
+(message finished)."""
 
 
 class Block(msgspec.Struct, omit_defaults=True):
@@ -46,7 +49,9 @@ class Block(msgspec.Struct, omit_defaults=True):
     """Accumulated tool-call arguments (token mode), finalized at the message end."""
 
 
-class RunState(msgspec.Struct, omit_defaults=True):
+class RunStream(msgspec.Struct, omit_defaults=True):
+    """One run's place in the trace's protocol stream."""
+
     ns: list[str]
     """Namespace of this run's events (its own for chains, the parent's for leaves)."""
     chain: bool = False
@@ -59,7 +64,9 @@ class RunState(msgspec.Struct, omit_defaults=True):
     metadata: its token events do not repeat the run's metadata."""
 
 
-class TraceState(msgspec.Struct, omit_defaults=True):
+class StreamState(msgspec.Struct, omit_defaults=True):
+    """A trace's conversion state: its runs and how far the history got."""
+
     version: int = 0
     """Bumped on every write; a writer whose expected version is stale is refused."""
     last: str = ""
@@ -67,7 +74,7 @@ class TraceState(msgspec.Struct, omit_defaults=True):
     (an older producer) is recognised by its entry id, at or before this one."""
     thread: str = ""
     """The ``thread_id`` this trace is also published to, once known."""
-    runs: dict[str, RunState] = {}
+    runs: dict[str, RunStream] = {}
     applied: dict[str, SeqRanges] = {}
     """Per producing process (event ``source``), the ``seq`` of every event applied."""
 
@@ -90,16 +97,16 @@ class TraceState(msgspec.Struct, omit_defaults=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(TraceState)
+_decoder = msgspec.msgpack.Decoder(StreamState)
 
 
-def dump(state: TraceState) -> bytes:
+def dump(state: StreamState) -> bytes:
     return _encoder.encode(state)
 
 
-def load(blob: bytes | None, version: bytes | None) -> TraceState:
+def load(blob: bytes | None, version: bytes | None) -> StreamState:
     """The stored state (the version lives beside the blob), or a fresh one."""
-    state = _decoder.decode(blob) if blob else TraceState()
+    state = _decoder.decode(blob) if blob else StreamState()
     state.version = int(version) if version else 0
     return state
 

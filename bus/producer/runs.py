@@ -29,7 +29,9 @@ TRACE_ID_METADATA_KEY = "lcbus_trace_id"
 """Metadata key that names the trace of a run whose parent lives in another process."""
 
 
-class Trace:
+class LiveTrace:
+    """A trace with runs open in this process: its partition and next sequence number."""
+
     __slots__ = ("open_runs", "partition", "seq", "trace_id")
 
     def __init__(self, trace_id: str, partitions: int, first_seq: int = 1) -> None:
@@ -46,7 +48,7 @@ class Run:
 
     def __init__(
         self,
-        trace: Trace,
+        trace: LiveTrace,
         key: UUID,
         parent_run_id: str | None,
         name: str,
@@ -70,7 +72,7 @@ class RunRegistry:
     def __init__(self, partitions: int) -> None:
         self._partitions = partitions
         self._runs: dict[UUID, Run] = {}
-        self._traces: dict[str, Trace] = {}
+        self._traces: dict[str, LiveTrace] = {}
         self._closed: OrderedDict[str, int] = OrderedDict()
         self._forgotten_seq = 0
         """The highest next seq of a closed trace no longer in ``_closed``."""
@@ -140,9 +142,9 @@ class RunRegistry:
                 _, next_seq = self._closed.popitem(last=False)
                 self._forgotten_seq = max(self._forgotten_seq, next_seq)
 
-    def _new_trace(self, trace_id: str) -> Trace:
+    def _new_trace(self, trace_id: str) -> LiveTrace:
         first_seq = self._closed.pop(trace_id, None) or self._forgotten_seq + 1
-        trace = self._traces[trace_id] = Trace(trace_id, self._partitions, first_seq)
+        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions, first_seq)
         return trace
 
     def _evict_oldest(self) -> None:

@@ -1,8 +1,8 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
 Each trace is one hash ``keys.tree(trace_id, partition)`` with fields ``v`` (a version
-counter), ``t`` (the msgpack :class:`~bus.traces.tree.TraceState` without its
-runs), ``r:<run id>`` (each run's msgpack :class:`~bus.traces.tree.RunState`) and
+counter), ``t`` (the msgpack :class:`~bus.traces.tree.TreeState` without its
+runs), ``r:<run id>`` (each run's msgpack :class:`~bus.traces.tree.RunFacts`) and
 ``m`` (the JSON :class:`~bus.traces.tree.TraceSummary` the list filters read),
 expiring ``trace_ttl_s`` after its last write. A save writes only the runs the
 batch changed, the summary and ``t``: a trace of a thousand large tool runs
@@ -37,11 +37,11 @@ from bus.producer.publisher import ENTRY_FIELD
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 from bus.traces.tree import (
-    RunState,
+    RunFacts,
     Trace,
-    TraceState,
     TraceSummary,
-    build,
+    TreeState,
+    build_trace,
     is_complete,
     summarize,
 )
@@ -53,13 +53,13 @@ LIST_SCAN_CAP = 5000
 summaries, so a rare filter over a huge index returns a cursor to continue from)."""
 
 _state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(TraceState)
+_state_decoder = msgspec.msgpack.Decoder(TreeState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
 VERSION_FIELD, TRACE_FIELD, SUMMARY_FIELD, LEGACY_STATE_FIELD = b"v", b"t", b"m", b"s"
 RUN_FIELD_PREFIX = b"r:"
 _run_encoder = msgspec.msgpack.Encoder()
-_run_decoder = msgspec.msgpack.Decoder(RunState)
+_run_decoder = msgspec.msgpack.Decoder(RunFacts)
 
 # KEYS: tree, done flag, event stream. ARGV: expected version, trace fields, summary, ttl,
 # completed event ('' for none), stream maxlen, entry field, '1' to drop a legacy state
@@ -102,7 +102,7 @@ class Saved:
 @dataclass(slots=True)
 class Loaded:
     version: int
-    state: TraceState
+    state: TreeState
     changed: set[str] | None = None
     """Ids of the runs changed since the last save (the caller adds them); None: all,
     as for a tree stored in the older one-blob form."""
@@ -139,7 +139,7 @@ class TraceStore:
         for trace_id in trace_ids:
             cached = None if fresh else self._cache.get(trace_id)
             if cached is None and not fresh and trace_id in new:
-                found[trace_id] = Loaded(0, TraceState(trace_id=trace_id), set())
+                found[trace_id] = Loaded(0, TreeState(trace_id=trace_id), set())
             elif cached is None:
                 missing.append(trace_id)
             else:
@@ -169,7 +169,7 @@ class TraceStore:
         still_open = {trace_id: now for trace_id, _, summary in writes if not summary.completed}
         tail = [self.settings.stream_maxlen, ENTRY_FIELD]
 
-        def build(pipe: Any) -> None:
+        def queue_saves(pipe: Any) -> None:
             for trace_id, item, summary in writes:
                 p = partition_of(trace_id, partitions)
                 script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
@@ -186,7 +186,7 @@ class TraceStore:
             pipe.zremrangebyscore(keys.trace_index(), "-inf", now - ttl)
 
         try:
-            replies = await execute(self.redis, [_SAVE], build)
+            replies = await execute(self.redis, [_SAVE], queue_saves)
         except BaseException:
             for trace_id, _ in items:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
@@ -220,9 +220,9 @@ class TraceStore:
             self._cache.popitem(last=False)
 
 
-def _trace_fields(state: TraceState) -> bytes:
+def _trace_fields(state: TreeState) -> bytes:
     return _state_encoder.encode(
-        TraceState(trace_id=state.trace_id, timed_out=state.timed_out, updated_at=state.updated_at)
+        TreeState(trace_id=state.trace_id, timed_out=state.timed_out, updated_at=state.updated_at)
     )
 
 
@@ -235,7 +235,7 @@ def _run_fields(item: Loaded) -> list[bytes]:
     return fields
 
 
-def _state_of(trace_id: str, fields: Mapping[bytes, bytes]) -> TraceState | None:
+def _state_of(trace_id: str, fields: Mapping[bytes, bytes]) -> TreeState | None:
     """A stored tree's state (either form), or None when nothing is stored."""
     if TRACE_FIELD in fields:
         state = _state_decoder.decode(fields[TRACE_FIELD])
@@ -254,7 +254,7 @@ def _state_of(trace_id: str, fields: Mapping[bytes, bytes]) -> TraceState | None
 def _loaded(trace_id: str, fields: Mapping[bytes, bytes]) -> Loaded:
     state = _state_of(trace_id, fields)
     if state is None or VERSION_FIELD not in fields:
-        return Loaded(0, TraceState(trace_id=trace_id), set())
+        return Loaded(0, TreeState(trace_id=trace_id), set())
     legacy = TRACE_FIELD not in fields
     return Loaded(int(fields[VERSION_FIELD]), state, None if legacy else set())
 
@@ -266,7 +266,7 @@ async def get_trace(redis: aioredis.Redis, settings: Settings, trace_id: str) ->
     """The run tree of ``trace_id`` (live or finished), or None when unknown or expired."""
     fields: Any = await redis.hgetall(_tree_key(settings, trace_id))
     state = _state_of(trace_id, fields)
-    return None if state is None else build(state)
+    return None if state is None else build_trace(state)
 
 
 async def list_traces(

@@ -29,7 +29,7 @@ import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
-from bus.events import START_TYPES, BaseEvent, LLMNewToken, StreamEvent, event_type
+from bus.events import BaseEvent, LLMNewToken, RunStart, StreamEvent
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
@@ -38,8 +38,8 @@ from bus.webhooks.outbox import (
     AttemptJob,
     build_body,
     enqueue_attempts,
-    message_id,
     message_ttl_s,
+    webhook_id,
 )
 from bus.webhooks.types import TOKEN_TYPES, webhook_type
 
@@ -95,7 +95,7 @@ class Router:
             targets = [e.id for e in endpoints if e.wants(subject, wtype)]
             if not targets:
                 continue
-            msg_id = message_id(event)
+            msg_id = webhook_id(event)
             messages[msg_id] = build_body(event, wtype)
             jobs += [(endpoint_id, msg_id) for endpoint_id in targets]
         if not jobs:
@@ -114,7 +114,7 @@ class Router:
         wanted: set[str] = set()
         for delivery in deliveries:
             event = delivery.event
-            if event_type(event) in START_TYPES:
+            if isinstance(event, RunStart):
                 found[event.run_id] = self._remember(event)
                 started[event.run_id] = msgspec.msgpack.encode(found[event.run_id])
             elif _lacks_run_info(event) and event.run_id not in found:
