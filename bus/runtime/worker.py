@@ -218,7 +218,7 @@ def consumer_worker_settings(
         "redis_settings": RedisSettings.from_dsn(cfg.redis_url),
         # arq's own job and result keys under the prefix (see bus.runtime.arqpool);
         # connections open on first use, inside the worker's event loop.
-        "redis_pool": arq_pool(cfg, queue=queue, socket_connect_timeout=2),
+        "redis_pool": arq_pool(cfg, queue=queue, for_worker=True, socket_connect_timeout=2),
         "queue_name": queue,
         "functions": jobs,
         "on_startup": startup,
