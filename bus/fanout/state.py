@@ -19,6 +19,7 @@ from typing import Literal
 import msgspec
 
 from bus.events import BaseEvent
+from bus.parsing import entry_order
 from bus.seqranges import SeqRanges, add_seq
 
 MAX_SEQ_RANGES = 1_000
@@ -109,8 +110,3 @@ def load(blob: bytes | None, version: bytes | None) -> StreamState:
     state = _decoder.decode(blob) if blob else StreamState()
     state.version = int(version) if version else 0
     return state
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bus.keys import Keys
+from bus.parsing import text
 from bus.runtime.batches import BatchHandler, BatchProcessor, ConsumerStats, Entries
 from bus.runtime.lease import HeldPartition
 from bus.runtime.outage import TRANSIENT_ERRORS, Outage
@@ -126,7 +127,7 @@ class PartitionReader:
             entries = _entries(reply)
             if not entries:
                 return [], ">"
-            return entries, _text(entries[-1][0])
+            return entries, text(entries[-1][0])
         if self._settings.read_block_ms <= 0:
             # Polling mode, for servers whose blocking XREADGROUP misbehaves
             # (fakeredis 2.40 moves entries to the pending list but answers empty).
@@ -212,10 +213,6 @@ def _entries(reply: Any) -> Entries:
 def _pending_of(summary: Any, consumer: str) -> int:
     """The pending count of ``consumer`` in an XPENDING summary."""
     for row in summary.get("consumers") or []:
-        if _text(row["name"]) == consumer:
+        if text(row["name"]) == consumer:
             return int(row["pending"])
     return 0
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

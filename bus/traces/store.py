@@ -1,14 +1,16 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
-Each trace is one hash ``keys.tree(trace_id, partition)`` with fields ``v`` (a version
-counter), ``t`` (the msgpack :class:`~bus.traces.tree.TreeState` without its
-runs), ``r:<run id>`` (each run's msgpack :class:`~bus.traces.tree.RunFacts`) and
-``m`` (the JSON :class:`~bus.traces.tree.TraceSummary` the list filters read),
-expiring ``trace_ttl_s`` after its last write. A save writes only the runs the
-batch changed, the summary and ``t``: a trace of a thousand large tool runs
-costs each run's bytes about once, not the whole tree per batch. (A tree an
-older version stored as one state blob, field ``s``, still loads; its next
-save writes every run and drops the blob.) A write is a compare-and-set on ``v``:
+Each trace is one hash ``keys.tree(trace_id, partition)`` with fields
+``STATE_VERSION`` (a version counter), ``TREE_TRACE`` (the msgpack
+:class:`~bus.traces.tree.TreeState` without its runs), ``TREE_RUN_PREFIX`` +
+run id (each run's msgpack :class:`~bus.traces.tree.RunFacts`) and
+``TREE_SUMMARY`` (the JSON :class:`~bus.traces.tree.TraceSummary` the list
+filters read), expiring ``trace_ttl_s`` after its last write. A save writes
+only the runs the batch changed, the summary and the trace's own fields: a
+trace of a thousand large tool runs costs each run's bytes about once, not the
+whole tree per batch. (A tree an older version stored as one state blob,
+``STATE_BLOB``, still loads; its next save writes every run and drops the
+blob.) A write is a compare-and-set on ``v``:
 leases make one worker replica the writer of a trace's partition, but a
 replica that lost its lease mid-batch, or the timeout sweep of another replica,
 may write too; the loser reloads and re-applies (applying is idempotent).
@@ -32,8 +34,18 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.errors import InvalidQuery
+from bus.keys import (
+    STATE_BLOB,
+    STATE_VERSION,
+    TREE_RUN_PREFIX,
+    TREE_SUMMARY,
+    TREE_TRACE,
+    Keys,
+    lua_fields,
+    partition_of,
+)
+from bus.parsing import text
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
 from bus.traces.tree import (
@@ -48,6 +60,9 @@ from bus.traces.tree import (
 
 __all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
 
+MAX_LIST_LIMIT = 1000
+"""The largest page ``list_traces`` returns."""
+
 LIST_SCAN_CAP = 5000
 """Index entries one ``list_traces`` call examines at most (filters are applied to
 summaries, so a rare filter over a huge index returns a cursor to continue from)."""
@@ -56,31 +71,31 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(TreeState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
-VERSION_FIELD, TRACE_FIELD, SUMMARY_FIELD, LEGACY_STATE_FIELD = b"v", b"t", b"m", b"s"
-RUN_FIELD_PREFIX = b"r:"
 _run_encoder = msgspec.msgpack.Encoder()
 _run_decoder = msgspec.msgpack.Decoder(RunFacts)
 
 # KEYS: tree, done flag, event stream. ARGV: expected version, trace fields, summary, ttl,
-# completed event ('' for none), stream maxlen, entry field, '1' to drop a legacy state
-# blob, then (run field, run) pairs.
+# completed event ('' for none), stream maxlen, '1' to drop a legacy state blob, then
+# (run field, run) pairs.
 # -> {new version, 1 if the event was published}, or -1 when the version moved on.
-_SAVE = LuaScript("""
-local v = redis.call('HGET', KEYS[1], 'v') or '0'
+_SAVE = LuaScript(
+    lua_fields("""
+local v = redis.call('HGET', KEYS[1], '$VERSION') or '0'
 if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
-redis.call('HSET', KEYS[1], 'v', new, 't', ARGV[2], 'm', ARGV[3])
-for i = 9, #ARGV, 2 do
+redis.call('HSET', KEYS[1], '$VERSION', new, '$TREE_TRACE', ARGV[2], '$SUMMARY', ARGV[3])
+for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 's') end
+if ARGV[7] == '1' then redis.call('HDEL', KEYS[1], '$BLOB') end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', ARGV[7], ARGV[5])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', '$ENTRY', ARGV[5])
   return {new, 1}
 end
 return {new, 0}
 """)
+)
 
 
 class TracePage(msgspec.Struct, kw_only=True):
@@ -167,7 +182,7 @@ class TraceStore:
         writes = [(trace_id, item, summarize(item.state)) for trace_id, item in items]
         done = [trace_id for trace_id, _, summary in writes if summary.completed]
         still_open = {trace_id: now for trace_id, _, summary in writes if not summary.completed}
-        tail = [self.settings.stream_maxlen, ENTRY_FIELD]
+        maxlen = self.settings.stream_maxlen
 
         def queue_saves(pipe: Any) -> None:
             for trace_id, item, summary in writes:
@@ -175,7 +190,7 @@ class TraceStore:
                 script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
                 event = announce.get(trace_id, b"")
                 args = [item.version, _trace_fields(item.state), msgspec.json.encode(summary)]
-                args += [ttl, event, *tail, b"1" if item.changed is None else b"0"]
+                args += [ttl, event, maxlen, b"1" if item.changed is None else b"0"]
                 args += _run_fields(item)
                 _SAVE.queue(pipe, script_keys, args)
             pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
@@ -231,32 +246,32 @@ def _run_fields(item: Loaded) -> list[bytes]:
     ids = runs if item.changed is None else [r for r in item.changed if r in runs]
     fields: list[bytes] = []
     for run_id in ids:
-        fields += (RUN_FIELD_PREFIX + run_id.encode(), _run_encoder.encode(runs[run_id]))
+        fields += (TREE_RUN_PREFIX + run_id.encode(), _run_encoder.encode(runs[run_id]))
     return fields
 
 
 def _state_of(trace_id: str, fields: Mapping[bytes, bytes]) -> TreeState | None:
     """A stored tree's state (either form), or None when nothing is stored."""
-    if TRACE_FIELD in fields:
-        state = _state_decoder.decode(fields[TRACE_FIELD])
-        start = len(RUN_FIELD_PREFIX)
+    if TREE_TRACE in fields:
+        state = _state_decoder.decode(fields[TREE_TRACE])
+        start = len(TREE_RUN_PREFIX)
         state.runs = {
             name[start:].decode(): _run_decoder.decode(value)
             for name, value in fields.items()
-            if name.startswith(RUN_FIELD_PREFIX)
+            if name.startswith(TREE_RUN_PREFIX)
         }
         return state
-    if LEGACY_STATE_FIELD in fields:
-        return _state_decoder.decode(fields[LEGACY_STATE_FIELD])
+    if STATE_BLOB in fields:
+        return _state_decoder.decode(fields[STATE_BLOB])
     return None
 
 
 def _loaded(trace_id: str, fields: Mapping[bytes, bytes]) -> Loaded:
     state = _state_of(trace_id, fields)
-    if state is None or VERSION_FIELD not in fields:
+    if state is None or STATE_VERSION not in fields:
         return Loaded(0, TreeState(trace_id=trace_id), set())
-    legacy = TRACE_FIELD not in fields
-    return Loaded(int(fields[VERSION_FIELD]), state, None if legacy else set())
+    legacy = TREE_TRACE not in fields
+    return Loaded(int(fields[STATE_VERSION]), state, None if legacy else set())
 
 
 # -- read API ----------------------------------------------------------------------
@@ -285,8 +300,11 @@ async def list_traces(
     ``metadata`` matches the root run's metadata, each value compared as text.
     A page can hold fewer than ``limit`` traces while ``next_cursor`` is set
     (at most :data:`LIST_SCAN_CAP` index entries are examined per call).
+    Raises :class:`~bus.errors.InvalidQuery` for a ``limit`` outside 1..1000 or
+    a cursor that no page returned.
     """
-    limit = max(1, min(limit, 1000))
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
     keys = Keys(settings.prefix)
     index = keys.trace_index()
     top, after = _parse_cursor(cursor)
@@ -298,7 +316,7 @@ async def list_traces(
             index, top, "-inf", start=offset, num=chunk, withscores=True
         )
         offset += len(raw)
-        rows = [(_text(m), float(s)) for m, s in raw]
+        rows = [(text(m), float(s)) for m, s in raw]
         if after is not None:  # equal scores come in descending member order
             rows = [(m, s) for m, s in rows if not (s == top and m >= after)]
         blobs = await _summaries(redis, settings, [m for m, _ in rows])
@@ -328,7 +346,7 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str | None]:
     except ValueError:
         value = math.nan
     if not sep or math.isnan(value):
-        raise ValueError(f"bad trace list cursor: {cursor!r}")
+        raise InvalidQuery(f"bad trace list cursor: {cursor!r}")
     return value, member
 
 
@@ -343,7 +361,7 @@ async def _summaries(
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for trace_id in ids:
-            pipe.hget(_tree_key(settings, trace_id), "m")
+            pipe.hget(_tree_key(settings, trace_id), TREE_SUMMARY)
         replies: list[bytes | None] = await pipe.execute()
     return replies
 
@@ -374,7 +392,3 @@ def _matches(
 
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

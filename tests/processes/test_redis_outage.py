@@ -31,9 +31,8 @@ from standardwebhooks.webhooks import Webhook
 
 from bus import events as ev
 from bus.history import Topic
-from bus.keys import Keys
+from bus.keys import ENTRY_FIELD, Keys
 from bus.producer.callbacks import BusCallbackHandler
-from bus.producer.publisher import ENTRY_FIELD
 from bus.settings import Settings
 from bus.tokens import stream_token
 from bus.webhooks.endpoints import Endpoint, Endpoints

@@ -17,8 +17,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
 from bus.events import BaseEvent, ChatModelStart, WebhookEndpointDisabled, decode, new_event_id
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.arqpool import arq_pool as make_arq_pool
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
