@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from bus.cli.tailing import describe, event_filter, follow
+from bus.cli.tailing import RunNames, describe, event_filter, follow
 from bus.connect import sync_client
 from bus.errors import EventDecodeError
 from bus.settings import Settings
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     client = sync_client(settings)
     matches = event_filter(types=args.types, trace_id=args.trace)
+    names = RunNames()
     shown = 0
     try:
         for item in follow(
@@ -41,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(item, EventDecodeError):
                 print(f"undecodable: {item}", file=sys.stderr)
                 continue
+            name = names.of(item)
             if matches(item):
-                print(describe(item), flush=True)
+                print(describe(item, name), flush=True)
                 shown += 1
                 if args.limit and shown >= args.limit:
                     return 0

@@ -15,8 +15,10 @@ trace's state) catches the thread up from the trace's history instead, also
 when the redelivered batch holds only entries already applied.
 
 At-least-once delivery meets exactly-once history here: each trace's state
-records the id of the last entry applied, written atomically with the
-history, so a redelivered entry is skipped. State is cached in memory for
+records the identity (``source``, ``seq``) of every event applied, written
+atomically with the history under a version guard, so an event that arrives
+again is skipped: a redelivered entry, or a second entry of a batch the
+publisher re-sent after a timeout (it lands under a new entry id). State is cached in memory for
 the traces this replica is working on, and reloaded when the guard reports
 that another replica wrote in between (a lease moved and came back).
 """
@@ -177,12 +179,11 @@ class FanoutHandler:
         self, pipe: aioredis.client.Pipeline, trace: str, group: list[Delivery]
     ) -> list[Outgoing] | None:
         state = self._cache[trace]
-        fresh = [d for d in group if not state.applied(d.entry_id)]
+        fresh = [d for d in group if state.take(d.entry_id, d.event)]
         self.stats.duplicates += len(group) - len(fresh)
         if not fresh:
             return None
         events = coalesce(convert_all(state, [d.event for d in fresh]), self._window_s)
-        state.last = fresh[-1].entry_id
         self.stats.events += len(events)
         outgoing = [event.outgoing() for event in events]
         self._writer.queue(

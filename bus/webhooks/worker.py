@@ -16,11 +16,11 @@ stops one slow endpoint from taking all of them.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from arq.worker import func
 from redis.asyncio import BlockingConnectionPool
 
 from bus.connect import async_client, is_cluster, queue_url
+from bus.runtime.arqpool import PrefixedArqRedis
 from bus.runtime.consumer import BatchHandler
 from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
@@ -69,11 +69,11 @@ async def build_router(ctx: WorkerContext) -> BatchHandler:
     return Router(redis=data, arq=arq, settings=settings)
 
 
-def _blocking(url: str, settings: Settings) -> ArqRedis:
+def _blocking(url: str, settings: Settings) -> PrefixedArqRedis:
     pool = BlockingConnectionPool.from_url(
         url, max_connections=settings.webhook_redis_connections, timeout=30
     )
-    return ArqRedis(connection_pool=pool)
+    return PrefixedArqRedis(pool, prefix=settings.prefix)
 
 
 def worker_settings(settings: Settings | None = None) -> type:
