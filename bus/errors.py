@@ -9,7 +9,8 @@ The tree::
     ├── StreamError        a streaming client that cannot be served further
     │   ├── EventsMissed       its resume point is no longer in history
     │   ├── InvalidPosition    its resume point is malformed or lies beyond history
-    │   └── SlowConsumer       it fell behind its bounded queue
+    │   ├── SlowConsumer       it fell behind its bounded queue
+    │   └── ServerDraining     the frontend is shutting down (reconnect elsewhere)
     ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
     ├── TraceConflictError a run tree kept changing under the trace worker's writes
     └── WebhookError
@@ -61,6 +62,12 @@ class SlowConsumer(StreamError):
     """The client did not keep up with its bounded queue and was dropped."""
 
     code = "slow_consumer"
+
+
+class ServerDraining(StreamError):
+    """The frontend is shutting down: the client reconnects, to this or another frontend."""
+
+    code = "server_shutdown"
 
 
 class FanoutConflict(BusError):

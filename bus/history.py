@@ -20,6 +20,7 @@ conversion state in the same script run (see :mod:`bus.fanout.handler`).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +30,8 @@ import redis.asyncio as aioredis
 from bus.keys import Keys
 
 TopicKind = Literal["trace", "thread"]
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_ID_PART_MAX = 2**64 - 1
 Position = Literal["ok", "missed", "unknown"]
 
 
@@ -232,6 +235,8 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     ``unknown``: the id is malformed or lies beyond the end of history.
     """
     key = topic.history(keys)
+    if not is_event_id(after):
+        return "unknown"
     try:
         if await redis.xrange(key, min=after, max=after, count=1):
             return "ok"
@@ -244,6 +249,18 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     if _id_tuple(after) > _id_tuple(first_id):
         return "unknown"
     return "ok" if int(fields[b"s"]) == 1 else "missed"
+
+
+def is_event_id(text: str) -> bool:
+    """Whether ``text`` is a history entry id (``<ms>-<seq>``, both 64-bit).
+
+    Checked before an id reaches Redis: ``-``, ``+`` and ``(<id>`` mean
+    something else to XRANGE.
+    """
+    if not _EVENT_ID.fullmatch(text):
+        return False
+    ms, _, seq = text.partition("-")
+    return int(ms) <= _ID_PART_MAX and int(seq) <= _ID_PART_MAX
 
 
 def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
