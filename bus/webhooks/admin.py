@@ -150,7 +150,8 @@ class _Admin:
 
     async def disable(self, request: Request) -> Response:
         spec = msgspec.convert(await _body(request), _DisableBody)
-        await self.registry.disable(request.path_params["id"], spec.reason or DEFAULT_DISABLE_REASON)
+        reason = spec.reason or DEFAULT_DISABLE_REASON
+        await self.registry.disable(request.path_params["id"], reason)
         return await self.show(request)
 
     async def rotate(self, request: Request) -> Response:
