@@ -73,10 +73,13 @@ class _ReplayBody(msgspec.Struct, forbid_unknown_fields=True):
 MAX_LIMIT = 10_000
 
 
+MAX_SECONDS = 10**12  # Unix seconds or a duration; far beyond any real one, within stream ids
+
+
 def _seconds(value: float | None, name: str) -> float | None:
     """A finite, non-negative number of seconds (or None)."""
-    if value is not None and not 0 <= value < float("inf"):
-        raise WebhookError(f"{name} must be a finite number >= 0, got {value!r}")
+    if value is not None and not 0 <= value <= MAX_SECONDS:
+        raise WebhookError(f"{name} must be a finite number >= 0 (at most 1e12), got {value!r}")
     return value
 
 
