@@ -314,6 +314,28 @@ async def test_bad_requests_get_clear_errors(
             await ws.send(command)
             reply = json.loads(await ws.recv())
             assert reply["type"] == "error" and reply["error"] == code, reply
+        # Resume points Redis would read as range syntax: an error to that command only.
+        for n, point in enumerate(["-", "+", "(1-0", "é"], start=10):
+            params = {"run_id": thread_id, "last_event_id": point}
+            await ws.send(
+                json.dumps({"id": n, "method": "subscription.reconnect", "params": params})
+            )
+            reply = json.loads(await ws.recv())
+            assert reply == {
+                "type": "error",
+                "id": n,
+                "error": "invalid_argument",
+                "message": f"last_event_id {point!r} is not an event id",
+            }
+        # The session is still usable after all of them.
+        subscribe = {
+            "id": 20,
+            "method": "subscription.subscribe",
+            "params": {"channels": ["tools"]},
+        }
+        await ws.send(json.dumps(subscribe))
+        reply = json.loads(await ws.recv())
+        assert reply["type"] == "success" and reply["id"] == 20
 
 
 async def test_websocket_filters_and_reconnect_on_another_frontend(
