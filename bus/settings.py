@@ -78,6 +78,9 @@ class Settings:
     """A client whose current write has been blocked this long when a new event comes is
     dropped as a slow consumer; a dropped client whose write is still blocked this long
     after is disconnected (it gets ``slow_consumer`` if it reads by then)."""
+    client_send_buffer_bytes: int = 256 * 1024
+    """The kernel send buffer of each SSE connection (0: the OS's autotuned default, which
+    lets a client that stopped reading hold megabytes before it is noticed)."""
     send_timeout_s: float = 30.0
     frontend_redis_connections: int = 64
     """Redis connections one frontend process opens at most; a request waits for a free one."""

@@ -24,8 +24,10 @@ the stream starts (an EventSource does not retry a 400).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -122,11 +124,13 @@ class _SendWatch:
 
     __slots__ = ("blocked_since", "stall_s", "transport")
 
-    def __init__(self, request: Request, stall_s: float) -> None:
+    def __init__(self, request: Request, stall_s: float, send_buffer_bytes: int) -> None:
         transport = request.scope.get(TRANSPORT_SCOPE_KEY)
         self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.stall_s = stall_s
         self.blocked_since: float | None = None
+        if self.transport is not None and send_buffer_bytes > 0:
+            _bound_send_buffer(self.transport, send_buffer_bytes)
 
     def stalled(self) -> bool:
         since = self.blocked_since
@@ -144,11 +148,25 @@ class _SendWatch:
             transport.abort()
 
 
+def _bound_send_buffer(transport: asyncio.WriteTransport, size: int) -> None:
+    """Cap the kernel's send buffer of a stream's socket.
+
+    Left to autotuning it grows to megabytes, which a client that stopped
+    reading soaks up before any write blocks: with small events, that is
+    minutes of a live run before the client is noticed.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 def _response(
     request: Request, state: AppState, topic: Topic, start: Start, flt: Filter
 ) -> Response:
     shutdown = anyio.Event()
-    watch = _SendWatch(request, state.settings.client_stall_s)
+    settings = state.settings
+    watch = _SendWatch(request, settings.client_stall_s, settings.client_send_buffer_bytes)
 
     async def drain_on_shutdown() -> None:
         # Set by sse-starlette when the server begins to shut down: every stream of
