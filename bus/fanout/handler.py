@@ -31,7 +31,6 @@ from bus.fanout.state import TraceState
 from bus.history import GuardedWriter, Topic
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
-from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,8 +141,3 @@ class FanoutHandler:
             events=[event.outgoing() for event in events],
         )
         return True
-
-
-async def build_handler(ctx: WorkerContext) -> FanoutHandler:
-    """The :data:`bus.runtime.worker.HandlerFactory` of the fan-out worker."""
-    return FanoutHandler(redis=ctx.redis, settings=ctx.settings)

@@ -42,6 +42,7 @@ from bus.errors import EndpointNotFound, UnsafeURLError
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
 from bus.keys import Keys, partition_of
 from bus.producer.publisher import ENTRY_FIELD
+from bus.runtime.worker import worker_context
 from bus.scripts import execute
 from bus.settings import Settings
 from bus.webhooks import ssrf
@@ -419,7 +420,7 @@ async def deliver_webhook(
     HTTP failures are handled inside (they schedule the next attempt). Only
     Redis trouble escapes, as arq's ``Retry``, so arq runs this job again.
     """
-    deliverer: Deliverer = ctx["webhooks"]
+    deliverer = worker_context(ctx).service(Deliverer)
     try:
         return await deliverer.attempt(endpoint_id, msg_id, attempt, wait, series)
     except EndpointNotFound:

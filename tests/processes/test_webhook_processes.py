@@ -14,8 +14,9 @@ from standardwebhooks.webhooks import Webhook
 
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
-from tests.support.processes import start_worker, stop, wait_for
+from tests.support.processes import start_worker, stop
 from tests.support.publishing import publish
+from tests.support.waiting import wait_until
 from tests.support.webhooks import LOOPBACK, Receiver, chain_end, start_receiver
 
 WORKER = "workers.webhooks.WorkerSettings"
@@ -67,12 +68,12 @@ async def test_sigkill_mid_delivery_then_restart_delivers_everything(
     publish(sync_redis, settings, events)  # type: ignore[arg-type]
     worker = start_worker(settings, tmp_path / "w1.log", target=WORKER, **worker_env())
     try:
-        wait_for(lambda: len(ids(receiver, "killed")) >= 10, what="first deliveries")
+        wait_until(lambda: len(ids(receiver, "killed")) >= 10, what="first deliveries")
         stop(worker, signal.SIGKILL)
         assert len(ids(receiver, "killed")) < len(events)
         worker = start_worker(settings, tmp_path / "w2.log", target=WORKER, **worker_env())
         expected = {"msg_" + e.id for e in events}
-        wait_for(lambda: ids(receiver, "killed") >= expected, within=90, what="every event")
+        wait_until(lambda: ids(receiver, "killed") >= expected, within=90, what="every event")
     finally:
         shutdown(worker)
     secret = endpoint.active_secrets(0)[0]
@@ -99,7 +100,7 @@ async def test_a_slow_endpoint_does_not_delay_a_fast_one(
     worker = start_worker(settings, tmp_path / "w.log", target=WORKER, **env)
     try:
         publish(sync_redis, settings, events)  # type: ignore[arg-type]
-        wait_for(lambda: len(ids(receiver, "fast")) == 20, what="fast deliveries")
+        wait_until(lambda: len(ids(receiver, "fast")) == 20, what="fast deliveries")
         # Every fast delivery happened while the slow endpoint held at most two
         # rounds of its two slots (each round takes 5 s).
         assert len(receiver.received("slow")) <= 4

@@ -13,7 +13,7 @@ from bus.cli import main as lcbus
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.traces.aggregator import TraceAggregator
-from tests.redis.test_traces import bus_deliveries
+from tests.support.published import bus_deliveries
 from tests.support.runs import run_scenario
 
 
