@@ -6,10 +6,8 @@ import asyncio
 import json
 import signal
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +19,7 @@ from bus.tokens import stream_token, thread_token
 from tests.conftest import REDIS_URL, require_redis
 from tests.support.frontend import SECRET, Frontend, append, collect, conversation, frontend
 from tests.support.redis_server import OwnedRedis
+from tests.support.waiting import wait_until_async
 
 
 @pytest.fixture
@@ -32,14 +31,6 @@ async def aredis(prefix: str) -> AsyncIterator[aioredis.Redis]:
 
 def _trace_url(server: Frontend, trace_id: str) -> str:
     return f"{server.url}/traces/{trace_id}/stream?token={stream_token(trace_id, secret=SECRET)}"
-
-
-async def _wait_until(check: Any, *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.05)
 
 
 def _frames(text: str) -> list[dict[str, str]]:
@@ -153,7 +144,7 @@ async def test_a_frozen_client_is_disconnected_and_freed(
     env = {"LCBUS_CLIENT_STALL_S": "1", "LCBUS_PING_INTERVAL_S": "1"}
     with frontend(REDIS_URL, prefix, **env) as server:
         frozen = await asyncio.to_thread(_frozen_client, server, trace_id)
-        await _wait_until(
+        await wait_until_async(
             lambda: asyncio.to_thread(lambda: server.health()["channels"] == 1),
             within=10,
             what="the frozen client's subscription",
@@ -168,7 +159,7 @@ async def test_a_frozen_client_is_disconnected_and_freed(
             health = await asyncio.to_thread(server.health)
             return bool(health["channels"] == 0)
 
-        await _wait_until(released, within=20, what="the frozen client being dropped")
+        await wait_until_async(released, within=20, what="the frozen client being dropped")
         rest = await asyncio.to_thread(_read_to_the_end, frozen)
         frozen.close()
         # What reached the client before the cut is an exact prefix of the stream.
@@ -229,7 +220,7 @@ async def test_sigterm_ends_every_stream_cleanly_and_exits_0(
         ws = [asyncio.create_task(_ws_until_closed(ws_url, thread_id, e)) for e in opened[2:]]
         for event in opened:
             await event.wait()
-        await _wait_until(
+        await wait_until_async(
             lambda: asyncio.to_thread(lambda: server.health()["channels"] == 2),
             within=10,
             what="every client subscribed",
@@ -264,12 +255,11 @@ async def test_sigterm_ends_every_stream_cleanly_and_exits_0(
 
 @pytest.fixture
 def owned_redis() -> Iterator[OwnedRedis]:
-    server = OwnedRedis()
-    server.start()
-    yield server
-    if server.process is not None:
-        server.process.send_signal(signal.SIGCONT)
-    server.kill()
+    with OwnedRedis() as server:
+        server.start()
+        yield server
+        if server.process is not None:
+            server.resume()
 
 
 @pytest.mark.parametrize("fault", ["sigstop", "sigkill"])
@@ -294,15 +284,13 @@ async def test_a_replay_during_a_redis_outage_ends_with_a_retryable_error(
                 chunks = response.aiter_text()
                 body = await anext(chunks)
                 # The server is now blocked writing the first history page (2 MB).
-                assert owned_redis.process is not None
                 if fault == "sigstop":
-                    owned_redis.process.send_signal(signal.SIGSTOP)
+                    owned_redis.pause()
                 else:
                     owned_redis.kill()
                 body += "".join([text async for text in chunks])
             if fault == "sigstop":
-                assert owned_redis.process is not None
-                owned_redis.process.send_signal(signal.SIGCONT)
+                owned_redis.resume()
             frames = _frames(body)
             error = frames[-1]
             assert error["event"] == "error" and error["retry"] == "1000"
@@ -318,5 +306,5 @@ async def test_a_replay_during_a_redis_outage_ends_with_a_retryable_error(
                 assert rest.ended and rest.seqs == list(range(len(seqs) + 1, len(events) + 1))
     finally:
         if owned_redis.process is not None:
-            owned_redis.process.send_signal(signal.SIGCONT)
+            owned_redis.resume()
         await client.aclose(close_connection_pool=True)
