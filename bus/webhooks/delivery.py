@@ -242,6 +242,11 @@ class Deliverer:
             result.error = f"timed out after {self.settings.webhook_timeout_s:g} s"
         except httpx.HTTPError as exc:
             result.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            # Anything else (httpx.InvalidURL, an IDNA error, a bug) is a failed attempt
+            # too: logged, then retried on the schedule and dead-lettered, never lost in arq.
+            log.warning("webhook %s attempt failed unexpectedly", msg_id, exc_info=True)
+            result.error = f"{type(exc).__name__}: {exc}"
         result.latency_ms = (time.perf_counter() - started) * 1000
         return result
 
