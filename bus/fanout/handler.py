@@ -27,7 +27,7 @@ from bus.errors import FanoutConflict
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
-from bus.fanout.state import TraceState
+from bus.fanout.state import StreamState
 from bus.history import GuardedWriter, Topic
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery
@@ -61,7 +61,7 @@ class FanoutHandler:
         )
         self._window_s = settings.fanout_coalesce_ms / 1000
         self._cache_max = settings.fanout_cache_traces
-        self._cache: dict[str, TraceState] = {}
+        self._cache: dict[str, StreamState] = {}
         self.stats = FanoutStats()
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> None:

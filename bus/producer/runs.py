@@ -20,7 +20,9 @@ TRACE_ID_METADATA_KEY = "lcbus_trace_id"
 """Metadata key that names the trace of a run whose parent lives in another process."""
 
 
-class Trace:
+class LiveTrace:
+    """A trace with runs open in this process: its partition and next sequence number."""
+
     __slots__ = ("open_runs", "partition", "seq", "trace_id")
 
     def __init__(self, trace_id: str, partitions: int) -> None:
@@ -37,7 +39,7 @@ class Run:
 
     def __init__(
         self,
-        trace: Trace,
+        trace: LiveTrace,
         key: UUID,
         parent_run_id: str | None,
         name: str,
@@ -61,7 +63,7 @@ class RunRegistry:
     def __init__(self, partitions: int) -> None:
         self._partitions = partitions
         self._runs: dict[UUID, Run] = {}
-        self._traces: dict[str, Trace] = {}
+        self._traces: dict[str, LiveTrace] = {}
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -125,8 +127,8 @@ class RunRegistry:
         if trace.open_runs <= 0:
             self._traces.pop(trace.trace_id, None)
 
-    def _new_trace(self, trace_id: str) -> Trace:
-        trace = self._traces[trace_id] = Trace(trace_id, self._partitions)
+    def _new_trace(self, trace_id: str) -> LiveTrace:
+        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions)
         return trace
 
     def _evict_oldest(self) -> None:

@@ -34,7 +34,7 @@ from bus.keys import Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
-from bus.traces.tree import TraceState, apply, is_complete, is_run_event, summarize
+from bus.traces.tree import TreeState, apply, is_complete, is_run_event, summarize
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,10 @@ class TraceAggregator:
 
 
 def _starts_root(event: ev.BaseEvent) -> bool:
-    return event.run_id == event.trace_id and ev.event_type(event) in ev.START_TYPES
+    return event.run_id == event.trace_id and isinstance(event, ev.RunStart)
 
 
-def completed_event(state: TraceState) -> ev.TraceCompleted:
+def completed_event(state: TreeState) -> ev.TraceCompleted:
     """The ``trace_completed`` event of a trace: its status and rollups.
 
     Its id is derived from the trace, so a receiver can deduplicate by it.

@@ -1,7 +1,7 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
 Each trace is one hash ``keys.tree(trace_id, partition)`` with fields ``v`` (a version
-counter), ``s`` (the msgpack :class:`~bus.traces.tree.TraceState`) and ``m`` (the
+counter), ``s`` (the msgpack :class:`~bus.traces.tree.TreeState`) and ``m`` (the
 JSON :class:`~bus.traces.tree.TraceSummary` the list filters read), expiring
 ``trace_ttl_s`` after its last write. A write is a compare-and-set on ``v``:
 leases make one worker replica the writer of a trace's partition, but a
@@ -31,7 +31,7 @@ from bus.keys import Keys, partition_of
 from bus.producer.publisher import ENTRY_FIELD
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
-from bus.traces.tree import Trace, TraceState, TraceSummary, build, is_complete, summarize
+from bus.traces.tree import Trace, TraceSummary, TreeState, build_trace, is_complete, summarize
 
 __all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
 
@@ -40,7 +40,7 @@ LIST_SCAN_CAP = 5000
 summaries, so a rare filter over a huge index returns a cursor to continue from)."""
 
 _state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(TraceState)
+_state_decoder = msgspec.msgpack.Decoder(TreeState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
 # KEYS: tree, done flag, event stream. ARGV: expected version, state, summary, ttl,
@@ -79,7 +79,7 @@ class Saved:
 @dataclass(slots=True)
 class Loaded:
     version: int
-    state: TraceState
+    state: TreeState
 
 
 class TraceStore:
@@ -109,7 +109,7 @@ class TraceStore:
         for trace_id in trace_ids:
             cached = None if fresh else self._cache.get(trace_id)
             if cached is None and not fresh and trace_id in new:
-                found[trace_id] = Loaded(0, TraceState(trace_id=trace_id))
+                found[trace_id] = Loaded(0, TreeState(trace_id=trace_id))
             elif cached is None:
                 missing.append(trace_id)
             else:
@@ -142,7 +142,7 @@ class TraceStore:
         still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
         tail = [self.settings.stream_maxlen, ENTRY_FIELD]
 
-        def build(pipe: Any) -> None:
+        def queue_saves(pipe: Any) -> None:
             for trace_id, version, blob, summary in writes:
                 p = partition_of(trace_id, partitions)
                 script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
@@ -157,7 +157,7 @@ class TraceStore:
             pipe.zremrangebyscore(keys.trace_index(), "-inf", now - ttl)
 
         try:
-            replies = await execute(self.redis, [_SAVE], build)
+            replies = await execute(self.redis, [_SAVE], queue_saves)
         except BaseException:
             for trace_id, _ in items:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
@@ -192,7 +192,7 @@ class TraceStore:
 
 def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
     if version is None or blob is None:
-        return Loaded(0, TraceState(trace_id=trace_id))
+        return Loaded(0, TreeState(trace_id=trace_id))
     return Loaded(int(version), _state_decoder.decode(blob))
 
 
@@ -204,7 +204,7 @@ async def get_trace(redis: aioredis.Redis, settings: Settings, trace_id: str) ->
     blob: Any = await redis.hget(_tree_key(settings, trace_id), "s")
     if blob is None:
         return None
-    return build(_state_decoder.decode(blob))
+    return build_trace(_state_decoder.decode(blob))
 
 
 async def list_traces(

@@ -46,9 +46,9 @@ def assert_complete_run(events: list[ev.Event], root: str) -> None:
     assert (custom.event_name, custom.data) == ("progress", {"step": "retrieved"})
     retriever_end = next(e for e in events if isinstance(e, ev.RetrieverEnd))
     assert retriever_end.documents[0]["page_content"] == "notes about what moves tokens?"
-    names = {e.name for e in events if ev.event_type(e) in ev.START_TYPES}
+    names = {e.name for e in events if isinstance(e, ev.RunStart)}
     assert {"ChatPromptTemplate", "GenericFakeChatModel", "StrOutputParser", "word_count"} <= names
-    run_types = {e.run_type for e in events if ev.event_type(e) in ev.START_TYPES}
+    run_types = {e.run_type for e in events if isinstance(e, ev.RunStart)}
     assert {"chain", "prompt", "parser", "chat_model", "tool", "retriever"} <= run_types
 
 

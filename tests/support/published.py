@@ -48,17 +48,16 @@ def check_trace(events: list[ev.Event], root: str) -> None:
     started: dict[str, str | None] = {}
     ended: set[str] = set()
     for event in events:
-        tag = ev.event_type(event)
-        if tag in ev.START_TYPES:
+        if isinstance(event, ev.RunStart):
             assert event.run_id not in started, "a run started twice"
             assert event.parent_run_id is None or event.parent_run_id in started
             assert event.parent_run_id not in ended, "child started after its parent ended"
             started[event.run_id] = event.parent_run_id
-        elif tag in ev.END_TYPES | ev.ERROR_TYPES:
+        elif isinstance(event, ev.RunEnd | ev.RunError):
             assert event.run_id in started and event.run_id not in ended
             assert event.parent_run_id == started[event.run_id]
             ended.add(event.run_id)
         else:
-            assert event.run_id in started and event.run_id not in ended, tag
+            assert event.run_id in started and event.run_id not in ended, ev.event_type(event)
     assert ended == set(started), "every run that started also ended"
     assert started[root] is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from bus import events as ev
-from bus.traces.tree import TraceState, add_seq, apply, build
+from bus.traces.tree import TreeState, add_seq, apply, build_trace
 from tests.support.publishing import run_event
 
 
@@ -46,12 +46,12 @@ def test_runs_from_two_processes_merge_and_tokens_count_once() -> None:
         ),
         run_event(ev.ChainEnd, "t", "t", 9),
     ]
-    forward, backward = TraceState(trace_id="t"), TraceState(trace_id="t")
+    forward, backward = TreeState(trace_id="t"), TreeState(trace_id="t")
     for event in events + events[3:6]:
         apply(forward, event)
     for event in reversed(events):
         apply(backward, event)
-    one, two = build(forward), build(backward)
+    one, two = build_trace(forward), build_trace(backward)
     assert msgspec.to_builtins(one) == msgspec.to_builtins(two)
     assert one.root is not None
     counts = {child.id: child.token_count for child in one.root.children}
@@ -62,11 +62,11 @@ def test_runs_from_two_processes_merge_and_tokens_count_once() -> None:
 
 
 def test_an_end_before_its_start_keeps_the_start_fields() -> None:
-    state = TraceState(trace_id="t")
+    state = TreeState(trace_id="t")
     apply(state, run_event(ev.ChainError, "t", "t", 2, error="KeyError: 'k'", name="late"))
-    assert build(state).status == "running"  # an ended run whose start is missing
+    assert build_trace(state).status == "running"  # an ended run whose start is missing
     apply(state, run_event(ev.ChainStart, "t", "t", 1, name="root", tags=["x"]))
-    trace = build(state)
+    trace = build_trace(state)
     assert trace.root is not None
     assert (trace.root.name, trace.root.tags, trace.status) == ("root", ["x"], "error")
     assert trace.root.error == "KeyError: 'k'"
