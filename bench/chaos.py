@@ -69,6 +69,7 @@ from bus.producer.publisher import Publisher
 from bus.settings import Settings
 from bus.traces.store import get_trace
 from bus.webhooks.endpoints import Endpoints
+from bus.webhooks.outbox import webhook_id
 from bus.webhooks.types import webhook_type
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,70 +278,95 @@ def text_diff(expected: str, got: str) -> tuple[int, int]:
     return missing, repeated
 
 
-async def settled(
-    client: aioredis.Redis, settings: Settings, produced: dict[str, str], hooks: dict[str, int]
-) -> bool:
+async def settled(client: aioredis.Redis, settings: Settings, produced: dict[str, str]) -> bool:
     for trace in produced:
         _, final = await history_texts(client, settings, trace)
         tree = await get_trace(client, settings, trace)
         if not final or tree is None or tree.status != "success":
             return False
-    return sum(hooks.values()) == 0
+    return True
+
+
+async def wait_settled(
+    client: aioredis.Redis,
+    settings: Settings,
+    produced: dict[str, str],
+    expected_hooks: set[str],
+    receiver: httpx.AsyncClient,
+) -> list[dict[str, Any]]:
+    """Poll until every trace is final and complete and every webhook arrived (bounded)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        arrivals: list[dict[str, Any]] = (await receiver.get("/received/chaos")).json()
+        seen = {a["headers"]["webhook-id"] for a in arrivals}
+        done = expected_hooks <= seen and await settled(client, settings, produced)
+        if done or time.monotonic() > deadline:
+            return arrivals
+        await asyncio.sleep(1.0)
+
+
+async def judge_trace(
+    client: aioredis.Redis, settings: Settings, trace: str, text: str
+) -> tuple[Counter[str], Counter[str]]:
+    """(fan-out figures, tree figures) of one trace against the text the app produced."""
+    fanout, tree_figures = Counter[str](), Counter[str]()
+    deltas, final = await history_texts(client, settings, trace)
+    got = "".join(deltas)
+    missing, repeated = text_diff(text, got)
+    fanout["tokens_lost"] += missing
+    fanout["tokens_duplicated"] += repeated
+    fanout["traces_reordered"] += int(not missing and not repeated and got != text)
+    fanout["traces_unfinished"] += int(not final)
+    tree = await get_trace(client, settings, trace)
+    root = tree.root if tree is not None and tree.status == "success" else None
+    tree_figures["trees_incomplete"] += int(root is None)
+    if root is not None:
+        chunks = len([c for c in re.split(r"(\s)", text) if c])
+        tree_figures["tokens_lost"] += max(0, chunks - root.token_count)
+        tree_figures["tokens_duplicated"] += max(0, root.token_count - chunks)
+        tree_figures["outputs_wrong"] += int(text not in json.dumps(root.outputs))
+    return fanout, tree_figures
+
+
+def judge_webhooks(expected: dict[str, Any], arrivals: list[dict[str, Any]]) -> dict[str, int]:
+    """Lost: a produced event no webhook arrived for. Duplicated: one event (its trace, run
+    and type) under more than one webhook-id. The same id twice is a redelivery."""
+    ids_by_identity: dict[tuple[str, str, str], set[str]] = {}
+    for arrival in arrivals:
+        body = json.loads(arrival["body"])
+        identity = (body["data"]["trace_id"], body["data"]["run_id"], body["type"])
+        ids_by_identity.setdefault(identity, set()).add(arrival["headers"]["webhook-id"])
+    arrived = Counter(a["headers"]["webhook-id"] for a in arrivals)
+    return {
+        "lost": sum(1 for msg_id in expected if not arrived[msg_id]),
+        "duplicated": sum(len(ids) - 1 for ids in ids_by_identity.values()),
+        "redelivered_same_id": sum(n - 1 for n in arrived.values()),
+    }
 
 
 async def measure(
-    settings: Settings,
-    produced: dict[str, str],
-    events: list[Any],
-    receiver: httpx.AsyncClient,
+    settings: Settings, produced: dict[str, str], events: list[Any], receiver: httpx.AsyncClient
 ) -> dict[str, Any]:
     client = aioredis.Redis.from_url(settings.redis_url)
-    expected_hooks = {"msg_" + e.id: e for e in events if webhook_type(e) in HOOKED}
-    deadline = time.monotonic() + SETTLE_S
-    arrivals: list[dict[str, Any]] = []
-    while True:
-        arrivals = (await receiver.get("/received/chaos")).json()
-        seen = {a["headers"]["webhook-id"] for a in arrivals}
-        missing = {m: 1 for m in expected_hooks if m not in seen}
-        if await settled(client, settings, produced, missing) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1.0)
-    fanout = Counter[str]()
-    traces = Counter[str]()
+    expected_hooks = {webhook_id(e): e for e in events if webhook_type(e) in HOOKED}
+    arrivals = await wait_settled(client, settings, produced, set(expected_hooks), receiver)
+    fanout, traces = (
+        Counter[str](),
+        Counter[str](
+            {"trees_incomplete": 0, "tokens_lost": 0, "tokens_duplicated": 0, "outputs_wrong": 0}
+        ),
+    )
     for trace, text in produced.items():
-        chunks = [c for c in re.split(r"(\s)", text) if c]
-        deltas, final = await history_texts(client, settings, trace)
-        got = "".join(deltas)
-        missing, repeated = text_diff(text, got)
-        fanout["tokens_lost"] += missing
-        fanout["tokens_duplicated"] += repeated
-        fanout["traces_reordered"] += int(not missing and not repeated and got != text)
-        fanout["traces_unfinished"] += int(not final)
-        tree = await get_trace(client, settings, trace)
-        done = tree is not None and tree.status == "success" and tree.root is not None
-        traces["trees_incomplete"] += int(not done)
-        if done and tree is not None and tree.root is not None:
-            counted = tree.root.token_count
-            traces["tokens_lost"] += max(0, len(chunks) - counted)
-            traces["tokens_duplicated"] += max(0, counted - len(chunks))
-            traces["outputs_wrong"] += int(text not in json.dumps(tree.root.outputs))
+        one_fanout, one_tree = await judge_trace(client, settings, trace, text)
+        fanout.update(one_fanout)
+        traces.update(one_tree)
     await client.aclose()
-    by_event = Counter(a["headers"]["webhook-id"] for a in arrivals)
-    per_identity: dict[tuple[str, str], set[str]] = {}
-    for msg_id, event in expected_hooks.items():
-        per_identity.setdefault((event.trace_id, webhook_type(event) or ""), set())
-        if by_event[msg_id]:
-            per_identity[event.trace_id, webhook_type(event) or ""].add(msg_id)
-    unexpected = [m for m in by_event if m not in expected_hooks]
-    webhooks = {
-        "lost": sum(1 for m in expected_hooks if not by_event[m]),
-        "duplicated": len(unexpected) + sum(len(s) - 1 for s in per_identity.values() if s),
-    }
+    webhooks = judge_webhooks(expected_hooks, arrivals)
     return {
         "fanout": dict(sorted(fanout.items())),
         "traces": dict(sorted(traces.items())),
-        "webhooks": webhooks,
-        "redelivered_same_id": sum(n - 1 for n in by_event.values() if n > 1),
+        "webhooks": {"lost": webhooks["lost"], "duplicated": webhooks["duplicated"]},
+        "redelivered_same_id": webhooks["redelivered_same_id"],
         "webhooks_expected": len(expected_hooks),
     }
 
