@@ -17,10 +17,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its dev extra
+install: $(STAMP) ## create .venv and install the project with every extra and the dev tools
 
 # The tiers: tests/unit (no Redis), tests/redis (real Redis, in process),
 # tests/processes (real processes, browsers, compose).

@@ -16,6 +16,8 @@ from typing import Literal
 
 import msgspec
 
+from bus.parsing import entry_order
+
 MessageMode = Literal["", "token", "stream", "done"]
 """Where a model run's message comes from: ``""`` (no message yet), ``"token"``
 (from on_llm_new_token), ``"stream"`` (from on_stream_event), or ``"done"``
@@ -79,8 +81,3 @@ def load(blob: bytes | None, version: bytes | None) -> StreamState:
     state = _decoder.decode(blob) if blob else StreamState()
     state.version = int(version) if version else 0
     return state
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

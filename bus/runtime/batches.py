@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from bus.errors import EventDecodeError
 from bus.events import Event, UnknownEvent, decode
-from bus.keys import Keys
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime import deadletter
 from bus.runtime.lease import HeldPartition
 from bus.runtime.outage import TRANSIENT_ERRORS
@@ -91,7 +91,9 @@ class BatchProcessor:
             failures = await self._handle(part, deliveries)
             if failures:
                 # Only a failure needs the payloads back (for the dead letter).
-                payloads = {i.decode(): f.get(b"e", b"") for i, f in entries if f is not None}
+                payloads = {
+                    i.decode(): f.get(ENTRY_FIELD, b"") for i, f in entries if f is not None
+                }
                 reason = deadletter.REASON_HANDLER_FAILED
                 for delivery, error in failures:
                     payload = payloads[delivery.entry_id]
@@ -112,7 +114,7 @@ class BatchProcessor:
             if fields is None:
                 self._stats.trimmed += 1
                 continue
-            payload = fields.get(b"e", b"")
+            payload = fields.get(ENTRY_FIELD, b"")
             try:
                 event = decode(payload)
             except EventDecodeError as exc:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bus.keys import Keys
+from bus.parsing import text
 from bus.runtime.batches import BatchHandler, BatchProcessor, ConsumerStats, Entries
 from bus.runtime.lease import HeldPartition
 from bus.runtime.outage import TRANSIENT_ERRORS, Outage
@@ -114,7 +115,7 @@ class PartitionReader:
         part.next_pending_check = now + self._settings.lease_ttl_ms / 1000
         summary: Any = await self._redis.xpending(stream, self._group)
         for row in summary.get("consumers") or []:
-            if _text(row["name"]) == consumer and int(row["pending"]) > len(part.unacked):
+            if text(row["name"]) == consumer and int(row["pending"]) > len(part.unacked):
                 log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
                 return True
         return False
@@ -126,7 +127,7 @@ class PartitionReader:
             entries = _entries(await self._xread(part, stream, consumer, cursor, None))
             if not entries:
                 return [], ">"
-            return entries, _text(entries[-1][0])
+            return entries, text(entries[-1][0])
         if self._settings.read_block_ms <= 0:
             # Polling mode, for servers whose blocking XREADGROUP misbehaves
             # (fakeredis 2.40 moves entries to the pending list but answers empty).
@@ -170,7 +171,3 @@ def _entries(reply: Any) -> Entries:
     if not reply:
         return []
     return list(reply[0][1])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -29,8 +29,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.errors import TraceConflictError
+from bus.errors import StateConflict
 from bus.keys import Keys
+from bus.parsing import text
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
@@ -89,7 +90,7 @@ class TraceAggregator:
                 return
             self.conflicts += len(conflicts)
             pending, fresh = conflicts, True
-        raise TraceConflictError(f"traces kept changing under this worker: {pending[:5]}")
+        raise StateConflict(f"traces kept changing under this worker: {pending[:5]}")
 
     async def _save(self, loaded: Mapping[str, Loaded], now: float) -> list[str]:
         """Save, publishing ``trace_completed`` for the traces that just completed."""
@@ -117,7 +118,7 @@ class TraceAggregator:
         raw = await self.redis.zrangebyscore(
             self.keys.trace_open(), "-inf", cutoff, start=0, num=_SWEEP_BATCH
         )
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
+        ids = [text(m) for m in raw]
         if not ids:
             return 0
         loaded = await self.store.load(ids, fresh=True)

@@ -41,8 +41,7 @@ from redis.exceptions import RedisError
 
 from bus.errors import EndpointNotFound
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.runtime.worker import worker_context
 from bus.scripts import execute
 from bus.settings import Settings

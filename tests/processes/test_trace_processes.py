@@ -11,9 +11,8 @@ import redis
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.keys import Keys, partition_of
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.producer.callbacks import BusCallbackHandler
-from bus.producer.publisher import ENTRY_FIELD
 from bus.settings import Settings
 from bus.traces.store import get_trace
 from bus.traces.tree import Trace

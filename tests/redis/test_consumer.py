@@ -10,8 +10,7 @@ import redis
 import redis.asyncio as aioredis
 
 from bus.events import encode
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.runtime import deadletter
 from bus.runtime.consumer import Delivery, GroupConsumer
 from bus.settings import Settings

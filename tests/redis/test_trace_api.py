@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -10,6 +11,7 @@ import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
 from bus import events as ev
+from bus.errors import InvalidQuery
 from bus.settings import Settings
 from bus.tokens import issue_token, stream_token
 from bus.traces.aggregator import TraceAggregator
@@ -114,8 +116,40 @@ async def test_list_pages_with_a_cursor(client: httpx.AsyncClient) -> None:
         if cursor is None:
             break
     assert seen == ["t4", "t3", "t2", "t1"]
-    assert (await client.get("/traces?cursor=garbage", headers=star)).status_code == 400
-    assert (await client.get("/traces?metadata=novalue", headers=star)).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("cursor=garbage", "bad trace list cursor: 'garbage'"),
+        ("cursor=1.5", "bad trace list cursor: '1.5'"),
+        ("metadata=novalue", "metadata takes KEY=VALUE, got 'novalue'"),
+        ("limit=0", "limit must be between 1 and 1000, got 0"),
+        ("limit=1001", "limit must be between 1 and 1000, got 1001"),
+        ("limit=ten", "limit must be a whole number, got 'ten'"),
+    ],
+)
+async def test_a_bad_list_query_is_a_400(
+    client: httpx.AsyncClient, query: str, reason: str
+) -> None:
+    star = _bearer(issue_token("*", secret=SECRET))
+    reply = await client.get(f"/traces?{query}", headers=star)
+    assert (reply.status_code, reply.json()) == (400, {"error": reason})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"cursor": "nan:t1"}, "bad trace list cursor: 'nan:t1'"),
+        ({"limit": 0}, "limit must be between 1 and 1000, got 0"),
+    ],
+)
+async def test_list_traces_raises_invalid_query(
+    settings: Settings, async_redis: aioredis.Redis, kwargs: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(InvalidQuery) as raised:
+        await list_traces(async_redis, settings, **kwargs)
+    assert str(raised.value) == reason
 
 
 async def test_open_access_skips_checks(settings: Settings, async_redis: aioredis.Redis) -> None:

@@ -20,8 +20,7 @@ from arq.jobs import deserialize_job_raw
 from standardwebhooks.webhooks import Webhook
 
 from bus.events import WebhookEndpointDisabled, decode
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, Outcome

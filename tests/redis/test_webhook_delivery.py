@@ -17,8 +17,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
 from bus.events import BaseEvent, WebhookEndpointDisabled, decode
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoint, Endpoints

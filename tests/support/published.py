@@ -8,8 +8,7 @@ import redis
 
 from bus import events as ev
 from bus.events import decode
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 
