@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -91,16 +92,19 @@ def _frozen_client(server: Frontend, trace_id: str) -> socket.socket:
     """A raw socket that sends the request, reads the response head, then never reads."""
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so that it fills soon
-    sock.connect((host, int(port)))
-    path = f"/traces/{trace_id}/stream?token={stream_token(trace_id, secret=SECRET)}"
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so that it fills soon
+        sock.connect((host, int(port)))
+        path = f"/traces/{trace_id}/stream?token={stream_token(trace_id, secret=SECRET)}"
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+        sock.sendall(request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -142,8 +146,9 @@ async def test_a_frozen_client_is_disconnected_and_freed(
     trace_id = f"t-{uuid.uuid4().hex}"
     topic = Topic("trace", trace_id)
     env = {"LCBUS_CLIENT_STALL_S": "1", "LCBUS_PING_INTERVAL_S": "1"}
-    with frontend(REDIS_URL, prefix, **env) as server:
+    with contextlib.ExitStack() as stack, frontend(REDIS_URL, prefix, **env) as server:
         frozen = await asyncio.to_thread(_frozen_client, server, trace_id)
+        stack.callback(frozen.close)
         await wait_until_async(
             lambda: asyncio.to_thread(lambda: server.health()["channels"] == 1),
             within=10,
@@ -161,7 +166,6 @@ async def test_a_frozen_client_is_disconnected_and_freed(
 
         await wait_until_async(released, within=20, what="the frozen client being dropped")
         rest = await asyncio.to_thread(_read_to_the_end, frozen)
-        frozen.close()
         # What reached the client before the cut is an exact prefix of the stream.
         body = _dechunk(rest)
         complete = body[: body.rfind(b"\n\n") + 2].decode()
