@@ -14,12 +14,14 @@ The tree::
     │   └── ServerDraining     the frontend is shutting down (reconnect elsewhere)
     ├── InvalidQuery       a query or option with a bad filter, limit, cursor or KEY=VALUE
     ├── StateConflict      another writer kept changing a trace's stored state under us
+    ├── TraceContextError  trace headers (``bus.continue_trace``) that do not name a run
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
 
 The callback handler never raises any of these into the app: it logs and
-counts instead. They surface from the CLI, the workers and the admin APIs.
+counts instead. They surface from the CLI, the workers, the admin APIs and
+``continue_trace``.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class StateConflict(BusError):
     their version; a worker that loses that race too many times in a row
     raises this, and the runtime retries the batch.
     """
+
+
+class TraceContextError(BusError, ValueError):
+    """Trace headers that do not name a run (a malformed id, say)."""
 
 
 class WebhookError(BusError):

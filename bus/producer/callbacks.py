@@ -105,6 +105,11 @@ class BusCallbackHandler(BaseCallbackHandler):
         """A handler publishing to the Redis at ``url`` (other settings by keyword)."""
         return cls(settings=Settings(redis_url=url, **settings))
 
+    def trace_id_of(self, run_id: UUID) -> str | None:
+        """The trace of a run this handler has seen start and not yet end."""
+        run = self._events.runs.get(run_id)
+        return run.trace.trace_id if run is not None else None
+
     def close(self, timeout: float | None = None) -> None:
         """Flush what is buffered (within ``timeout``) and stop the publisher."""
         self.publisher.close(timeout)

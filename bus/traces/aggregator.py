@@ -178,6 +178,7 @@ def completed_event(state: TreeState) -> ev.TraceCompleted:
     summary = summarize(state)
     rollup = {
         "usage": msgspec.to_builtins(summary.usage),
+        "unreported_usage": summary.unreported_usage,
         "latency_ms": summary.latency_ms,
         "start_time": summary.start_time,
         "end_time": summary.end_time,
