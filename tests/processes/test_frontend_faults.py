@@ -145,7 +145,13 @@ async def test_a_frozen_client_is_disconnected_and_freed(
     """
     trace_id = f"t-{uuid.uuid4().hex}"
     topic = Topic("trace", trace_id)
-    env = {"LCBUS_CLIENT_STALL_S": "1", "LCBUS_PING_INTERVAL_S": "1"}
+    # A send timeout far past the wait below: only the stall bound can drop the client.
+    env = {
+        "LCBUS_CLIENT_STALL_S": "1",
+        "LCBUS_PING_INTERVAL_S": "1",
+        "LCBUS_SEND_TIMEOUT_S": "120",
+        "LCBUS_CLIENT_SEND_BUFFER_BYTES": "32768",
+    }
     with contextlib.ExitStack() as stack, frontend(REDIS_URL, prefix, **env) as server:
         frozen = await asyncio.to_thread(_frozen_client, server, trace_id)
         stack.callback(frozen.close)
@@ -158,13 +164,14 @@ async def test_a_frozen_client_is_disconnected_and_freed(
 
         async def released() -> bool:
             # Keep events coming, as a live run would, until the frozen client is gone.
-            batch = [f"{len(tokens) + i:08d}".ljust(token_bytes, "x") for i in range(20)]
+            count = max(1, 200_000 // token_bytes)  # about 200 KB per round, whatever the size
+            batch = [f"{len(tokens) + i:08d}".ljust(token_bytes, "x") for i in range(count)]
             tokens.extend(batch)
-            await append(aredis, prefix, [topic], conversation(batch)[3:-3], batch=20)
+            await append(aredis, prefix, [topic], conversation(batch)[3:-3], batch=count)
             health = await asyncio.to_thread(server.health)
             return bool(health["channels"] == 0)
 
-        await wait_until_async(released, within=20, what="the frozen client being dropped")
+        await wait_until_async(released, within=40, what="the frozen client being dropped")
         rest = await asyncio.to_thread(_read_to_the_end, frozen)
         # What reached the client before the cut is an exact prefix of the stream.
         body = _dechunk(rest)
