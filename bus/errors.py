@@ -5,6 +5,7 @@ The tree::
     BusError
     ├── ConfigError        settings that cannot work (bad prefix, bad number)
     ├── EventDecodeError   bytes on a stream that are not a bus event
+    ├── EventRejected      an event a consumer refuses: it breaks a bound (dead-lettered at once)
     ├── AccessError        a stream token that is forged, expired or for another scope
     │   └── AccessDenied       a refused HTTP request (401 without a token, else 403)
     ├── StreamError        a streaming client that cannot be served further
@@ -37,6 +38,15 @@ class ConfigError(BusError):
 
 class EventDecodeError(BusError):
     """Bytes that do not decode as a bus event."""
+
+
+class EventRejected(BusError):
+    """An event a consumer refuses, such as an index or size beyond its bound.
+
+    Raised by a batch handler; the consumer dead-letters the event with reason
+    ``rejected`` and this message, without retrying (the same input is refused
+    the same way), and carries on with the rest.
+    """
 
 
 class AccessError(BusError):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bus import events as ev
-from bus.fanout.messages import MessageConverter
+from bus.fanout.messages import MessageConverter, message_meta
 from bus.fanout.protocol import CUSTOM, LIFECYCLE, TOOLS, ProtoEvent
 from bus.fanout.state import RunStream, StreamState
 
@@ -95,6 +95,8 @@ def _run(state: StreamState, event: ev.BaseEvent) -> RunStream:
 
 def _start(state: StreamState, event: ev.BaseEvent, out: list[ProtoEvent]) -> RunStream:
     run = state.runs[event.run_id] = _new_run(state, event)
+    if isinstance(event, ev.LLMStart | ev.ChatModelStart):
+        run.message_meta = message_meta(event)
     if run.chain:
         data: dict[str, Any] = {"event": "started", "graph_name": event.name}
         parent = state.runs.get(event.parent_run_id or "")

@@ -205,7 +205,7 @@ class BusCallbackHandler(BaseCallbackHandler):
                 fields = {"token": text, "tool_call_chunks": self._safe(tool_chunks)}
             else:
                 fields = {"token": text}
-            events.emit(ev.LLMNewToken, run, fields)
+            events.emit_token(ev.LLMNewToken, run, fields)
         except Exception as exc:
             self._failed("on_llm_new_token", exc)
 
@@ -220,7 +220,7 @@ class BusCallbackHandler(BaseCallbackHandler):
     ) -> None:
         runs = self._events.runs
         run = runs.get(run_id) or runs.lookup(run_id, parent_run_id)
-        self._events.emit(ev.StreamEvent, run, {"data": self._safe(event)})
+        self._events.emit_token(ev.StreamEvent, run, {"data": self._safe(event)})
 
     @guarded
     def on_llm_end(

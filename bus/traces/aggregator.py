@@ -81,10 +81,11 @@ class TraceAggregator:
             loaded = await self.store.load(pending, fresh=fresh, new=new)
             now = time.time()
             for trace_id in pending:
-                state = loaded[trace_id].state
+                item = loaded[trace_id]
                 for event in by_trace[trace_id]:
-                    apply(state, event)
-                state.updated_at = now
+                    apply(item.state, event)
+                    item.touched(event.run_id)
+                item.state.updated_at = now
             conflicts = await self._save(loaded, now)
             if not conflicts:
                 return

@@ -21,13 +21,13 @@ are milliseconds.
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 from typing import Any, Literal
 
 import msgspec
 
 from bus import events as ev
+from bus.seqranges import add_seq
 from bus.traces.usage import TokenUsage, usage_of
 
 LLM_RUN_TYPES = frozenset({"llm", "chat_model"})
@@ -203,7 +203,9 @@ def apply(state: TreeState, event: ev.BaseEvent) -> None:
     run = state.runs.get(event.run_id)
     if run is None:
         run = state.runs[event.run_id] = RunFacts(id=event.run_id)
-    if not run.started and not isinstance(event, ev.RunStart):
+    # An end or error carries the run's fields too; a token does not (they ride on
+    # the run's start and end only), so it never supplies them.
+    if not run.started and not isinstance(event, ev.RunStart | ev.LLMNewToken):
         rank = (1, event.source, event.seq)
         if rank < run.info_rank:
             _take_fields(run, event, rank)
@@ -235,33 +237,11 @@ def _count_token(run: RunFacts, event: ev.LLMNewToken) -> None:
     ranges = run.tokens.get(event.source)
     if ranges is None:
         ranges = run.tokens[event.source] = []
-    seq = event.seq
-    if ranges and ranges[-1][1] == seq - 1:  # the usual case: tokens in order
-        ranges[-1][1] = seq
-    elif not add_seq(ranges, seq):
+    if not add_seq(ranges, event.seq):
         return
     first = run.first_token_time
     if first is None or event.time < first:
         run.first_token_time = event.time
-
-
-def add_seq(ranges: list[list[int]], seq: int) -> bool:
-    """Add ``seq`` to sorted, disjoint ``[lo, hi]`` ranges; False if already there."""
-    index = bisect.bisect_right(ranges, [seq, float("inf")])
-    if index and ranges[index - 1][1] >= seq:
-        return False
-    joins_left = index > 0 and ranges[index - 1][1] == seq - 1
-    joins_right = index < len(ranges) and ranges[index][0] == seq + 1
-    if joins_left and joins_right:
-        ranges[index - 1][1] = ranges[index][1]
-        del ranges[index]
-    elif joins_left:
-        ranges[index - 1][1] = seq
-    elif joins_right:
-        ranges[index][0] = seq
-    else:
-        ranges.insert(index, [seq, seq])
-    return True
 
 
 def token_count(run: RunFacts) -> int:

@@ -81,6 +81,15 @@ def test_seq_ranges() -> None:
     assert add_seq(ranges, 2) is True and ranges == [[1, 5], [7, 9]]
 
 
+def test_a_run_whose_start_is_lost_takes_its_fields_from_its_end_not_its_tokens() -> None:
+    state = TreeState(trace_id="t")
+    common = {"time": 1.0, "trace_id": "t", "source": "app", "run_type": "chat_model"}
+    apply(state, ev.LLMNewToken(id="a", run_id="m", seq=2, token="hi", **common))
+    apply(state, ev.LLMEnd(id="b", run_id="m", seq=3, name="model", tags=["x"], **common))
+    run = state.runs["m"]
+    assert (run.name, run.tags, run.end_kind) == ("model", ["x"], "end")
+
+
 def test_usage_not_reported_is_unknown_and_partial_usage_keeps_its_gaps() -> None:
     events = [
         run_event(ev.ChainStart, "t", "t", 1, name="root", run_type="chain"),
