@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-unit lint format typecheck bench demo clean
+.PHONY: help install test test-unit lint format typecheck bench chaos demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.traces
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.cluster
+
+chaos: $(STAMP) ## fault scenarios at size (owned Redis, 3 replicas per worker); prints losses as JSON
+	$(BIN)/python -m bench.chaos $(ARGS)
 
 demo: $(STAMP) ## run the demo (embedded Redis unless REDIS_URL is set)
 	$(BIN)/python -m bus.demo $(ARGS)

@@ -50,7 +50,8 @@ def check_access(
     token = token_of(conn)
     if token is None:
         raise AccessDenied(401, "a stream token is required (?token= or Authorization: Bearer)")
-    if settings.admin_token and hmac.compare_digest(token, settings.admin_token):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+    if settings.admin_token and hmac.compare_digest(token.encode(), settings.admin_token.encode()):
         return
     try:
         scope = verify_token(token, secret=settings.stream_secret)

@@ -11,7 +11,8 @@ The tree::
     ├── StreamError        a streaming client that cannot be served further
     │   ├── EventsMissed       its resume point is no longer in history
     │   ├── InvalidPosition    its resume point is malformed or lies beyond history
-    │   └── SlowConsumer       it fell behind its bounded queue
+    │   ├── SlowConsumer       it fell behind its bounded queue
+    │   └── ServerDraining     the frontend is shutting down (reconnect elsewhere)
     ├── InvalidQuery       a query or option with a bad filter, limit, cursor or KEY=VALUE
     ├── StateConflict      another writer kept changing a trace's stored state under us
     ├── TraceContextError  trace headers (``bus.continue_trace``) that do not name a run
@@ -83,6 +84,12 @@ class SlowConsumer(StreamError):
     """The client did not keep up with its bounded queue and was dropped."""
 
     code = "slow_consumer"
+
+
+class ServerDraining(StreamError):
+    """The frontend is shutting down: the client reconnects, to this or another frontend."""
+
+    code = "server_shutdown"
 
 
 class InvalidQuery(BusError):

@@ -25,6 +25,7 @@ topic's history and only that shard's node handles it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,6 +45,8 @@ from bus.parsing import entry_order, text
 from bus.scripts import LuaScript
 
 TopicKind = Literal["trace", "thread"]
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_ID_PART_MAX = 2**64 - 1
 Position = Literal["ok", "missed", "unknown"]
 
 
@@ -293,6 +296,8 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     ``unknown``: the id is malformed or lies beyond the end of history.
     """
     key = topic.history(keys)
+    if not is_event_id(after):
+        return "unknown"
     try:
         if await redis.xrange(key, min=after, max=after, count=1):
             return "ok"
@@ -305,3 +310,15 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     if entry_order(after) > entry_order(first_id):
         return "unknown"
     return "ok" if int(fields[HISTORY_SEQ]) == 1 else "missed"
+
+
+def is_event_id(text: str) -> bool:
+    """Whether ``text`` is a history entry id (``<ms>-<seq>``, both 64-bit).
+
+    Checked before an id reaches Redis: ``-``, ``+`` and ``(<id>`` mean
+    something else to XRANGE.
+    """
+    if not _EVENT_ID.fullmatch(text):
+        return False
+    ms, _, seq = text.partition("-")
+    return int(ms) <= _ID_PART_MAX and int(seq) <= _ID_PART_MAX

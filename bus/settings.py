@@ -80,7 +80,25 @@ class Settings:
     # write to a client may block before the client is dropped.
     ping_interval_s: float = 15.0
     client_queue_size: int = 1024
+    client_queue_bytes: int = 16 * 1024 * 1024
+    """The per-client queue's bound in payload bytes (beside ``client_queue_size`` events)."""
+    client_stall_s: float = 3.0
+    """A client whose current write has been blocked this long when a new event comes is
+    dropped as a slow consumer; a dropped client whose write is still blocked this long
+    after is disconnected (it gets ``slow_consumer`` if it reads by then)."""
+    client_send_buffer_bytes: int = 256 * 1024
+    """The kernel send buffer of each SSE connection (0: the OS's autotuned default, which
+    lets a client that stopped reading hold megabytes before it is noticed)."""
     send_timeout_s: float = 30.0
+    frontend_redis_connections: int = 64
+    """Redis connections one frontend process opens at most; a request waits for a free one."""
+    frontend_redis_wait_s: float = 20.0
+    """How long a frontend request waits for a free Redis connection before it fails."""
+    frontend_redis_timeout_s: float = 5.0
+    """Socket timeout of a frontend's Redis commands: an outage ends streams with a retryable
+    ``unavailable`` error instead of hanging them."""
+    drain_s: float = 10.0
+    """On SIGTERM a frontend tells its clients to reconnect and exits within this bound."""
 
     # Run trees kept by the trace worker.
     trace_ttl_s: int = 7 * 24 * 3600
@@ -133,6 +151,10 @@ class Settings:
             raise ConfigError("ping_interval_s and send_timeout_s must be > 0")
         if self.client_queue_size < 1:
             raise ConfigError(f"client_queue_size must be >= 1, got {self.client_queue_size}")
+        if self.frontend_redis_connections < 2:
+            raise ConfigError("frontend_redis_connections must be >= 2")
+        if min(self.client_stall_s, self.frontend_redis_wait_s, self.drain_s) <= 0:
+            raise ConfigError("client_stall_s, frontend_redis_wait_s and drain_s must be > 0")
         if self.lease_ttl_ms < 100 or self.read_count < 1 or self.max_attempts < 1:
             raise ConfigError("lease_ttl_ms must be >= 100, read_count and max_attempts >= 1")
         if self.trace_ttl_s < 1 or self.trace_complete_timeout_s <= 0:

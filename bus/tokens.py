@@ -59,10 +59,13 @@ def thread_token(thread_id: str, *, secret: str, ttl_s: int = DEFAULT_TTL_S) -> 
 
 def verify_token(token: str, *, secret: str) -> str:
     """The scope a valid token grants; :class:`AccessError` otherwise."""
+    if not token.isascii():
+        # A token is base64url and a dot; anything else is refused before any comparison.
+        raise AccessError("malformed token: a token is ASCII only")
     payload, _, signature = token.partition(".")
     if not payload or not signature or not secret:
         raise AccessError("malformed token")
-    if not hmac.compare_digest(signature, _sign(secret, payload)):
+    if not hmac.compare_digest(signature.encode(), _sign(secret, payload).encode()):
         raise AccessError("bad token signature")
     try:
         claims = msgspec.json.decode(_unb64(payload), type=_Claims)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+from collections.abc import Iterator
 from typing import Any
 
 from bus.settings import Settings
@@ -22,14 +25,35 @@ def run(args: argparse.Namespace) -> int:
     from bus.frontend import create_app
 
     settings = Settings.from_env()
-    # uvicorn handles SIGTERM/SIGINT: it stops accepting, closes streams, runs the lifespan
-    # shutdown (hub and Redis client closed), then exits.
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         ws_ping_interval=settings.ping_interval_s,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=math.ceil(settings.drain_s),
     )
+    _draining_server(config).run()
     return 0
+
+
+def _draining_server(config: Any) -> Any:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM is a normal, successful stop.
+
+        On SIGTERM/SIGINT uvicorn stops accepting, closes each WebSocket with
+        1012, and waits up to ``drain_s`` while every SSE stream sends its
+        ``reconnect`` frame and ends (sse-starlette sees the shutdown); then the
+        lifespan closes the hub and the Redis client. uvicorn would then re-raise
+        the signal, so the process would die by it; a drained frontend exits 0.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return DrainingServer(config)

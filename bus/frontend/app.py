@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -14,10 +15,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
-from bus.connect import async_client
+from bus.connect import async_client, is_cluster
 from bus.frontend.hub import Hub, hub_name
-from bus.frontend.sse import thread_stream, trace_stream
+from bus.frontend.sse import TRANSPORT_SCOPE_KEY, thread_stream, trace_stream
 from bus.frontend.state import AppState
 from bus.frontend.ws import thread_socket
 from bus.keys import Keys
@@ -61,15 +63,17 @@ def create_app(
     """The frontend app. ``redis`` (a bytes client) is used as given and not closed."""
 
     # Created now (it connects lazily) so that mounted APIs can share it.
-    client = redis if redis is not None else async_client(settings)
+    client = redis if redis is not None else frontend_redis(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub = Hub(
             client,
             queue_size=settings.client_queue_size,
+            queue_bytes=settings.client_queue_bytes,
             ping_interval_s=settings.ping_interval_s,
             name=hub_name(settings.prefix),
+            history_reads=max(1, settings.frontend_redis_connections // 2),
         )
         app.state.bus = AppState(settings, client, Keys(settings.prefix, settings.partitions), hub)
         if not settings.open_access and not settings.stream_secret and not settings.admin_token:
@@ -92,4 +96,45 @@ def create_app(
         Mount("/admin", routes=admin_routes(settings, client)),
         *extra_routes,
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return FrontendApp(routes=routes, lifespan=lifespan)
+
+
+def frontend_redis(settings: Settings) -> aioredis.Redis:
+    """The process's Redis client: a bounded pool that waits for a free connection.
+
+    A burst of clients waits for a connection instead of failing, and the socket
+    timeout turns an unresponsive Redis into an error a stream can report.
+    On a cluster the cluster client keeps a bounded pool per node.
+    """
+    if is_cluster(settings):
+        return async_client(
+            settings,
+            max_connections=settings.frontend_redis_connections,
+            socket_timeout=settings.frontend_redis_timeout_s,
+            socket_connect_timeout=settings.frontend_redis_timeout_s,
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.frontend_redis_connections,
+        timeout=settings.frontend_redis_wait_s,
+        socket_timeout=settings.frontend_redis_timeout_s,
+        socket_connect_timeout=settings.frontend_redis_timeout_s,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+class FrontendApp(Starlette):
+    """The Starlette app, plus a way for a stream to cut a connection stuck in a write.
+
+    ASGI offers no way to abort a connection, and closing one waits until its
+    buffered bytes are sent, which never happens for a client that stopped
+    reading. Under uvicorn the ``send`` callable belongs to an object holding
+    the connection's transport: it is put in the scope as ``lcbus.transport``
+    (absent under other servers, where a frozen client waits for the send timeout).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if isinstance(transport, asyncio.WriteTransport):
+            scope[TRANSPORT_SCOPE_KEY] = transport
+        await super().__call__(scope, receive, send)

@@ -14,7 +14,8 @@ as one chunk, so a burst costs one socket write instead of one per event.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import redis.asyncio as aioredis
 from bus.errors import EventsMissed, InvalidPosition
 from bus.frontend.hub import Hub
 from bus.frontend.subscriber import Subscriber
-from bus.history import StreamItem, Topic, position, read_after
+from bus.history import StreamItem, Topic, is_event_id, position, read_after
 from bus.keys import HISTORY_FINAL, HISTORY_SEQ, Keys
 
 REPLAY_PAGE = 1000
@@ -58,7 +59,14 @@ async def follow(
 
 
 async def follow_batches(
-    hub: Hub, redis: aioredis.Redis, keys: Keys, topic: Topic, start: Start
+    hub: Hub,
+    redis: aioredis.Redis,
+    keys: Keys,
+    topic: Topic,
+    start: Start,
+    *,
+    on_overflow: Callable[[], None] | None = None,
+    stalled: Callable[[], bool] | None = None,
 ) -> AsyncIterator[list[StreamItem]]:
     """Every event of ``topic`` after ``start``, in order, ending after the final one.
 
@@ -67,14 +75,19 @@ async def follow_batches(
     to a resuming client's position (also later, should history be trimmed
     past a client that fell behind), :class:`InvalidPosition` for a position
     that is not in this topic, and :class:`~bus.errors.SlowConsumer` from the
-    hub. A fresh client (no position) gets whatever history still holds.
+    hub (``on_overflow`` is called the moment the client falls that far
+    behind, or when ``stalled()`` says its writes are stuck). A fresh client
+    (no position) gets whatever history still holds.
     """
-    async with hub.subscribe(topic.channel(keys)) as sub:
-        cursor = await resolve(redis, keys, topic, start)
+    channel = topic.channel(keys)
+    async with hub.subscribe(channel, on_overflow=on_overflow, stalled=stalled) as sub:
+        async with hub.history_reads:
+            cursor = await resolve(redis, keys, topic, start)
         strict = start.resuming
         while not cursor.ended:
-            if sub.resync:
-                async for page in _replay(sub, redis, keys, topic, cursor, strict=strict):
+            if sub.resync and not sub.draining:
+                replay = _replay(sub, hub.history_reads, redis, keys, topic, cursor, strict=strict)
+                async for page in replay:
                     yield page
                 strict = True
                 continue
@@ -107,6 +120,7 @@ def _accept(sub: Subscriber, cursor: _Cursor, items: Iterable[StreamItem]) -> li
 
 async def _replay(
     sub: Subscriber,
+    reads: asyncio.Semaphore,
     redis: aioredis.Redis,
     keys: Keys,
     topic: Topic,
@@ -117,8 +131,9 @@ async def _replay(
     sub.resync = False
     sub.replaying = True
     try:
-        while not cursor.ended:
-            page = await read_after(redis, keys, topic, cursor.event_id, count=REPLAY_PAGE)
+        while not cursor.ended and not sub.draining:
+            async with reads:
+                page = await read_after(redis, keys, topic, cursor.event_id, count=REPLAY_PAGE)
             if not page:
                 return
             if page[0].seq > cursor.seq + 1 and (strict or cursor.seq > 0):
@@ -155,6 +170,8 @@ async def resolve(redis: aioredis.Redis, keys: Keys, topic: Topic, start: Start)
 
 
 async def _resolve_id(redis: aioredis.Redis, keys: Keys, topic: Topic, event_id: str) -> _Cursor:
+    if not is_event_id(event_id):
+        raise InvalidPosition(f"not an event id: {event_id!r}")
     try:
         found: Any = await redis.xrange(topic.history(keys), min=event_id, max=event_id, count=1)
     except aioredis.ResponseError:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,6 +39,7 @@ from redis.exceptions import (
 )
 
 from bus.connect import is_cluster_client
+from bus.errors import ServerDraining
 from bus.frontend.subscriber import Subscriber
 from bus.history import parse_message
 from bus.keys import key_slot
@@ -69,7 +70,14 @@ class Hub:
     """
 
     def __init__(
-        self, redis: aioredis.Redis, *, queue_size: int, ping_interval_s: float, name: str
+        self,
+        redis: aioredis.Redis,
+        *,
+        queue_size: int,
+        ping_interval_s: float,
+        name: str,
+        queue_bytes: int = 0,
+        history_reads: int = 32,
     ) -> None:
         self._redis: Any = redis
         self._cluster = is_cluster_client(redis)
@@ -78,6 +86,12 @@ class Hub:
         )
         self._name = name
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        # History reads in flight at once (initial replays and resyncs): a burst of
+        # clients, or every client resyncing after a reconnect, queues here instead
+        # of emptying the connection pool that the other endpoints share.
+        self.history_reads = asyncio.Semaphore(history_reads)
+        self.draining = False
         self._ping_interval_s = ping_interval_s
         self._channels: dict[str, _Channel] = {}
         self._links: dict[str, _Link] = {}
@@ -120,10 +134,28 @@ class Hub:
     def channel_count(self) -> int:
         return len(self._channels)
 
+    def drain(self) -> None:
+        """Shutting down: every subscriber's stream ends with :class:`ServerDraining`."""
+        self.draining = True
+        for state in self._channels.values():
+            for sub in state.subscribers:
+                sub.drain_for_shutdown()
+            state.ready.set()  # wakes clients still waiting for the subscription
+
     @contextlib.asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[Subscriber]:
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        on_overflow: Callable[[], None] | None = None,
+        stalled: Callable[[], bool] | None = None,
+    ) -> AsyncIterator[Subscriber]:
         """A subscriber on ``channel``, yielded once Redis confirmed the subscription."""
-        sub = Subscriber(self._queue_size)
+        if self.draining:
+            raise ServerDraining("the frontend is shutting down; reconnect")
+        sub = Subscriber(self._queue_size, self._queue_bytes)
+        sub.on_overflow = on_overflow
+        sub.stalled = stalled
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
@@ -132,6 +164,8 @@ class Hub:
         state.subscribers.add(sub)
         try:
             await state.ready.wait()
+            if self.draining:
+                raise ServerDraining("the frontend is shutting down; reconnect")
             yield sub
         finally:
             state.subscribers.discard(sub)

@@ -6,30 +6,53 @@ kept so that ``EventSource.onmessage`` sees them. Two more frame types:
 
 - ``event: error`` with ``{"code", "message"}``, then the stream closes:
   ``events_missed`` (the resume point left history; start over without
-  ``Last-Event-ID``), ``invalid_position``, ``slow_consumer``.
+  ``Last-Event-ID``), ``invalid_position``, ``slow_consumer``. One more,
+  ``unavailable`` (Redis did not answer), carries ``"retryable": true`` and a
+  ``retry:`` hint: reconnecting with ``Last-Event-ID`` resumes exactly.
+- ``event: reconnect`` with ``{"reason": "server_shutdown", "lastEventId"}``
+  and a ``retry:`` hint when the frontend shuts down: the stream ends cleanly
+  and the client reconnects (to any frontend) with ``Last-Event-ID``.
 - ``event: end`` after the topic's final event, then the stream closes. A
   browser's EventSource reconnects whenever a stream closes, so clients
-  should call ``close()`` on either; a reconnect after the end gets ``end``
-  again at once.
+  should call ``close()`` on ``end`` and on a non-retryable ``error``; a
+  reconnect after the end gets ``end`` again at once.
+
+A ``Last-Event-ID`` that is not an event id at all is refused with 400 before
+the stream starts (an EventSource does not retry a 400).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
 
+import anyio
 import msgspec
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from bus.access import check_access
 from bus.access import error_response as _refuse
-from bus.errors import AccessDenied, StreamError
+from bus.errors import AccessDenied, ServerDraining, StreamError
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
-from bus.history import Topic
+from bus.history import Topic, is_event_id
+
+log = logging.getLogger(__name__)
+
+# The uvicorn transport of the connection, when the app found it (see FrontendApp).
+TRANSPORT_SCOPE_KEY = "lcbus.transport"
+
+# How long a client should wait before reconnecting after ``unavailable`` or a shutdown.
+RETRY_MS = 1000
 
 
 class StreamRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -44,14 +67,25 @@ class StreamRequest(msgspec.Struct, forbid_unknown_fields=True):
 _decode_request = msgspec.json.Decoder(StreamRequest).decode
 
 
-def _frame(event: str, body: dict[str, str]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(body)}\n\n".encode()
+def _frame(event: str, body: Mapping[str, object], *, retry_ms: int | None = None) -> bytes:
+    retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
+    return f"{retry}event: {event}\ndata: {json.dumps(body)}\n\n".encode()
 
 
-async def _frames(state: AppState, topic: Topic, start: Start, flt: Filter) -> AsyncIterator[bytes]:
+async def _frames(
+    state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
+) -> AsyncIterator[bytes]:
     last = start.event_id
     try:
-        stream = follow_batches(state.hub, state.redis, state.keys, topic, start)
+        stream = follow_batches(
+            state.hub,
+            state.redis,
+            state.keys,
+            topic,
+            start,
+            on_overflow=watch.cut,
+            stalled=watch.stalled,
+        )
         async for batch in stream:
             last = batch[-1].event_id
             # One chunk per batch: one send (and one socket write) for a whole burst.
@@ -61,20 +95,101 @@ async def _frames(state: AppState, topic: Topic, start: Start, flt: Filter) -> A
                 if flt.everything or flt.matches(item)
             )
             if chunk:
+                # The response sends the chunk between this yield and the next step.
+                watch.blocked_since = time.monotonic()
                 yield chunk
+                watch.blocked_since = None
+    except ServerDraining:
+        farewell = {"reason": "server_shutdown", "lastEventId": last or ""}
+        yield _frame("reconnect", farewell, retry_ms=RETRY_MS)
+        return
     except StreamError as exc:
         yield _frame("error", {"code": exc.code, "message": str(exc)})
+        return
+    except (RedisError, OSError) as exc:
+        message = f"Redis is unavailable ({exc}); reconnect with Last-Event-ID to resume"
+        retryable = {"code": "unavailable", "message": message, "retryable": True}
+        yield _frame("error", retryable, retry_ms=RETRY_MS)
         return
     yield _frame("end", {"lastEventId": last or ""})
 
 
-def _response(state: AppState, topic: Topic, start: Start, flt: Filter) -> Response:
+class _SendWatch:
+    """Whether writes to one client are stuck, and how to cut it off when they are.
+
+    When the client falls behind, its stream ends with ``slow_consumer`` as soon
+    as the current write returns; if that write is still blocked ``stall_s``
+    later (the client stopped reading), the connection is aborted: closing it
+    would wait for buffered bytes the client never takes.
+    """
+
+    __slots__ = ("blocked_since", "stall_s", "transport")
+
+    def __init__(self, request: Request, stall_s: float, send_buffer_bytes: int) -> None:
+        transport = request.scope.get(TRANSPORT_SCOPE_KEY)
+        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        self.stall_s = stall_s
+        self.blocked_since: float | None = None
+        if self.transport is not None and send_buffer_bytes > 0:
+            _bound_send_buffer(self.transport, send_buffer_bytes)
+
+    def stalled(self) -> bool:
+        since = self.blocked_since
+        return since is not None and time.monotonic() - since >= self.stall_s
+
+    def cut(self) -> None:
+        if self.transport is not None:
+            asyncio.get_running_loop().call_later(self.stall_s, self._abort_if_stuck)
+
+    def _abort_if_stuck(self) -> None:
+        transport = self.transport
+        # Also when already closing: a close waits for the bytes the client never takes.
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            log.info("aborting a slow consumer's connection: its writes stay blocked")
+            transport.abort()
+
+
+def _bound_send_buffer(transport: asyncio.WriteTransport, size: int) -> None:
+    """Cap the kernel's send buffer of a stream's socket.
+
+    Left to autotuning it grows to megabytes, which a client that stopped
+    reading soaks up before any write blocks: with small events, that is
+    minutes of a live run before the client is noticed.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def _response(
+    request: Request, state: AppState, topic: Topic, start: Start, flt: Filter
+) -> Response:
+    shutdown = anyio.Event()
+    settings = state.settings
+    watch = _SendWatch(request, settings.client_stall_s, settings.client_send_buffer_bytes)
+
+    async def drain_on_shutdown() -> None:
+        # Set by sse-starlette when the server begins to shut down: every stream of
+        # this process then says "reconnect" and ends (see Hub.drain).
+        await shutdown.wait()
+        state.hub.drain()
+
     return EventSourceResponse(
-        _frames(state, topic, start, flt),
+        _frames(state, topic, start, flt, watch),
         ping=state.settings.ping_interval_s,
         send_timeout=state.settings.send_timeout_s,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=state.settings.drain_s,
+        data_sender_callable=drain_on_shutdown,
     )
+
+
+def _bad_resume_point(last: str | None) -> JSONResponse | None:
+    if last and not is_event_id(last):
+        return _refuse(400, f"Last-Event-ID {last!r} is not an event id (<ms>-<seq>)")
+    return None
 
 
 async def trace_stream(request: Request) -> Response:
@@ -89,7 +204,10 @@ async def trace_stream(request: Request) -> Response:
     except FilterError as exc:
         return _refuse(400, str(exc))
     last = request.headers.get("last-event-id") or request.query_params.get("lastEventID")
-    return _response(state, Topic("trace", trace_id), Start(event_id=last or None), flt)
+    refused = _bad_resume_point(last)
+    if refused is not None:
+        return refused
+    return _response(request, state, Topic("trace", trace_id), Start(event_id=last or None), flt)
 
 
 async def thread_stream(request: Request) -> Response:
@@ -105,5 +223,8 @@ async def thread_stream(request: Request) -> Response:
     except (msgspec.DecodeError, FilterError) as exc:
         return _refuse(400, f"invalid EventStreamRequest: {exc}")
     last = request.headers.get("last-event-id")
+    refused = _bad_resume_point(last)
+    if refused is not None:
+        return refused
     start = Start(event_id=last) if last else Start(seq=body.since)
-    return _response(state, Topic("thread", thread_id), start, flt)
+    return _response(request, state, Topic("thread", thread_id), start, flt)

@@ -15,8 +15,11 @@ state. ``restored: false`` means the session could not resume without a gap
 streaming then, and the client starts over with ``subscription.subscribe``.
 
 The stream closes with code 1000 after the thread's final event, 1013
-(reason ``slow_consumer``) when the client falls behind, 1011 on another
-stream error, after an ``ErrorResponse`` with ``id: null`` that says why.
+(reason ``slow_consumer``) when the client falls behind, 1013 (reason
+``unavailable``) when Redis does not answer (reconnecting later resumes),
+1012 when the frontend shuts down, 1011 on another stream error, after an
+``ErrorResponse`` with ``id: null`` that says why. A ``last_event_id`` that
+is not an event id at all is an ``invalid_argument`` error to that command.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ import contextlib
 from typing import Any
 
 import msgspec
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bus.access import check_access, error_response
-from bus.errors import AccessDenied, SlowConsumer, StreamError
+from bus.errors import AccessDenied, ServerDraining, SlowConsumer, StreamError
 from bus.frontend.filters import Filter, FilterError, any_match
 from bus.frontend.follow import Start, follow, resolve
 from bus.frontend.state import AppState
-from bus.history import Topic
+from bus.history import Topic, is_event_id
 
 
 class _Command(msgspec.Struct):
@@ -100,6 +104,12 @@ class Session:
                 await self._on_message(await self.ws.receive_text())
         except WebSocketDisconnect:
             pass
+        except (RedisError, OSError) as exc:
+            # Redis failed under a command: say so and close with a frame, never just drop.
+            await self._stop_pump()
+            with contextlib.suppress(Exception):
+                await self._error(None, "unavailable", f"Redis is unavailable: {exc}")
+                await self.ws.close(1013, "unavailable")
         finally:
             await self._stop_pump()
 
@@ -142,10 +152,14 @@ class Session:
         return {}
 
     async def _reconnect(self, params: _ReconnectParams) -> dict[str, Any]:
-        start = Start(event_id=params.last_event_id)
+        last = params.last_event_id
+        if last is not None and not is_event_id(last):
+            raise CommandError("invalid_argument", f"last_event_id {last!r} is not an event id")
+        start = Start(event_id=last)
         try:
             filters = {sub_id: _filter_of(sub_id) for sub_id in params.subscriptions}
-            await resolve(self.state.redis, self.state.keys, self.topic, start)
+            async with self.state.hub.history_reads:
+                await resolve(self.state.redis, self.state.keys, self.topic, start)
         except (CommandError, StreamError):
             return {"restored": False}
         await self._stop_pump()
@@ -171,9 +185,17 @@ class Session:
             async for item in follow(state.hub, state.redis, state.keys, self.topic, start):
                 if any_match(list(self.filters.values()), item):
                     await self.send(item.envelope())
+        except ServerDraining as exc:
+            await self._error(None, "unknown_error", f"{exc.code}: {exc}")
+            await self.ws.close(1012, exc.code)
+            return
         except StreamError as exc:
             await self._error(None, "unknown_error", f"{exc.code}: {exc}")
             await self.ws.close(1013 if isinstance(exc, SlowConsumer) else 1011, exc.code)
+            return
+        except (RedisError, OSError) as exc:
+            await self._error(None, "unavailable", f"Redis is unavailable: {exc}")
+            await self.ws.close(1013, "unavailable")
             return
         await self.ws.close(1000, "end")
 

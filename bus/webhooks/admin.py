@@ -56,6 +56,51 @@ class _AddBody(msgspec.Struct, forbid_unknown_fields=True):
     description: str = ""
 
 
+DEFAULT_DISABLE_REASON = "disabled by an operator"
+
+
+class _DisableBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str = DEFAULT_DISABLE_REASON
+
+
+class _RotateBody(msgspec.Struct, forbid_unknown_fields=True):
+    secret: str | None = None
+    grace_s: float | None = None
+
+
+class _ReplayBody(msgspec.Struct, forbid_unknown_fields=True):
+    message_id: str | None = None
+    since: float | None = None
+
+
+MAX_LIMIT = 10_000
+MAX_SECONDS = 10**12  # Unix seconds or a duration; far beyond any real one, within stream ids
+
+
+def _seconds(value: float | None, name: str) -> float | None:
+    """A finite, non-negative number of seconds (or None)."""
+    if value is not None and not 0 <= value <= MAX_SECONDS:
+        raise WebhookError(f"{name} must be a finite number >= 0 (at most 1e12), got {value!r}")
+    return value
+
+
+def _query_seconds(request: Request, name: str) -> float:
+    raw = request.query_params.get(name, "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WebhookError(f"?{name}= must be Unix seconds, got {raw!r}") from None
+    seconds = _seconds(value, f"?{name}=")
+    return 0.0 if seconds is None else seconds
+
+
+def _query_limit(request: Request, default: int) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise WebhookError(f"?limit= must be an integer from 1 to {MAX_LIMIT}, got {raw!r}")
+    return int(raw)
+
+
 class _Admin:
     def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
         self.settings = settings
@@ -114,36 +159,40 @@ class _Admin:
         return await self.show(request)
 
     async def disable(self, request: Request) -> Response:
-        reason = (await _body(request)).get("reason") or "disabled by an operator"
-        await self.registry.disable(request.path_params["id"], str(reason))
+        spec = msgspec.convert(await _body(request), _DisableBody)
+        reason = spec.reason or DEFAULT_DISABLE_REASON
+        await self.registry.disable(request.path_params["id"], reason)
         return await self.show(request)
 
     async def rotate(self, request: Request) -> Response:
-        data = await _body(request)
+        spec = msgspec.convert(await _body(request), _RotateBody)
         endpoint = await self.registry.rotate_secret(
-            request.path_params["id"], secret=data.get("secret"), grace_s=data.get("grace_s")
+            request.path_params["id"],
+            secret=spec.secret,
+            grace_s=_seconds(spec.grace_s, "grace_s"),
         )
         return JSONResponse(endpoint.to_dict())
 
     async def attempts(self, request: Request) -> Response:
         endpoint_id = request.path_params["id"]
+        limit = _query_limit(request, 50)
         await self.registry.get(endpoint_id)
-        limit = int(request.query_params.get("limit", "50"))
         found = await self.registry.attempts(endpoint_id, limit=limit)
         return JSONResponse(msgspec.to_builtins(found))
 
     async def dead(self, request: Request) -> Response:
-        since = float(request.query_params.get("since", "0"))
-        limit = int(request.query_params.get("limit", "100"))
+        since = _query_seconds(request, "since")
+        limit = _query_limit(request, 100)
         found = await dead_letters(self.redis, self.settings, since=since, limit=limit)
         return JSONResponse([d.to_dict() for d in found])
 
     async def replay(self, request: Request) -> Response:
-        data = await _body(request)
-        if data.get("message_id"):
-            count = await replay(self.redis, self.arq, self.settings, str(data["message_id"]))
-        elif data.get("since") is not None:
-            count = await replay_since(self.redis, self.arq, self.settings, float(data["since"]))
+        spec = msgspec.convert(await _body(request), _ReplayBody)
+        since = _seconds(spec.since, "since")
+        if spec.message_id:
+            count = await replay(self.redis, self.arq, self.settings, spec.message_id)
+        elif since is not None:
+            count = await replay_since(self.redis, self.arq, self.settings, since)
         else:
             raise WebhookError('send {"message_id": ...} or {"since": <unix seconds>}')
         return JSONResponse({"replayed": count})

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+import httpx
 import msgspec
 import redis.asyncio as aioredis
 
@@ -105,6 +106,21 @@ class Attempt(msgspec.Struct, kw_only=True):
     at: float = 0.0
 
 
+def sendable_url(url: str) -> str:
+    """``url`` as httpx will send it; WebhookError for one httpx refuses.
+
+    Registration builds the request delivery would build, so that a URL that
+    passes here (a path over 64 KB or full-width digits in the host do not)
+    never fails every attempt later. The SSRF guard then checks the host httpx
+    connects to, not another parser's idea of it.
+    """
+    try:
+        return str(httpx.Request("POST", url).url)
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
+        shown = url if len(url) <= 200 else url[:200] + "…"
+        raise WebhookError(f"webhook URL {shown!r} cannot be sent: {exc}") from None
+
+
 def _text(value: object) -> str:
     if isinstance(value, str):
         return value
@@ -174,8 +190,8 @@ class Endpoints:
         max_concurrency: int = 10,
         description: str = "",
     ) -> Endpoint:
-        """Register an endpoint; its URL must pass the SSRF guard now."""
-        await ssrf.check_url(url, self.allow)
+        """Register an endpoint; its URL must be one httpx can send to, and pass the SSRF guard."""
+        await ssrf.check_url(sendable_url(url), self.allow)
         filters = [validate_filter(e) for e in events]
         if not filters:
             raise WebhookError("an endpoint needs at least one event filter (use '*' for all)")

@@ -12,6 +12,7 @@ of an answer are read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from bus.settings import Settings
 from bus.webhooks import ssrf
 from bus.webhooks.endpoints import AttemptOutcome, Endpoint
 from bus.webhooks.signing import sign_headers
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "lcbus-webhooks/0.1"
 
@@ -81,7 +84,8 @@ class Sender:
         await self.client.aclose()
 
     async def post(self, endpoint: Endpoint, msg_id: str, body: bytes) -> Result:
-        """POST ``body`` signed with the endpoint's active secrets; never raises for HTTP."""
+        """POST ``body`` signed with the endpoint's active secrets; never raises (but for
+        cancellation): every failure is a result, logged in the attempt log."""
         result = Result()
         now = time.time()
         headers = sign_headers(
@@ -100,6 +104,11 @@ class Sender:
         except TimeoutError:
             result.error = f"timed out after {timeout:g} s"
         except httpx.HTTPError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            # Anything else (httpx.InvalidURL, an IDNA error, a bug) is a failed attempt
+            # too: logged, then retried on the schedule and dead-lettered, never lost in arq.
+            log.warning("webhook %s attempt failed unexpectedly", msg_id, exc_info=True)
             result.error = f"{type(exc).__name__}: {exc}"
         result.latency_ms = (time.perf_counter() - started) * 1000
         return result

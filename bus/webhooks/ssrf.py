@@ -7,9 +7,12 @@ turns the worker into a proxy into that network.
 
 Refused by default: every address that is not globally routable (loopback,
 private, link-local, shared/CGNAT, reserved, unspecified, documentation
-ranges) and every multicast address, for IPv4 and IPv6. IPv6 forms that
-carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002::/16``,
-NAT64 ``64:ff9b::/96``, Teredo) are judged by the IPv4 address inside too.
+ranges, the deprecated site-local ``fec0::/10``, local-use NAT64
+``64:ff9b:1::/48``) and every multicast address, for IPv4 and IPv6. IPv6
+forms that carry an IPv4 address are judged by the IPv4 address inside too:
+IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``,
+IPv4-translated ``::ffff:0:a.b.c.d``, 6to4 ``2002::/16``, NAT64
+``64:ff9b::/96`` and Teredo (Python calls several of these global).
 ``LCBUS_WEBHOOK_ALLOW_NETWORKS`` (comma-separated CIDRs) opens chosen
 networks, e.g. ``127.0.0.0/8,::1/128`` for tests and the demo.
 
@@ -39,7 +42,14 @@ from bus.errors import ConfigError, UnsafeURLError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# IPv6 ranges whose last 32 bits are an IPv4 address (RFC 4291 2.5.5.1, RFC 2765, RFC 6052).
+_IPV4_IN_LOW_BITS = (
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible (deprecated), with :: and ::1
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated
+    ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64 well-known prefix
+)
+# Local-use NAT64 (RFC 8215): translates into whatever the operator chose; never public.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
@@ -63,7 +73,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in _NAT64:
+    if any(ip in net for net in _IPV4_IN_LOW_BITS) and int(ip) > 1:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -78,6 +88,10 @@ def _refusal(ip: IPAddress) -> str | None:
         return "link-local"
     if ip.is_unspecified:
         return "unspecified"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"
+    if ip in _LOCAL_NAT64:
+        return "local-use NAT64"
     if not ip.is_global:
         return "private or reserved (not globally routable)"
     return None
@@ -90,7 +104,7 @@ def check_address(ip: IPAddress, allow: Iterable[IPNetwork] = ()) -> None:
     if isinstance(ip, ipaddress.IPv6Address):
         inner = _embedded_ipv4(ip)
         if inner is not None:
-            candidates.append(inner)
+            candidates.insert(0, inner)  # the IPv4 address inside is what gets reached
     for candidate in candidates:
         if any(candidate.version == net.version and candidate in net for net in allowed):
             return

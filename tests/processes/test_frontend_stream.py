@@ -59,7 +59,12 @@ def module_prefix() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def frontends(module_prefix: str) -> Iterator[list[Frontend]]:
-    env = {"LCBUS_CLIENT_QUEUE_SIZE": str(QUEUE), "LCBUS_PING_INTERVAL_S": "1"}
+    # A long stall bound: the slow client below resumes reading after the others are done.
+    env = {
+        "LCBUS_CLIENT_QUEUE_SIZE": str(QUEUE),
+        "LCBUS_PING_INTERVAL_S": "1",
+        "LCBUS_CLIENT_STALL_S": "60",
+    }
     with (
         frontend(REDIS_URL, module_prefix, **env) as a,
         frontend(REDIS_URL, module_prefix, **env) as b,
@@ -283,8 +288,9 @@ async def test_bad_requests_get_clear_errors(
         response = await http.post(url, json=body, headers=auth)
         assert response.status_code == 400, body
         assert "invalid EventStreamRequest" in response.json()["error"]
-    bad_id = await collect(http, "GET", _trace_url(frontends[0], "t-x", lastEventID="not-an-id"))
-    assert bad_id.error is not None and bad_id.error["code"] == "invalid_position"
+    bad_id = await http.get(_trace_url(frontends[0], "t-x", lastEventID="not-an-id"))
+    assert bad_id.status_code == 400
+    assert bad_id.json() == {"error": "Last-Event-ID 'not-an-id' is not an event id (<ms>-<seq>)"}
 
     async with websockets.connect(_ws_url(frontends[0], thread_id)) as ws:
         for command, code in [
@@ -308,6 +314,28 @@ async def test_bad_requests_get_clear_errors(
             await ws.send(command)
             reply = json.loads(await ws.recv())
             assert reply["type"] == "error" and reply["error"] == code, reply
+        # Resume points Redis would read as range syntax: an error to that command only.
+        for n, point in enumerate(["-", "+", "(1-0", "é"], start=10):
+            params = {"run_id": thread_id, "last_event_id": point}
+            await ws.send(
+                json.dumps({"id": n, "method": "subscription.reconnect", "params": params})
+            )
+            reply = json.loads(await ws.recv())
+            assert reply == {
+                "type": "error",
+                "id": n,
+                "error": "invalid_argument",
+                "message": f"last_event_id {point!r} is not an event id",
+            }
+        # The session is still usable after all of them.
+        subscribe = {
+            "id": 20,
+            "method": "subscription.subscribe",
+            "params": {"channels": ["tools"]},
+        }
+        await ws.send(json.dumps(subscribe))
+        reply = json.loads(await ws.recv())
+        assert reply["type"] == "success" and reply["id"] == 20
 
 
 async def test_websocket_filters_and_reconnect_on_another_frontend(

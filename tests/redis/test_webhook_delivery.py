@@ -294,6 +294,29 @@ async def test_arq_keeps_every_key_of_its_jobs_under_the_prefix(
     )
 
 
+async def test_an_attempt_httpx_refuses_is_a_logged_failure_retried_then_dead(
+    setup: Setup,
+) -> None:
+    """An endpoint stored before registration checked URLs as httpx does: its attempts fail
+    (InvalidURL is no httpx.HTTPError), and each one is logged, retried, then dead-lettered."""
+    setup.settings = setup.settings.replace(webhook_schedule="0,0.1")
+    endpoint, _name = await setup.endpoint()
+    bad_url = "http://\uff11\uff12\uff17.0.0.1:9/hook"
+    await setup.registry.update(endpoint.id, url=bad_url)
+    event = chain_end()
+    await setup.send(event)
+    await setup.run()
+    attempts = await setup.registry.attempts(endpoint.id)
+    assert [(a.attempt, a.outcome, a.status) for a in attempts] == [
+        (2, "failure", None),
+        (1, "failure", None),
+    ]
+    assert all(a.error.startswith("InvalidURL: Invalid IDNA hostname") for a in attempts)
+    (dead,) = await dead_letters(setup.redis, setup.settings)
+    assert dead.message_id == "msg_" + event.id and dead.attempts == 2
+    assert dead.error.startswith("InvalidURL: Invalid IDNA hostname")
+
+
 async def test_token_webhooks_filtered_on_tags_match_the_runs_start(
     setup: Setup, wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis
 ) -> None:

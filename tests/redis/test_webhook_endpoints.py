@@ -115,3 +115,20 @@ async def test_filters_on_types_tags_and_metadata(registry: Endpoints) -> None:
     assert not endpoint.wants(
         chain_end(tags=["prod"], metadata={"tenant": "other", "tier": "3"}), "chain.end"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:9/" + "a" * 70_000, "URL too long"),
+        ("http://\uff11\uff12\uff17.0.0.1:9/", "Invalid IDNA hostname"),  # full-width digits
+        ("http://127.0.0.1:9/\x00", "non-printable ASCII character"),
+        ("https://xn--/", "Malformed A-label"),
+    ],
+)
+async def test_urls_httpx_cannot_send_are_refused_at_registration(
+    registry: Endpoints, url: str, reason: str
+) -> None:
+    with pytest.raises(WebhookError, match=f"cannot be sent: .*{reason}"):
+        await registry.add(url)
+    assert await registry.all() == []

@@ -108,3 +108,62 @@ async def test_transport_checks_the_address_it_connects_to(
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(UnsafeURLError, match=r"rebind\.example.*127\.0\.0\.1.*loopback"):
             await client.post("http://rebind.example/hook", content=b"{}")
+
+
+# IPv6 forms that carry an IPv4 address, each with the refused address inside.
+EMBEDDED_IPV4 = [
+    ("::ffff:169.254.169.254", "169.254.169.254"),  # IPv4-mapped
+    ("::169.254.169.254", "169.254.169.254"),  # IPv4-compatible
+    ("::127.0.0.1", "127.0.0.1"),  # IPv4-compatible
+    ("::ffff:0:10.0.0.1", "10.0.0.1"),  # IPv4-translated
+    ("2002:a9fe:a9fe::1", "169.254.169.254"),  # 6to4
+    ("64:ff9b::10.0.0.1", "10.0.0.1"),  # NAT64
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "10.0.0.1"),  # Teredo, client 10.0.0.1
+]
+
+
+@pytest.mark.parametrize(("address", "inner"), EMBEDDED_IPV4)
+def test_ipv6_forms_are_judged_by_the_ipv4_inside(address: str, inner: str) -> None:
+    with pytest.raises(UnsafeURLError, match=rf"carrying {inner}\)"):
+        ssrf.check_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "address", ["::8.8.8.8", "::ffff:0:8.8.8.8", "64:ff9b::8.8.8.8", "2002:808:808::1"]
+)
+def test_ipv6_forms_carrying_a_public_ipv4_pass(address: str) -> None:
+    ssrf.check_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [("fec0::1", "site-local"), ("feff:ffff::1", "site-local"), ("64:ff9b:1::a00:1", "NAT64")],
+)
+def test_site_local_and_local_nat64_are_refused(address: str, reason: str) -> None:
+    with pytest.raises(UnsafeURLError, match=reason):
+        ssrf.check_address(ipaddress.ip_address(address))
+
+
+REFUSED_IPV6 = [a for a, _ in EMBEDDED_IPV4] + ["fec0::1", "64:ff9b:1::a00:1"]
+
+
+@pytest.mark.parametrize("address", REFUSED_IPV6)
+async def test_registration_refuses_every_ipv6_form(address: str) -> None:
+    with pytest.raises(UnsafeURLError, match="public addresses"):
+        await ssrf.check_url(f"http://[{address}]:8080/hook")
+
+
+@pytest.mark.parametrize("address", REFUSED_IPV6)
+async def test_delivery_refuses_every_ipv6_form(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that resolves to the form at delivery is refused before connecting."""
+
+    async def answer(host: str, port: int) -> list[ssrf.IPAddress]:
+        return [ipaddress.ip_address(address)]
+
+    monkeypatch.setattr(ssrf, "resolve", answer)
+    transport = ssrf.GuardedTransport(limits=httpx.Limits())
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(UnsafeURLError, match=r"hook\.example.*public addresses"):
+            await client.post("http://hook.example/hook", content=b"{}")

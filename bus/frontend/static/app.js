@@ -42,9 +42,11 @@ function connect() {
   source.onmessage = onEnvelope;
   source.addEventListener("end", () => { source.close(); finish("complete"); });
   source.addEventListener("error", (event) => {
-    if (event.data) { // a server error frame: the stream cannot go on
-      source.close();
-      finish("stream error: " + JSON.parse(event.data).code);
+    if (event.data) { // a server error frame
+      const body = JSON.parse(event.data);
+      if (body.retryable) return; // Redis was unavailable: the browser reconnects after retry: ms
+      source.close(); // the stream cannot go on
+      finish("stream error: " + body.code);
     } // otherwise the browser reconnects by itself, sending Last-Event-ID
   });
   $("reconnect").disabled = false;
