@@ -239,6 +239,14 @@ class Hub:
         for sub in state.subscribers:
             sub.offer(item)
 
+    def lost(self, link: _Link) -> None:
+        """``link``'s connection dropped: its channels wait for a fresh confirmation,
+        which then asks their subscribers to resync (events may be missed meanwhile)."""
+        for channel in link.channels:
+            state = self._channels.get(channel)
+            if state is not None and self._route.get(channel) is link:
+                state.ready.clear()
+
     def confirmed(self, link: _Link, channel: str) -> None:
         state = self._channels.get(channel)
         if state is None or self._route.get(channel) is not link or state.ready.is_set():
@@ -320,6 +328,7 @@ class _Link:
                 self._conn = None
                 self.connected = False
                 self.confirmed.clear()
+                self._hub.lost(self)
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
             # On a cluster the slots may have moved while the node was away (failover).
