@@ -3,7 +3,7 @@
 The wire shape is LangChain's agent streaming protocol (``langchain-protocol``):
 ``{"method": <channel>, "params": {"namespace": [...], "timestamp": <ms>,
 "data": {...}}}``. The history layer (:mod:`bus.history`) splices ``type``,
-``eventId`` and ``seq`` in front when it frames an event for a client.
+``event_id`` and ``seq`` in front when it frames an event for a client.
 """
 
 from __future__ import annotations

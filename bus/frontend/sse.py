@@ -1,6 +1,6 @@
 """Server-Sent Events endpoints: a trace's stream (EventSource) and a thread's stream.
 
-Each protocol event is one SSE frame whose ``id:`` is the eventId and whose
+Each protocol event is one SSE frame whose ``id:`` is the event_id and whose
 ``data:`` is the protocol envelope; the default event type (``message``) is
 kept so that ``EventSource.onmessage`` sees them. Two more frame types:
 

@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 
 from bus.history import HistoryWriter, Outgoing, Topic
 from bus.keys import Keys
+from tests.support.protocol import check_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-secret"
@@ -164,12 +165,13 @@ class Received:
 def validate(envelope: dict[str, Any]) -> None:
     """Raise unless ``envelope`` is a protocol event whose data fits its channel."""
     EVENT.validate_python(envelope)
+    check_keys(envelope)
     data = envelope["params"]["data"]
     if envelope["method"] == "messages":
         MESSAGES_DATA.validate_python(data)
     elif envelope["method"] == "lifecycle":
         LIFECYCLE_DATA.validate_python(data)
-    assert isinstance(envelope["eventId"], str)
+    assert isinstance(envelope["event_id"], str)
     assert isinstance(envelope["params"]["namespace"], list)
 
 

@@ -14,6 +14,7 @@ from bus.fanout import state as fanstate
 from bus.fanout.convert import convert, convert_all
 from bus.fanout.protocol import ProtoEvent, coalesce
 from bus.fanout.state import TraceState
+from bus.history import StreamItem
 from tests.support.protocol import validate
 
 ROOT = "root-run"
@@ -37,9 +38,8 @@ def frames(events: list[ProtoEvent]) -> list[dict[str, Any]]:
     """Each event as the client sees it, validated against the protocol types."""
     result = []
     for seq, event in enumerate(events, 1):
-        envelope = json.loads(
-            b'{"type":"event","eventId":"1-0","seq":%d,' % seq + event.payload()[1:]
-        )
+        item = StreamItem("1-0", seq, event.method, event.final, event.payload())
+        envelope = json.loads(item.envelope())
         validate(envelope)
         result.append(envelope)
     return result
