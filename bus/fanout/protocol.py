@@ -20,6 +20,7 @@ MESSAGES = "messages"
 TOOLS = "tools"
 LIFECYCLE = "lifecycle"
 CUSTOM = "custom"
+TASKS = "tasks"
 
 # Delta types whose payload is a string that clients append: consecutive ones of
 # one block can be merged into one event without changing what clients build.

@@ -44,6 +44,12 @@ class RunState(msgspec.Struct, omit_defaults=True):
     mode: MessageMode = ""
     blocks: list[Block] = []
     tool_call_id: str = ""
+    name: str = ""
+    """The run's name (kept for graph runs: it names the subgraph they open)."""
+    cause: str = ""
+    """The ``tool_call_id`` of the tool run that called this run, if one did."""
+    owns: list[str] = []
+    """The LangGraph subgraph namespace this (graph) run opened; its end closes it."""
 
 
 class TraceState(msgspec.Struct, omit_defaults=True):

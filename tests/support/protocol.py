@@ -60,6 +60,8 @@ def validate(envelope: dict[str, Any]) -> None:
         _LIFECYCLE.validate_python(data, strict=True)
     elif method == "custom":
         _CUSTOM.validate_python(data, strict=True)
+    elif method == "tasks":
+        assert isinstance(data["id"], str) and isinstance(data["name"], str)
     else:
         _DATA[method][data["event"]].validate_python(data, strict=True)
 
