@@ -18,14 +18,29 @@ from bus.keys import partition_of
 MAX_OPEN_RUNS = 100_000
 TRACE_ID_METADATA_KEY = "lcbus_trace_id"
 """Metadata key that names the trace of a run whose parent lives in another process."""
+THREAD_ID_METADATA_KEY = "thread_id"
+"""Metadata key of the conversation a run belongs to (LangChain copies it from
+``configurable``; LangGraph's ``thread_id``)."""
+
+
+def partition_key(trace_id: str, metadata: dict[str, Any]) -> str:
+    """What a trace's partition is chosen by: its thread when it has one, else itself.
+
+    Every trace of a thread then shares one partition, so the fan-out worker (one
+    lease holder per partition) appends a thread's runs in the order the app ran them.
+    """
+    thread = metadata.get(THREAD_ID_METADATA_KEY)
+    if isinstance(thread, str | int) and not isinstance(thread, bool) and str(thread):
+        return str(thread)
+    return trace_id
 
 
 class Trace:
     __slots__ = ("open_runs", "partition", "seq", "trace_id")
 
-    def __init__(self, trace_id: str, partitions: int) -> None:
+    def __init__(self, trace_id: str, partitions: int, *, key: str | None = None) -> None:
         self.trace_id = trace_id
-        self.partition = partition_of(trace_id, partitions)
+        self.partition = partition_of(key or trace_id, partitions)
         self.seq = itertools.count(1)
         self.open_runs = 0
 
@@ -88,7 +103,7 @@ class RunRegistry:
             trace = parent.trace
         else:
             trace_id = metadata.get(TRACE_ID_METADATA_KEY) or str(parent_run_id or run_id)
-            trace = self._traces.get(str(trace_id)) or self._new_trace(str(trace_id))
+            trace = self._traces.get(str(trace_id)) or self._new_trace(str(trace_id), metadata)
         if len(self._runs) >= MAX_OPEN_RUNS:
             self._evict_oldest()
         trace.open_runs += 1
@@ -125,8 +140,9 @@ class RunRegistry:
         if trace.open_runs <= 0:
             self._traces.pop(trace.trace_id, None)
 
-    def _new_trace(self, trace_id: str) -> Trace:
-        trace = self._traces[trace_id] = Trace(trace_id, self._partitions)
+    def _new_trace(self, trace_id: str, metadata: dict[str, Any]) -> Trace:
+        key = partition_key(trace_id, metadata)
+        trace = self._traces[trace_id] = Trace(trace_id, self._partitions, key=key)
         return trace
 
     def _evict_oldest(self) -> None:
