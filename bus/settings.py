@@ -73,6 +73,8 @@ class Settings:
     ping_interval_s: float = 15.0
     client_queue_size: int = 1024
     send_timeout_s: float = 30.0
+    cors_origins: str = ""
+    """Comma-separated origins whose browser pages may read streams (``*``: any); empty: none."""
 
     # Run trees kept by the trace worker.
     trace_ttl_s: int = 7 * 24 * 3600
@@ -136,6 +138,10 @@ class Settings:
     def heartbeat_interval_s(self) -> float:
         ms = self.heartbeat_ms or min(self.lease_ttl_ms / 3, 1000)
         return ms / 1000
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def webhook_delays(self) -> tuple[float, ...]:

@@ -60,9 +60,10 @@ class MessageConverter:
             value = self.event.metadata.get(source)
             if isinstance(value, str):
                 meta[target] = value
-        thread = self.event.metadata.get("thread_id")
-        if isinstance(thread, str):
-            meta["thread_id"] = thread
+        for key in ("thread_id", "langgraph_node"):
+            value = self.event.metadata.get(key)
+            if isinstance(value, str):
+                meta[key] = value
         data["metadata"] = meta
         self._out(data)
 

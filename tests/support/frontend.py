@@ -49,9 +49,10 @@ class Frontend:
 
 
 @contextlib.contextmanager
-def frontend(redis_url: str, prefix: str, **env: str) -> Iterator[Frontend]:
-    """A frontend started from its command line (``python -m bus.cli serve``)."""
-    port = free_port()
+def frontend(redis_url: str, prefix: str, port: int = 0, **env: str) -> Iterator[Frontend]:
+    """A frontend started from its command line (``python -m bus.cli serve``), on
+    ``port`` (a free one when 0)."""
+    port = port or free_port()
     child_env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
