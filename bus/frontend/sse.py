@@ -7,6 +7,7 @@ kept so that ``EventSource.onmessage`` sees them. Two more frame types:
 - ``event: error`` with ``{"code", "message"}``, then the stream closes:
   ``events_missed`` (the resume point left history; start over without
   ``Last-Event-ID``), ``invalid_position``, ``slow_consumer``.
+- ``retry:`` first, so that a browser reconnects within a second.
 - ``event: end`` after the topic's final event, then the stream closes. A
   browser's EventSource reconnects whenever a stream closes, so clients
   should call ``close()`` on either; a reconnect after the end gets ``end``
@@ -28,6 +29,7 @@ from bus.errors import StreamError
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
+from bus.frontend.threads import RETRY_MS
 from bus.history import Topic
 
 
@@ -49,6 +51,8 @@ def _frame(event: str, body: dict[str, str]) -> bytes:
 
 async def _frames(state: AppState, topic: Topic, start: Start, flt: Filter) -> AsyncIterator[bytes]:
     last = start.event_id
+    # How soon a browser's EventSource reconnects (say, after a frontend restart).
+    yield b"retry: %d\n\n" % RETRY_MS
     try:
         stream = follow_batches(state.hub, state.redis, state.keys, topic, start)
         async for batch in stream:

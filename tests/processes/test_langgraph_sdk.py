@@ -54,10 +54,13 @@ class Stack:
         """SIGKILL frontend ``index``, then start it again on its port."""
         self.frontends[index].process.send_signal(signal.SIGKILL)
         self.frontends[index].process.wait(timeout=10)
-        fresh = self.exits.enter_context(
-            frontend(self.settings.redis_url, self.settings.prefix, port=self.ports[index])
-        )
+        fresh = self.exits.enter_context(_frontend(self.settings, port=self.ports[index]))
         self.frontends[index] = fresh
+
+
+def _frontend(settings: Settings, port: int = 0) -> contextlib.AbstractContextManager[Frontend]:
+    env = {"LCBUS_PARTITIONS": str(settings.partitions)}
+    return frontend(settings.redis_url, settings.prefix, port=port, **env)
 
 
 @pytest.fixture
@@ -69,8 +72,7 @@ def stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
         start_worker(settings, tmp_path / "traces.log", target=TRACE_WORKER),
     ]
     with contextlib.ExitStack() as exits:
-        fronts = [exits.enter_context(frontend(settings.redis_url, settings.prefix))]
-        fronts.append(exits.enter_context(frontend(settings.redis_url, settings.prefix)))
+        fronts = [exits.enter_context(_frontend(settings)) for _ in range(2)]
         ports = [int(f.url.rsplit(":", 1)[1]) for f in fronts]
         try:
             yield Stack(settings, fronts, ports, exits)

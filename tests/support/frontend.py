@@ -149,6 +149,8 @@ class Received:
     ids: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     ended: bool = False
+    retry: int | None = None
+    """The ``retry:`` hint the stream gave."""
 
     @property
     def seqs(self) -> list[int]:
@@ -194,6 +196,9 @@ async def collect(
         if started is not None:
             started.set()
         async for sse in source.aiter_sse():
+            if sse.retry is not None and not sse.data:
+                got.retry = sse.retry
+                continue
             if sse.event == "error":
                 got.error = json.loads(sse.data)
                 break
