@@ -3,8 +3,9 @@
 The app (this process) runs a ReAct agent with a subgraph and a tool, with
 ``BusCallbackHandler`` attached; two fan-out worker processes and a trace
 worker process consume the events; two frontend processes serve them behind a
-TCP balancer. ``langgraph_sdk``'s ``client.threads.stream(...)`` reads the
-thread over SSE and over WebSocket while the frontend it is connected to is
+TCP balancer. ``langgraph_sdk``'s ``client.threads.stream(...)``, and
+``@langchain/langgraph-sdk``'s through node (``tests/js``), read the thread
+over SSE and over WebSocket while the frontend they are connected to is
 killed mid-answer and restarted: every projection still gets exactly what the
 app produced, once.
 """
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 import signal
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -31,9 +35,10 @@ from bus.keys import Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token
+from tests.conftest import IN_CI
 from tests.support.agent import ANSWER, NOTES, TOOL_CALL_ID, TOOL_INPUT, build_agent
 from tests.support.frontend import SECRET, Frontend, frontend
-from tests.support.processes import start_worker, stop, wait_for
+from tests.support.processes import ROOT, start_worker, stop, wait_for
 from tests.support.protocol import validate
 from tests.support.proxy import Balancer
 
@@ -154,7 +159,7 @@ async def reading(url: str, thread_id: str, token: str, transport: str) -> Async
         for reader in pending:
             reader.cancel()
         got = [(e["seq"], e["method"], e["params"]["data"].get("event")) for e in seen.events]
-        assert not pending, f"projections still open: {pending}; events: {got}"
+        assert not pending, f"projections still open; {len(got)} events, the last: {got[-6:]}"
         for reader in readers:
             reader.result()
 
@@ -191,15 +196,20 @@ def _assert_read_everything(seen: Seen, run_id: str) -> None:
     assert (call_id, name, call_input) == (TOOL_CALL_ID, "word_count", TOOL_INPUT)
     assert (output["type"], output["content"], output["tool_call_id"]) == ("tool", "7", call_id)
     assert seen.progress == [{"name": "progress", "payload": {"step": "researched"}}]
-    ids = [event["event_id"] for event in seen.events]
+    _assert_events(seen.events, run_id)
+
+
+def _assert_events(events: list[dict[str, Any]], run_id: str) -> None:
+    """Every event valid, once, in order; the root lifecycle names the run."""
+    ids = [event["event_id"] for event in events]
     assert len(ids) == len(set(ids)), "an event arrived twice"
-    seqs = [event["seq"] for event in seen.events]
+    seqs = [event["seq"] for event in events]
     assert seqs == sorted(seqs)
-    for event in seen.events:
+    for event in events:
         validate(event)
     roots = [
         e["params"]["data"]
-        for e in seen.events
+        for e in events
         if e["method"] == "lifecycle" and not e["params"]["namespace"]
     ]
     assert [(d["event"], d["run_id"]) for d in roots] == [
@@ -272,3 +282,79 @@ async def test_agent_get_tree_answers_from_the_run_tree(stack: Stack) -> None:
         reply = (await http.post(f"/threads/{thread_id}/commands", json=start)).json()
         assert (reply["type"], reply["id"], reply["error"]) == ("error", 8, "not_supported")
         assert "agent server" in reply["message"]
+
+
+# -- the JavaScript SDK (@langchain/langgraph-sdk, run by node from tests/js) ----------
+
+JS_DIR = ROOT / "tests" / "js"
+
+
+def _node() -> str:
+    """The node binary, with tests/js's locked packages installed (``npm ci``)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        reason = "node and npm are not installed: the JavaScript SDK test needs them"
+        if IN_CI:
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+    if not (JS_DIR / "node_modules" / "@langchain" / "langgraph-sdk").is_dir():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True, timeout=600)
+    return node
+
+
+async def _js_reader(node: str, url: str, thread_id: str, token: str, transport: str) -> Any:
+    """Start ``read_thread.mjs``; return its process once its subscriptions are open."""
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "read_thread.mjs",
+        url,
+        thread_id,
+        token,
+        transport,
+        cwd=JS_DIR,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    assert json.loads(line) == {"ready": True}, line
+    return process
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
+    stack: Stack, sync_redis: redis.Redis, transport: str
+) -> None:
+    node = _node()
+    settings = stack.settings
+    thread_id = f"thread-{uuid.uuid4()}"
+    token = thread_token(thread_id, secret=SECRET)
+    hold = asyncio.Event()
+    backends = [("127.0.0.1", port) for port in stack.ports]
+    async with Balancer(backends).running() as balancer:
+        reader = await _js_reader(node, balancer.url, thread_id, token, transport)
+        try:
+            run = asyncio.create_task(_run_agent(settings, thread_id, hold))
+            answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
+            await asyncio.to_thread(wait_for, answer_started, 30, "the answer's first words")
+            before = len(balancer.connections)
+            await asyncio.to_thread(stack.restart, 0)
+            hold.set()
+            run_id = await run
+            out, _ = await asyncio.wait_for(reader.communicate(), 60)
+        finally:
+            if reader.returncode is None:
+                reader.kill()
+                await reader.wait()
+        assert reader.returncode == 0
+        got = json.loads(out.decode().strip().splitlines()[-1])
+    assert len(balancer.connections) > before, "the SDK did not reconnect"
+    [[sub_ns, sub_name, sub_texts]] = got["subgraphs"]
+    assert len(sub_ns) == 1 and sub_ns[0].startswith("research:")
+    assert (sub_name, sub_texts) == ("research", [NOTES])
+    # The JavaScript SDK's thread.messages spans every namespace; the Python one is root-only.
+    assert got["messages"] == [[sub_ns, NOTES], [[], ""], [[], ANSWER]]
+    # thread.toolCalls yields a call when it starts and again when it finishes; the SDK
+    # unwraps the ToolMessage to the tool's return value.
+    assert got["tool_calls"] == [[TOOL_CALL_ID, "word_count", TOOL_INPUT, "7"]] * 2
+    assert got["progress"] == [{"step": "researched"}]
+    _assert_events(got["events"], run_id)
