@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from typing import Any, TypeVar
 
 import msgspec
@@ -115,11 +116,12 @@ def params_of(command: Command, kind: type[T]) -> T:
         raise CommandError("invalid_argument", f"{command.method}: {exc}") from None
 
 
-def subscription_id(params: SubscribeParams, serial: int = 0) -> str:
-    """``sub_<serial>_<filter>``: the filter travels in the id, the serial keeps ids of
-    equal filters on one connection apart."""
+def subscription_id(params: SubscribeParams) -> str:
+    """``sub_<random>_<filter>``: the filter travels in the id; the random part keeps ids
+    apart, also of equal filters and across reconnects (the JS SDK re-keys its
+    subscriptions by the new ids one by one, so a new id must never equal an old one)."""
     blob = base64.urlsafe_b64encode(_encode(params.filter_params())).decode().rstrip("=")
-    return f"sub_{serial}_{blob}"
+    return f"sub_{secrets.token_hex(6)}_{blob}"
 
 
 def subscription_filter(sub_id: str) -> Filter:
@@ -148,7 +150,7 @@ async def dispatch(
     if method == "subscription.subscribe":
         params = params_of(command, SubscribeParams)
         build_filter(params)
-        return {"subscription_id": subscription_id(params, command.id)}
+        return {"subscription_id": subscription_id(params)}
     if method == "subscription.unsubscribe":
         subscription_filter(params_of(command, UnsubscribeParams).subscription_id)
         return {}

@@ -72,7 +72,6 @@ class ThreadSession:
         self.topic: Topic | None = None
         self.cursor: str | None = None
         """The id of the last event the stream passed (sent or filtered out)."""
-        self._serial = 0
         self._lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self._after_reply: list[tuple[str, Filter, Start]] = []
@@ -110,8 +109,7 @@ class ThreadSession:
     async def _dispatch(self, command: Command) -> dict[str, Any]:
         if command.method == "subscription.subscribe":
             params = params_of(command, SubscribeParams)
-            self._serial += 1
-            sub_id = subscription_id(params, self._serial)
+            sub_id = subscription_id(params)
             self._after_reply.append((sub_id, build_filter(params), params.start()))
             return {"subscription_id": sub_id}
         if command.method == "subscription.unsubscribe":

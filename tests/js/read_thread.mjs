@@ -12,7 +12,14 @@ const auth = { Authorization: `Bearer ${token}` };
 // headers, so the socket factory sets it on the handshake (node has no browser limits).
 const client =
   transport === "websocket" ? new Client({ apiUrl }) : new Client({ apiUrl, defaultHeaders: auth });
-const options = { assistantId: "agent", transport };
+// Progress goes to stderr, for the test to show when something is missing.
+const log = (...parts) => process.stderr.write(`${parts.join(" ")}\n`);
+const options = {
+  assistantId: "agent",
+  transport,
+  onReconnect: ({ attempt, cause }) => log("reconnect", attempt, String(cause)),
+  onConnected: ({ kind, attempt }) => log("connected", kind, attempt),
+};
 if (transport === "websocket") {
   options.webSocketFactory = (url) => new WebSocket(url, { headers: auth });
 }
@@ -52,16 +59,20 @@ async function progress() {
   return items;
 }
 
-const raw = await thread.subscribe(["messages", "tools", "lifecycle", "custom", "tasks"]);
-async function events() {
+async function events(raw) {
   const items = [];
-  for await (const event of raw) items.push(event);
+  for await (const event of raw) {
+    log("event", event.seq, event.method, event.params.data.event ?? "");
+    items.push(event);
+  }
   return items;
 }
 
-const work = Promise.all([texts(thread.messages), toolCalls(), subgraphs(), progress(), events()]);
+const work = Promise.all([texts(thread.messages), toolCalls(), subgraphs(), progress()]);
+// Subscribed last: once the server has answered it, it has answered the projections' too.
+const raw = await thread.subscribe(["messages", "tools", "lifecycle", "custom", "tasks"]);
 console.log(JSON.stringify({ ready: true }));
-const [messages, tools, subs, extension, all] = await work;
+const [[messages, tools, subs, extension], all] = await Promise.all([work, events(raw)]);
 await thread.close();
 console.log(
   JSON.stringify({ messages, tool_calls: tools, subgraphs: subs, progress: extension, events: all }),

@@ -21,12 +21,12 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 from langchain_core.messages import HumanMessage
 from langgraph_sdk import get_client
 
@@ -35,11 +35,11 @@ from bus.keys import Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, REDIS_URL, require_redis
 from tests.support.agent import ANSWER, NOTES, TOOL_CALL_ID, TOOL_INPUT, build_agent
 from tests.support.frontend import SECRET, Frontend, frontend
 from tests.support.processes import ROOT, start_worker, stop, wait_for
-from tests.support.protocol import validate
+from tests.support.protocol import history, validate
 from tests.support.proxy import Balancer
 
 FANOUT = "workers.fanout.WorkerSettings"
@@ -68,9 +68,30 @@ def _frontend(settings: Settings, port: int = 0) -> contextlib.AbstractContextMa
     return frontend(settings.redis_url, settings.prefix, port=port, **env)
 
 
-@pytest.fixture
-def stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
-    settings = settings.replace(stream_secret=SECRET, read_block_ms=200)
+@pytest.fixture(scope="module")
+def module_prefix() -> Iterator[str]:
+    require_redis()
+    name = f"lcbus-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(module_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two fan-out workers, a trace worker and two frontends, shared by this module's tests
+    (each test uses its own thread)."""
+    settings = Settings(
+        redis_url=REDIS_URL,
+        prefix=module_prefix,
+        partitions=4,
+        stream_secret=SECRET,
+        read_block_ms=200,
+    )
+    tmp_path = tmp_path_factory.mktemp("sdk-stack")
     workers = [
         start_worker(settings, tmp_path / "fanout-a.log", target=FANOUT),
         start_worker(settings, tmp_path / "fanout-b.log", target=FANOUT),
@@ -313,6 +334,7 @@ async def _js_reader(node: str, url: str, thread_id: str, token: str, transport:
         transport,
         cwd=JS_DIR,
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -332,6 +354,8 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
     backends = [("127.0.0.1", port) for port in stack.ports]
     async with Balancer(backends).running() as balancer:
         reader = await _js_reader(node, balancer.url, thread_id, token, transport)
+        assert reader.stdout is not None and reader.stderr is not None
+        progress = asyncio.create_task(reader.stderr.read())
         try:
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
             answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
@@ -340,12 +364,19 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
             await asyncio.to_thread(stack.restart, 0)
             hold.set()
             run_id = await run
-            out, _ = await asyncio.wait_for(reader.communicate(), 60)
+            await asyncio.wait_for(reader.wait(), 45)
+        except TimeoutError:
+            reader.kill()
+            await reader.wait()
+            log = (await progress).decode()
+            raise AssertionError(f"the JS reader did not finish:\n{log}") from None
         finally:
             if reader.returncode is None:
                 reader.kill()
                 await reader.wait()
-        assert reader.returncode == 0
+        log = (await progress).decode()
+        assert reader.returncode == 0, log
+        out = await reader.stdout.read()
         got = json.loads(out.decode().strip().splitlines()[-1])
     assert len(balancer.connections) > before, "the SDK did not reconnect"
     [[sub_ns, sub_name, sub_texts]] = got["subgraphs"]
@@ -358,3 +389,29 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
     assert got["tool_calls"] == [[TOOL_CALL_ID, "word_count", TOOL_INPUT, "7"]] * 2
     assert got["progress"] == [{"step": "researched"}]
     _assert_events(got["events"], run_id)
+
+
+async def test_consecutive_runs_of_a_thread_reach_its_stream_in_order(stack: Stack) -> None:
+    """Two fan-out replicas share the partitions; a thread's runs still never interleave."""
+    settings = stack.settings
+    thread_id = f"thread-{uuid.uuid4()}"
+    hold = asyncio.Event()
+    hold.set()
+    runs = [await _run_agent(settings, thread_id, hold) for _ in range(3)]
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        for _ in range(400):
+            events = await history(client, settings, Topic("thread", thread_id))
+            roots = [
+                (e["params"]["data"]["event"], e["params"]["data"]["run_id"])
+                for e in events
+                if e["method"] == "lifecycle" and not e["params"]["namespace"]
+            ]
+            if len(roots) == 6:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+    # In history order: each run starts after the one before it completed.
+    assert roots == [(state, run) for run in runs for state in ("started", "completed")]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
