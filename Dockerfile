@@ -7,7 +7,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bus ./bus
 COPY workers ./workers
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[all]"
 
 RUN useradd --create-home --uid 10001 lcbus
 USER lcbus

@@ -8,22 +8,27 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format typecheck bench demo clean
+.PHONY: help install test test-unit lint format typecheck bench demo clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # constraints.txt pins every dependency to the versions CI is green with.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its dev extra
+install: $(STAMP) ## create .venv and install the project with every extra and the dev tools
 
-test: $(STAMP) lint typecheck ## lint, typecheck and run the tests (real Redis at REDIS_URL)
-	$(BIN)/python -m pytest -q $(ARGS)
+# The tiers: tests/unit (no Redis), tests/redis (real Redis, in process),
+# tests/processes (real processes, browsers, compose).
+test: $(STAMP) lint typecheck ## every tier: lint, typecheck, unit, redis, processes (Redis at REDIS_URL)
+	$(BIN)/python -m pytest -q tests/unit tests/redis tests/processes $(ARGS)
+
+test-unit: $(STAMP) ## tests/unit only: no Redis, seconds
+	$(BIN)/python -m pytest -q tests/unit $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check bus workers tests bench

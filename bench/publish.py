@@ -18,7 +18,7 @@ import redis
 from bench._support import REDIS_URL, median, report, throwaway_prefix
 from bus import Keys, Publisher, Settings, encode
 from bus import events as ev
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD
 
 
 def payloads(count: int) -> list[bytes]:

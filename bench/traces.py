@@ -33,8 +33,7 @@ import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
 from bus import events as ev
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.settings import DEFAULT_REDIS_URL, Settings
 from bus.traces.api import trace_routes
 

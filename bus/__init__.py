@@ -2,47 +2,68 @@
 
 Attach :class:`BusCallbackHandler` to any LangChain run; its events reach
 worker processes (webhooks, run trees, token fan-out) and streaming frontends
-through Redis. Everything a user calls is importable from here; the frontend
-app and the webhook registry load on first use, so that ``import bus`` in an
-app process stays light.
+through Redis. ``__all__`` lists what app code uses: the handler, settings,
+stream tokens, trace queries, the frontend app, the webhook registry, errors
+and event codecs. Worker authors import from :mod:`bus.runtime`; internals
+come from their modules. The frontend, the webhook registry and the runtime
+load on first use, so that ``import bus`` in an app process stays light
+(neither the web stack nor arq nor prometheus_client).
 """
 
 from typing import TYPE_CHECKING, Any
 
 from bus.errors import (
+    AccessDenied,
     AccessError,
     BusError,
     ConfigError,
     EndpointNotFound,
     EventDecodeError,
     EventsMissed,
-    FanoutConflict,
     InvalidPosition,
+    InvalidQuery,
     SlowConsumer,
+    StateConflict,
     StreamError,
-    TraceConflictError,
     UnsafeURLError,
     WebhookError,
 )
 from bus.events import Event, decode, decode_json, encode, encode_json
-from bus.keys import Keys, partition_of
 from bus.producer.callbacks import BusCallbackHandler
-from bus.producer.publisher import Publisher, PublisherStats
-from bus.runtime.consumer import BatchHandler, Delivery, GroupConsumer
-from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token, verify_token
-from bus.traces.store import get_trace, list_traces
+from bus.traces.store import TracePage, get_trace, list_traces
 from bus.traces.tree import RunNode, Trace, TraceSummary
 
 if TYPE_CHECKING:
+    # The aliases mark as re-exported the names that stay out of __all__ (see _LAZY).
     from bus.frontend import create_app
+    from bus.keys import Keys as Keys
+    from bus.keys import partition_of as partition_of
+    from bus.producer.publisher import Publisher as Publisher
+    from bus.producer.publisher import PublisherStats as PublisherStats
+    from bus.runtime import BatchHandler as BatchHandler
+    from bus.runtime import Delivery as Delivery
+    from bus.runtime import GroupConsumer as GroupConsumer
+    from bus.runtime import WorkerContext as WorkerContext
+    from bus.runtime import consumer_worker_settings as consumer_worker_settings
     from bus.webhooks.endpoints import Endpoint, Endpoints
 
 _LAZY = {
     "create_app": "bus.frontend",
     "Endpoint": "bus.webhooks.endpoints",
     "Endpoints": "bus.webhooks.endpoints",
+    # Importable from here as before, but not part of the app-facing surface:
+    # worker authors use bus.runtime, internals their modules.
+    "Keys": "bus.keys",
+    "partition_of": "bus.keys",
+    "Publisher": "bus.producer.publisher",
+    "PublisherStats": "bus.producer.publisher",
+    "BatchHandler": "bus.runtime",
+    "Delivery": "bus.runtime",
+    "GroupConsumer": "bus.runtime",
+    "WorkerContext": "bus.runtime",
+    "consumer_worker_settings": "bus.runtime",
 }
 
 
@@ -54,36 +75,34 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'bus' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
+    "AccessDenied",
     "AccessError",
-    "BatchHandler",
     "BusCallbackHandler",
     "BusError",
     "ConfigError",
-    "Delivery",
     "Endpoint",
     "EndpointNotFound",
     "Endpoints",
     "Event",
     "EventDecodeError",
     "EventsMissed",
-    "FanoutConflict",
-    "GroupConsumer",
     "InvalidPosition",
-    "Keys",
-    "Publisher",
-    "PublisherStats",
+    "InvalidQuery",
     "RunNode",
     "Settings",
     "SlowConsumer",
+    "StateConflict",
     "StreamError",
     "Trace",
-    "TraceConflictError",
+    "TracePage",
     "TraceSummary",
     "UnsafeURLError",
     "WebhookError",
-    "WorkerContext",
-    "consumer_worker_settings",
     "create_app",
     "decode",
     "decode_json",
@@ -91,7 +110,6 @@ __all__ = [
     "encode_json",
     "get_trace",
     "list_traces",
-    "partition_of",
     "stream_token",
     "thread_token",
     "verify_token",

@@ -5,13 +5,14 @@ The tree::
     BusError
     ├── ConfigError        settings that cannot work (bad prefix, bad number)
     ├── EventDecodeError   bytes on a stream that are not a bus event
-    ├── AccessError        a stream token that is missing, forged, expired or for another scope
+    ├── AccessError        a stream token that is forged, expired or for another scope
+    │   └── AccessDenied       a refused HTTP request (401 without a token, else 403)
     ├── StreamError        a streaming client that cannot be served further
     │   ├── EventsMissed       its resume point is no longer in history
     │   ├── InvalidPosition    its resume point is malformed or lies beyond history
     │   └── SlowConsumer       it fell behind its bounded queue
-    ├── FanoutConflict     another fan-out writer kept changing a trace's state under us
-    ├── TraceConflictError a run tree kept changing under the trace worker's writes
+    ├── InvalidQuery       a query or option with a bad filter, limit, cursor or KEY=VALUE
+    ├── StateConflict      another writer kept changing a trace's stored state under us
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
@@ -39,6 +40,15 @@ class AccessError(BusError):
     """A stream or admin token that does not grant access."""
 
 
+class AccessDenied(AccessError):
+    """A refused request; ``status`` is the HTTP status (401 or 403)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class StreamError(BusError):
     """A streaming client that cannot be served further; ``code`` goes on the wire."""
 
@@ -63,12 +73,17 @@ class SlowConsumer(StreamError):
     code = "slow_consumer"
 
 
-class FanoutConflict(BusError):
-    """The fan-out worker lost the race for a trace's state too many times in a row."""
+class InvalidQuery(BusError):
+    """A query or option that cannot be parsed: a bad filter, limit, cursor or KEY=VALUE pair."""
 
 
-class TraceConflictError(BusError):
-    """A run tree kept changing under the trace worker's writes (the batch is retried)."""
+class StateConflict(BusError):
+    """Another writer kept changing a trace's stored state under us.
+
+    The fan-out state and the run tree are written with a compare-and-set on
+    their version; a worker that loses that race too many times in a row
+    raises this, and the runtime retries the batch.
+    """
 
 
 class WebhookError(BusError):

@@ -41,12 +41,34 @@ class BaseEvent(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=Tr
     """The producing process (host:pid:nonce); ``seq`` is increasing per source."""
 
 
-class LLMStart(BaseEvent, tag="on_llm_start"):
+# The run life cycle: every run kind (model, chain, tool, retriever) has one event of
+# each of these three bases, so a consumer matches on the base instead of on tags.
+# The bases add no tag and no field of their own except RunError's, which every error
+# event had already, so the wire format is the one the tags alone defined.
+
+
+class RunStart(BaseEvent):
+    """A run started; the subclass carries the run's inputs."""
+
+
+class RunEnd(BaseEvent):
+    """A run ended successfully; the subclass carries its outputs."""
+
+
+class RunError(BaseEvent):
+    """A run ended with an exception."""
+
+    error: str = ""
+    """``"ExcType: message"``."""
+    error_type: str = ""
+
+
+class LLMStart(RunStart, tag="on_llm_start"):
     prompts: list[str] = []
     invocation_params: dict[str, JsonValue] = {}
 
 
-class ChatModelStart(BaseEvent, tag="on_chat_model_start"):
+class ChatModelStart(RunStart, tag="on_chat_model_start"):
     messages: list[list[JsonValue]] = []
     invocation_params: dict[str, JsonValue] = {}
 
@@ -62,58 +84,54 @@ class StreamEvent(BaseEvent, tag="on_stream_event"):
     data: dict[str, JsonValue] = {}
 
 
-class LLMEnd(BaseEvent, tag="on_llm_end"):
+class LLMEnd(RunEnd, tag="on_llm_end"):
     text: str = ""
     generations: list[list[JsonValue]] = []
     llm_output: dict[str, JsonValue] | None = None
     usage: dict[str, JsonValue] | None = None
 
 
-class LLMError(BaseEvent, tag="on_llm_error"):
-    error: str = ""
-    error_type: str = ""
+class LLMError(RunError, tag="on_llm_error"):
+    """A model run failed."""
 
 
-class ChainStart(BaseEvent, tag="on_chain_start"):
+class ChainStart(RunStart, tag="on_chain_start"):
     inputs: JsonValue = None
 
 
-class ChainEnd(BaseEvent, tag="on_chain_end"):
+class ChainEnd(RunEnd, tag="on_chain_end"):
     outputs: JsonValue = None
 
 
-class ChainError(BaseEvent, tag="on_chain_error"):
-    error: str = ""
-    error_type: str = ""
+class ChainError(RunError, tag="on_chain_error"):
+    """A chain run failed."""
 
 
-class ToolStart(BaseEvent, tag="on_tool_start"):
+class ToolStart(RunStart, tag="on_tool_start"):
     input_str: str = ""
     inputs: JsonValue = None
     tool_call_id: str = ""
     """The id of the model's tool call this run answers, when LangChain passes one."""
 
 
-class ToolEnd(BaseEvent, tag="on_tool_end"):
+class ToolEnd(RunEnd, tag="on_tool_end"):
     output: JsonValue = None
 
 
-class ToolError(BaseEvent, tag="on_tool_error"):
-    error: str = ""
-    error_type: str = ""
+class ToolError(RunError, tag="on_tool_error"):
+    """A tool run failed."""
 
 
-class RetrieverStart(BaseEvent, tag="on_retriever_start"):
+class RetrieverStart(RunStart, tag="on_retriever_start"):
     query: str = ""
 
 
-class RetrieverEnd(BaseEvent, tag="on_retriever_end"):
+class RetrieverEnd(RunEnd, tag="on_retriever_end"):
     documents: list[JsonValue] = []
 
 
-class RetrieverError(BaseEvent, tag="on_retriever_error"):
-    error: str = ""
-    error_type: str = ""
+class RetrieverError(RunError, tag="on_retriever_error"):
+    """A retriever run failed."""
 
 
 class AgentAction(BaseEvent, tag="on_agent_action"):
@@ -191,12 +209,6 @@ Event = (
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
     str(cls.__struct_config__.tag): cls for cls in Event.__args__ if cls is not UnknownEvent
 }
-
-END_TYPES = frozenset({"on_llm_end", "on_chain_end", "on_tool_end", "on_retriever_end"})
-ERROR_TYPES = frozenset({"on_llm_error", "on_chain_error", "on_tool_error", "on_retriever_error"})
-START_TYPES = frozenset(
-    {"on_llm_start", "on_chat_model_start", "on_chain_start", "on_tool_start", "on_retriever_start"}
-)
 
 
 class _Envelope(msgspec.Struct, kw_only=True):

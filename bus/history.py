@@ -7,10 +7,11 @@ carries the history entry id: that id is the protocol ``event_id`` and the SSE
 ``id:``, which is what makes resume exact. Frontends subscribe first, then read
 history after the client's position, and merge the two by id.
 
-Entry fields: ``s`` per-topic sequence number, ``m`` the protocol channel
-(``messages``, ``tools``, ``lifecycle``, ``custom``), ``f`` = ``1`` on the
-topic's final event, ``p`` the JSON of ``{"method": ..., "params": ...}``.
-A live message is the same, tab-separated: ``id, s, m, f, p``.
+Entry fields (named in :mod:`bus.keys`): ``HISTORY_SEQ`` the per-topic sequence
+number, ``HISTORY_CHANNEL`` the protocol channel (``messages``, ``tools``,
+``lifecycle``, ``custom``), ``HISTORY_FINAL`` = ``1`` on the topic's final event,
+``HISTORY_PAYLOAD`` the JSON of ``{"method": ..., "params": ...}``. A live message
+is the same, tab-separated: entry id, sequence, channel, final flag, payload.
 
 The fan-out worker writes through :class:`GuardedWriter`, which appends the
 same entries and publishes the same messages, and saves the trace's
@@ -26,7 +27,15 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from bus.keys import Keys
+from bus.keys import (
+    HISTORY_CHANNEL,
+    HISTORY_FINAL,
+    HISTORY_PAYLOAD,
+    HISTORY_SEQ,
+    Keys,
+    lua_fields,
+)
+from bus.parsing import entry_order, text
 
 TopicKind = Literal["trace", "thread"]
 Position = Literal["ok", "missed", "unknown"]
@@ -79,12 +88,12 @@ class Outgoing:
 
 
 # KEYS: history stream, seq counter. ARGV: channel, maxlen, ttl, then (m, f, p) triples.
-_APPEND = """
+_APPEND = lua_fields("""
 local last = ''
 for i = 4, #ARGV, 3 do
   local seq = redis.call('INCR', KEYS[2])
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-                    's', seq, 'm', ARGV[i], 'f', ARGV[i + 1], 'p', ARGV[i + 2])
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', '$SEQ', seq,
+                    '$CHANNEL', ARGV[i], '$FINAL', ARGV[i + 1], '$PAYLOAD', ARGV[i + 2])
   local tab = '\\t'
   redis.call('PUBLISH', ARGV[1],
              last .. tab .. seq .. tab .. ARGV[i] .. tab .. ARGV[i + 1] .. tab .. ARGV[i + 2])
@@ -92,7 +101,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return last
-"""
+""")
 
 
 class HistoryWriter:
@@ -123,8 +132,8 @@ class HistoryWriter:
 # triples. Only the first topic (the trace) keeps the final flag: a thread
 # outlives each of its traces. Returns the new version, or -1 when the stored
 # version is not the expected one (another writer got there first).
-_APPLY = """
-local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+_APPLY = lua_fields("""
+local version = tonumber(redis.call('HGET', KEYS[1], '$VERSION') or '0')
 if version ~= tonumber(ARGV[1]) then return -1 end
 local n = tonumber(ARGV[6])
 local first = 7 + n
@@ -135,8 +144,8 @@ for t = 1, n do
     local final = ARGV[i + 1]
     if t > 1 then final = '0' end
     local seq = redis.call('INCR', seqkey)
-    local id = redis.call('XADD', hist, 'MAXLEN', '~', ARGV[4], '*',
-                          's', seq, 'm', ARGV[i], 'f', final, 'p', ARGV[i + 2])
+    local id = redis.call('XADD', hist, 'MAXLEN', '~', ARGV[4], '*', '$SEQ', seq,
+                          '$CHANNEL', ARGV[i], '$FINAL', final, '$PAYLOAD', ARGV[i + 2])
     redis.call('PUBLISH', channel,
                id .. tab .. seq .. tab .. ARGV[i] .. tab .. final .. tab .. ARGV[i + 2])
   end
@@ -145,10 +154,10 @@ for t = 1, n do
     redis.call('EXPIRE', seqkey, ARGV[5])
   end
 end
-redis.call('HSET', KEYS[1], 'v', version + 1, 's', ARGV[2])
+redis.call('HSET', KEYS[1], '$VERSION', version + 1, '$BLOB', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return version + 1
-"""
+""")
 
 
 class GuardedWriter:
@@ -208,9 +217,13 @@ def parse_message(data: bytes) -> StreamItem:
 
 
 def _item(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamItem:
-    event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    event_id = text(entry_id)
     return StreamItem(
-        event_id, int(fields[b"s"]), fields[b"m"].decode(), fields.get(b"f") == b"1", fields[b"p"]
+        event_id,
+        int(fields[HISTORY_SEQ]),
+        fields[HISTORY_CHANNEL].decode(),
+        fields.get(HISTORY_FINAL) == b"1",
+        fields[HISTORY_PAYLOAD],
     )
 
 
@@ -241,12 +254,6 @@ async def position(redis: aioredis.Redis, keys: Keys, topic: Topic, after: str) 
     if not first:
         return "missed"
     first_id, fields = first[0]
-    if _id_tuple(after) > _id_tuple(first_id):
+    if entry_order(after) > entry_order(first_id):
         return "unknown"
-    return "ok" if int(fields[b"s"]) == 1 else "missed"
-
-
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    return "ok" if int(fields[HISTORY_SEQ]) == 1 else "missed"

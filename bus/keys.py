@@ -9,6 +9,51 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from string import Template
+
+ENTRY_FIELD = b"e"
+"""The one field of an event stream entry (and a dead letter): the encoded event."""
+
+# Fields of the versioned state hashes: the fan-out state of a trace
+# (``Keys.fanout_state``) and a run tree (``Keys.tree``).
+STATE_VERSION = b"v"
+"""Version counter; every guarded write compares it and increments it."""
+STATE_BLOB = b"s"
+"""The msgpack state itself."""
+TREE_SUMMARY = b"m"
+"""A run tree's JSON summary, which the trace list filters read."""
+
+# Fields of a topic's history entry (``Keys.history``, ``Keys.thread_history``).
+HISTORY_SEQ = b"s"
+"""Per-topic sequence number, from 1."""
+HISTORY_CHANNEL = b"m"
+"""The protocol channel (``messages``, ``tools``, ``lifecycle``, ``custom``)."""
+HISTORY_FINAL = b"f"
+"""``1`` on the topic's final event, else ``0``."""
+HISTORY_PAYLOAD = b"p"
+"""The JSON of ``{"method": ..., "params": ...}``."""
+
+
+def lua_fields(script: str) -> str:
+    """``script`` with its field placeholders (``$ENTRY``, ``$VERSION``, ...) filled in.
+
+    Scripts name the fields through these placeholders so that the names live
+    here only (``$`` appears nowhere else in Lua source; an unknown placeholder
+    raises ``KeyError``).
+    """
+    return Template(script).substitute(_LUA_FIELDS)
+
+
+_LUA_FIELDS = {
+    "ENTRY": ENTRY_FIELD.decode(),
+    "VERSION": STATE_VERSION.decode(),
+    "BLOB": STATE_BLOB.decode(),
+    "SUMMARY": TREE_SUMMARY.decode(),
+    "SEQ": HISTORY_SEQ.decode(),
+    "CHANNEL": HISTORY_CHANNEL.decode(),
+    "FINAL": HISTORY_FINAL.decode(),
+    "PAYLOAD": HISTORY_PAYLOAD.decode(),
+}
 
 
 def partition_of(trace_id: str, partitions: int) -> int:
@@ -63,7 +108,7 @@ class Keys:
         return f"{self.prefix}:history-seq:{{{trace_id}}}"
 
     def fanout_state(self, trace_id: str) -> str:
-        """The fan-out worker's conversion state of a trace (a hash: ``v``, ``s``)."""
+        """The fan-out worker's conversion state of a trace (``STATE_VERSION``, ``STATE_BLOB``)."""
         return f"{self.prefix}:fanout:{{{trace_id}}}"
 
     def thread_history(self, thread_id: str) -> str:

@@ -11,8 +11,8 @@ import redis
 
 from bus import events as ev
 from bus.errors import EventDecodeError
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
+from bus.parsing import text
 from bus.settings import Settings
 
 Filter = Callable[[ev.Event], bool]
@@ -44,9 +44,9 @@ def follow(
             time.sleep(0.02)  # an embedded server answers a blocking read at once
             continue
         for stream, entries in replies:
-            name = stream.decode() if isinstance(stream, bytes) else stream
+            name = text(stream)
             for entry_id, fields in entries:
-                positions[name] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                positions[name] = text(entry_id)
                 try:
                     yield ev.decode(fields[ENTRY_FIELD])
                 except (EventDecodeError, KeyError) as exc:

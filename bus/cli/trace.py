@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
+from bus.errors import InvalidQuery
+from bus.parsing import key_values
 from bus.settings import Settings
 from bus.traces.store import TracePage, get_trace, list_traces
 from bus.traces.tree import RunNode, Trace, TraceSummary
@@ -61,8 +63,8 @@ def run_trace(args: argparse.Namespace) -> int:
 def run_traces(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     try:
-        metadata = dict(_pair(item) for item in args.metadata)
-    except ValueError as exc:
+        metadata = key_values(args.metadata, option="--metadata")
+    except InvalidQuery as exc:
         print(exc, file=sys.stderr)
         return 2
 
@@ -78,7 +80,11 @@ def run_traces(args: argparse.Namespace) -> int:
             cursor=args.cursor,
         )
 
-    page = _with_client(settings, fetch)
+    try:
+        page = _with_client(settings, fetch)
+    except InvalidQuery as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.json:
         print(msgspec.json.encode(page).decode())
         return 0
@@ -87,13 +93,6 @@ def run_traces(args: argparse.Namespace) -> int:
     if page.next_cursor:
         print(f"(more: --cursor '{page.next_cursor}')")
     return 0
-
-
-def _pair(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--metadata takes KEY=VALUE, got {item!r}")
-    return key, value
 
 
 def format_trace(trace: Trace) -> str:

@@ -12,12 +12,11 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 
 from bus.errors import BusError
+from bus.parsing import key_values
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
-from bus.webhooks.outbox import replay, replay_since
 
 Action = Callable[[Endpoints, argparse.Namespace], Awaitable[Any]]
 
@@ -27,12 +26,7 @@ def _print(value: Any) -> None:
 
 
 async def _add(reg: Endpoints, args: argparse.Namespace) -> Any:
-    metadata = {}
-    for pair in args.metadata:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise BusError(f"--metadata takes KEY=VALUE, got {pair!r}")
-        metadata[key] = value
+    metadata = key_values(args.metadata, option="--metadata")
     endpoint = await reg.add(
         args.url,
         events=args.event or ["*"],
@@ -80,6 +74,11 @@ async def _attempts(reg: Endpoints, args: argparse.Namespace) -> Any:
 
 async def _replay(reg: Endpoints, args: argparse.Namespace) -> Any:
     # The registry's connection pool serves arq's enqueue too (closed with it).
+    # Imported here: the rest of the CLI runs on the base install, without arq.
+    from arq.connections import ArqRedis
+
+    from bus.webhooks.outbox import replay, replay_since
+
     arq = ArqRedis(connection_pool=reg.redis.connection_pool)
     if args.message:
         count = await replay(reg.redis, arq, reg.settings, args.message)

@@ -18,6 +18,8 @@ from fakeredis._clients._tcp_server import TCPFakeRequestHandler
 from fakeredis._commands import command
 from fakeredis._socket._fakesocket import FakeSocket
 
+from bus.parsing import text
+
 # Two gaps of fakeredis 2.40's TCP server are filled here, both only for the
 # demo's embedded mode: it has no INFO (arq workers log INFO at start-up), and
 # it closes the connection after any error reply, which breaks redis-py's
@@ -78,7 +80,7 @@ class EmbeddedRedis:
             target=self._server.serve_forever, name="lcbus-embedded-redis", daemon=True
         )
         bound_host, bound_port = self._server.server_address[:2]
-        host_text = bound_host.decode() if isinstance(bound_host, bytes) else str(bound_host)
+        host_text = text(bound_host)
         self.url = f"redis://{host_text}:{bound_port}/0"
 
     def start(self) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 from bus import events as ev
 from bus.fanout.messages import MessageConverter
 from bus.fanout.protocol import CUSTOM, LIFECYCLE, TASKS, TOOLS, ProtoEvent
-from bus.fanout.state import RunState, TraceState
+from bus.fanout.state import RunStream, StreamState
 
 LEAF_RUN_TYPES = frozenset(
     {"llm", "chat_model", "tool", "retriever", "prompt", "parser", "embedding"}
@@ -38,16 +38,20 @@ GRAPH_NAMESPACE_KEY = "langgraph_checkpoint_ns"
 """Metadata key under which LangGraph names the task a run belongs to."""
 
 
-def convert(state: TraceState, event: ev.Event) -> list[ProtoEvent]:
+def convert(state: StreamState, event: ev.Event) -> list[ProtoEvent]:
     """The protocol events for one bus event; updates ``state`` (the trace's)."""
     out: list[ProtoEvent] = []
     if not state.thread:
         thread = event.metadata.get("thread_id")
         if isinstance(thread, str | int) and str(thread):
             state.thread = str(thread)
+    # Token and stream events first: most events are one of them, and a case naming
+    # the exact class is the cheap one (isinstance against a base costs more).
     match event:
-        case ev.ChainStart() | ev.LLMStart() | ev.ChatModelStart() | ev.RetrieverStart():
-            _start(state, event, out)
+        case ev.LLMNewToken():
+            MessageConverter(_run(state, event), event, out.append).token(event)
+        case ev.StreamEvent():
+            MessageConverter(_run(state, event), event, out.append).stream(event)
         case ev.ToolStart():
             run = _start(state, event, out)
             run.tool_call_id = event.tool_call_id or event.run_id
@@ -55,22 +59,18 @@ def convert(state: TraceState, event: ev.Event) -> list[ProtoEvent]:
             data["tool_name"] = event.name
             data["input"] = event.inputs if event.inputs is not None else event.input_str
             out.append(ProtoEvent(TOOLS, run.ns, event.time, data))
-        case ev.LLMNewToken():
-            MessageConverter(_run(state, event), event, out.append).token(event)
-        case ev.StreamEvent():
-            MessageConverter(_run(state, event), event, out.append).stream(event)
+        case ev.RunStart():
+            _start(state, event, out)
         case ev.LLMEnd():
             MessageConverter(_run(state, event), event, out.append).end(event)
-            _end(state, event, out, "completed")
+            _end(state, event, out)
         case ev.LLMError():
             MessageConverter(_run(state, event), event, out.append).error(event)
-            _end(state, event, out, "failed", event.error)
+            _end(state, event, out)
         case ev.ToolEnd() | ev.ToolError():
             _tool_end(state, event, out)
-        case ev.ChainEnd() | ev.RetrieverEnd():
-            _end(state, event, out, "completed")
-        case ev.ChainError() | ev.RetrieverError():
-            _end(state, event, out, "failed", event.error)
+        case ev.RunEnd() | ev.RunError():
+            _end(state, event, out)
         case ev.CustomEvent():
             data = {"name": event.event_name, "payload": event.data}
             out.append(ProtoEvent(CUSTOM, _run(state, event).ns, event.time, data))
@@ -79,7 +79,7 @@ def convert(state: TraceState, event: ev.Event) -> list[ProtoEvent]:
     return out
 
 
-def convert_all(state: TraceState, events: Sequence[ev.Event]) -> list[ProtoEvent]:
+def convert_all(state: StreamState, events: Sequence[ev.Event]) -> list[ProtoEvent]:
     out: list[ProtoEvent] = []
     for event in events:
         out += convert(state, event)
@@ -94,20 +94,20 @@ def _graph_namespace(event: ev.BaseEvent) -> list[str] | None:
     return value.split("|")[:-1]
 
 
-def _new_run(state: TraceState, event: ev.BaseEvent) -> RunState:
+def _new_run(state: StreamState, event: ev.BaseEvent) -> RunStream:
     if event.run_id == event.trace_id:
-        return RunState(ns=[], chain=True, name=event.name)
+        return RunStream(ns=[], chain=True, name=event.name)
     graph_ns = _graph_namespace(event)
     if graph_ns is not None:
-        return RunState(ns=graph_ns, name=event.name)
+        return RunStream(ns=graph_ns, name=event.name)
     parent = state.runs.get(event.parent_run_id or "")
     base = parent.ns if parent is not None else []
     if event.run_type in LEAF_RUN_TYPES:
-        return RunState(ns=base)
-    return RunState(ns=[*base, f"{event.name}:{event.run_id}"], chain=True)
+        return RunStream(ns=base)
+    return RunStream(ns=[*base, f"{event.name}:{event.run_id}"], chain=True)
 
 
-def _run(state: TraceState, event: ev.BaseEvent) -> RunState:
+def _run(state: StreamState, event: ev.BaseEvent) -> RunStream:
     """The run's state; rebuilt from its ancestry when its start is unknown here."""
     run = state.runs.get(event.run_id)
     if run is None:
@@ -115,7 +115,7 @@ def _run(state: TraceState, event: ev.BaseEvent) -> RunState:
     return run
 
 
-def _start(state: TraceState, event: ev.BaseEvent, out: list[ProtoEvent]) -> RunState:
+def _start(state: StreamState, event: ev.BaseEvent, out: list[ProtoEvent]) -> RunStream:
     run = state.runs[event.run_id] = _new_run(state, event)
     parent = state.runs.get(event.parent_run_id or "")
     if parent is not None:
@@ -137,51 +137,45 @@ def _start(state: TraceState, event: ev.BaseEvent, out: list[ProtoEvent]) -> Run
     return run
 
 
-def _end(
-    state: TraceState, event: ev.BaseEvent, out: list[ProtoEvent], status: str, error: str = ""
-) -> None:
+def _end(state: StreamState, event: ev.RunEnd | ev.RunError, out: list[ProtoEvent]) -> None:
     run = state.runs.pop(event.run_id, None) or _new_run(state, event)
     if run.owns:
-        _close_subgraph(run, event, out, status, error)
+        _close_subgraph(run, event, out)
     if not run.chain:
         return
-    data = {"event": status, "graph_name": event.name}
+    data = _ending(event, event.name)
     if event.run_id == event.trace_id:
         data["run_id"] = event.run_id
-    if status == "failed":
-        data["error"] = error or "failed"
     final = event.run_id == event.trace_id
     out.append(ProtoEvent(LIFECYCLE, run.ns, event.time, data, final=final))
 
 
-def _close_subgraph(
-    run: RunState, event: ev.BaseEvent, out: list[ProtoEvent], status: str, error: str
-) -> None:
+def _ending(event: ev.RunEnd | ev.RunError, graph_name: str) -> dict[str, Any]:
+    if isinstance(event, ev.RunError):
+        return {"event": "failed", "graph_name": graph_name, "error": event.error or "failed"}
+    return {"event": "completed", "graph_name": graph_name}
+
+
+def _close_subgraph(run: RunStream, event: ev.RunEnd | ev.RunError, out: list[ProtoEvent]) -> None:
     """The subgraph's lifecycle end, and the ``tasks`` result of the task that ran it
     (the Python SDK ends a subgraph's handle on that result)."""
-    data: dict[str, Any] = {"event": status, "graph_name": run.name}
-    if status == "failed":
-        data["error"] = error or "failed"
-    out.append(ProtoEvent(LIFECYCLE, run.owns, event.time, data))
+    out.append(ProtoEvent(LIFECYCLE, run.owns, event.time, _ending(event, run.name)))
     node, _, task_id = run.owns[-1].partition(":")
-    result = event.outputs if isinstance(event, ev.ChainEnd) else None
-    task: dict[str, Any] = {"id": task_id, "name": node, "error": error or None}
-    task["interrupts"] = []
-    task["result"] = result
+    error = (event.error or "failed") if isinstance(event, ev.RunError) else None
+    task: dict[str, Any] = {"id": task_id, "name": node, "error": error, "interrupts": []}
+    task["result"] = event.outputs if isinstance(event, ev.ChainEnd) else None
     out.append(ProtoEvent(TASKS, run.owns[:-1], event.time, task))
 
 
-def _tool_end(state: TraceState, event: ev.ToolEnd | ev.ToolError, out: list[ProtoEvent]) -> None:
+def _tool_end(state: StreamState, event: ev.ToolEnd | ev.ToolError, out: list[ProtoEvent]) -> None:
     run = _run(state, event)
     call_id = run.tool_call_id or event.run_id
     if isinstance(event, ev.ToolEnd):
         data = {"event": "tool-finished", "tool_call_id": call_id, "output": event.output}
-        status, error = "completed", ""
     else:
         message = event.error or event.error_type
         data = {"event": "tool-error", "tool_call_id": call_id, "message": message}
         if event.error_type:
             data["code"] = event.error_type
-        status, error = "failed", event.error
     out.append(ProtoEvent(TOOLS, run.ns, event.time, data))
-    _end(state, event, out, status, error)
+    _end(state, event, out)

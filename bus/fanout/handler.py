@@ -23,15 +23,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from bus.errors import FanoutConflict
+from bus.errors import StateConflict
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
 from bus.fanout.protocol import coalesce
-from bus.fanout.state import TraceState
+from bus.fanout.state import StreamState
 from bus.history import GuardedWriter, Topic
-from bus.keys import Keys
+from bus.keys import STATE_BLOB, STATE_VERSION, Keys
 from bus.runtime.consumer import Delivery
-from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ class FanoutHandler:
         )
         self._window_s = settings.fanout_coalesce_ms / 1000
         self._cache_max = settings.fanout_cache_traces
-        self._cache: dict[str, TraceState] = {}
+        self._cache: dict[str, StreamState] = {}
         self.stats = FanoutStats()
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> None:
@@ -82,14 +81,14 @@ class FanoutHandler:
                 return
             self.stats.conflicts += len(refused)
             groups = {trace: groups[trace] for trace in refused}
-        raise FanoutConflict(f"state of traces {sorted(groups)} kept changing under this writer")
+        raise StateConflict(f"state of traces {sorted(groups)} kept changing under this writer")
 
     async def _load(self, traces: list[str]) -> None:
         if not traces:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for trace in traces:
-                pipe.hmget(self._keys.fanout_state(trace), ["v", "s"])
+                pipe.hmget(self._keys.fanout_state(trace), [STATE_VERSION, STATE_BLOB])
             replies = await pipe.execute()
         for trace, (version, blob) in zip(traces, replies, strict=True):
             self._cache[trace] = fanstate.load(blob, version)
@@ -142,8 +141,3 @@ class FanoutHandler:
             events=[event.outgoing() for event in events],
         )
         return True
-
-
-async def build_handler(ctx: WorkerContext) -> FanoutHandler:
-    """The :data:`bus.runtime.worker.HandlerFactory` of the fan-out worker."""
-    return FanoutHandler(redis=ctx.redis, settings=ctx.settings)

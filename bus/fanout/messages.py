@@ -20,7 +20,7 @@ from typing import Any
 
 from bus import events as ev
 from bus.fanout.protocol import APPENDABLE_DELTAS, MESSAGES, ProtoEvent
-from bus.fanout.state import Block, RunState
+from bus.fanout.state import Block, RunStream
 
 Emit = Callable[[ProtoEvent], None]
 
@@ -34,7 +34,8 @@ _DETAIL_KEYS = {
 }
 
 
-def message_id(run_id: str) -> str:
+def streamed_message_id(run_id: str) -> str:
+    """The protocol message id of a model run's message (not a webhook's ``webhook-id``)."""
     return f"{LC_ID_PREFIX}-{run_id}"
 
 
@@ -43,7 +44,7 @@ class MessageConverter:
 
     __slots__ = ("emit", "event", "run")
 
-    def __init__(self, run: RunState, event: ev.BaseEvent, emit: Emit) -> None:
+    def __init__(self, run: RunStream, event: ev.BaseEvent, emit: Emit) -> None:
         self.run = run
         self.event = event
         self.emit = emit
@@ -54,7 +55,7 @@ class MessageConverter:
 
     def _start_message(self) -> None:
         data: dict[str, Any] = {"event": "message-start", "role": "ai"}
-        data["id"] = message_id(self.event.run_id)
+        data["id"] = streamed_message_id(self.event.run_id)
         meta = {"run_id": self.event.run_id}
         for source, target in (("ls_provider", "provider"), ("ls_model_name", "model")):
             value = self.event.metadata.get(source)

@@ -12,11 +12,16 @@ redelivered entry is recognised by its id and skipped.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-MessageMode = str
-"""``""`` (no message yet), ``"token"`` (from on_llm_new_token), ``"stream"``
-(from on_stream_event) or ``"done"`` (message finished)."""
+from bus.parsing import entry_order
+
+MessageMode = Literal["", "token", "stream", "done"]
+"""Where a model run's message comes from: ``""`` (no message yet), ``"token"``
+(from on_llm_new_token), ``"stream"`` (from on_stream_event), or ``"done"``
+(message finished)."""
 
 
 class Block(msgspec.Struct, omit_defaults=True):
@@ -36,7 +41,9 @@ class Block(msgspec.Struct, omit_defaults=True):
     """Accumulated tool-call arguments (token mode), finalized at the message end."""
 
 
-class RunState(msgspec.Struct, omit_defaults=True):
+class RunStream(msgspec.Struct, omit_defaults=True):
+    """One run's place in the trace's protocol stream."""
+
     ns: list[str]
     """Namespace of this run's events (its own for chains, the parent's for leaves)."""
     chain: bool = False
@@ -52,34 +59,31 @@ class RunState(msgspec.Struct, omit_defaults=True):
     """The LangGraph subgraph namespace this (graph) run opened; its end closes it."""
 
 
-class TraceState(msgspec.Struct, omit_defaults=True):
+class StreamState(msgspec.Struct, omit_defaults=True):
+    """A trace's conversion state: its runs and how far the history got."""
+
     version: int = 0
     """Bumped on every write; a writer whose expected version is stale is refused."""
     last: str = ""
     """Stream entry id of the last bus event applied (entries at or before it are skipped)."""
     thread: str = ""
     """The ``thread_id`` this trace is also published to, once known."""
-    runs: dict[str, RunState] = {}
+    runs: dict[str, RunStream] = {}
 
     def applied(self, entry_id: str) -> bool:
         return bool(self.last) and entry_order(entry_id) <= entry_order(self.last)
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(TraceState)
+_decoder = msgspec.msgpack.Decoder(StreamState)
 
 
-def dump(state: TraceState) -> bytes:
+def dump(state: StreamState) -> bytes:
     return _encoder.encode(state)
 
 
-def load(blob: bytes | None, version: bytes | None) -> TraceState:
+def load(blob: bytes | None, version: bytes | None) -> StreamState:
     """The stored state (the version lives beside the blob), or a fresh one."""
-    state = _decoder.decode(blob) if blob else TraceState()
+    state = _decoder.decode(blob) if blob else StreamState()
     state.version = int(version) if version else 0
     return state
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -25,13 +25,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bus.access import Denied
-from bus.errors import StreamError
+from bus.errors import AccessDenied, StreamError
 from bus.frontend.filters import Filter, FilterError
 from bus.frontend.follow import Start, resolve
 from bus.frontend.state import AppState
 from bus.frontend.threads import find_topic, readable_kinds, refusal
 from bus.history import Topic, TopicKind
+from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD
 from bus.traces.agents import agent_tree
 from bus.traces.store import get_trace
 
@@ -211,9 +211,9 @@ async def latest_run(state: AppState, topic: Topic) -> str | None:
         topic.history(state.keys), "+", "-", count=LATEST_RUN_SCAN
     )
     for _, fields in entries:
-        if fields.get(b"m") != b"lifecycle":
+        if fields.get(HISTORY_CHANNEL) != b"lifecycle":
             continue
-        params = json.loads(fields[b"p"])["params"]
+        params = json.loads(fields[HISTORY_PAYLOAD])["params"]
         run_id = params["data"].get("run_id")
         if not params["namespace"] and isinstance(run_id, str):
             return run_id
@@ -234,7 +234,7 @@ async def commands(request: Request) -> Response:
     thread_id = request.path_params["thread_id"]
     try:
         kinds = readable_kinds(request, state, thread_id)
-    except Denied as exc:
+    except AccessDenied as exc:
         return refusal(exc.status, "permission_denied", exc.reason)
     command_id: int | None = None
     try:

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from bus.errors import EventsMissed, InvalidPosition
 from bus.frontend.hub import Hub, Subscriber
 from bus.history import StreamItem, Topic, position, read_after
-from bus.keys import Keys
+from bus.keys import HISTORY_FINAL, HISTORY_SEQ, Keys
 
 REPLAY_PAGE = 1000
 
@@ -160,7 +160,7 @@ async def _resolve_id(redis: aioredis.Redis, keys: Keys, topic: Topic, event_id:
         raise InvalidPosition(f"not an event id: {event_id!r}") from None
     if found:
         _, fields = found[0]
-        return _Cursor(int(fields[b"s"]), event_id, fields.get(b"f") == b"1")
+        return _Cursor(int(fields[HISTORY_SEQ]), event_id, fields.get(HISTORY_FINAL) == b"1")
     state = await position(redis, keys, topic, event_id)
     if state == "missed":
         raise EventsMissed(f"event {event_id} is no longer in history")

@@ -22,10 +22,11 @@ from collections.abc import AsyncIterator
 import msgspec
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from bus.access import Denied, check_access
-from bus.errors import StreamError
+from bus.access import check_access
+from bus.access import error_response as _refuse
+from bus.errors import AccessDenied, StreamError
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
@@ -80,10 +81,6 @@ def _response(state: AppState, topic: Topic, start: Start, flt: Filter) -> Respo
     )
 
 
-def _refuse(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)
-
-
 async def trace_stream(request: Request) -> Response:
     """``GET /traces/{trace_id}/stream[?lastEventID=&channels=a,b&token=]``."""
     state: AppState = request.app.state.bus
@@ -91,7 +88,7 @@ async def trace_stream(request: Request) -> Response:
     try:
         check_access(request, state.settings, trace_id=trace_id)
         flt = Filter.build(parse_channels(request.query_params.get("channels")))
-    except Denied as exc:
+    except AccessDenied as exc:
         return _refuse(exc.status, exc.reason)
     except FilterError as exc:
         return _refuse(400, str(exc))
@@ -107,7 +104,7 @@ async def thread_stream(request: Request) -> Response:
         check_access(request, state.settings, thread_id=thread_id)
         body = _decode_request(await request.body())
         flt = Filter.build(body.channels, body.namespaces, body.depth)
-    except Denied as exc:
+    except AccessDenied as exc:
         return _refuse(exc.status, exc.reason)
     except (msgspec.DecodeError, FilterError) as exc:
         return _refuse(400, f"invalid EventStreamRequest: {exc}")

@@ -26,8 +26,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from bus.access import Denied
-from bus.errors import SlowConsumer, StreamError
+from bus.errors import AccessDenied, SlowConsumer, StreamError
 from bus.frontend.commands import (
     Command,
     CommandError,
@@ -211,7 +210,7 @@ async def thread_events_socket(ws: WebSocket) -> None:
     await ws.accept()
     try:
         kinds = readable_kinds(ws, state, thread_id)
-    except Denied as exc:
+    except AccessDenied as exc:
         # Closed after the handshake, with the status in the code: a browser cannot
         # read a refused upgrade's status, and the SDKs end for good on 4xxx.
         await ws.send_text(failure(None, "permission_denied", exc.reason).decode())

@@ -28,8 +28,8 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from bus.access import Denied, check_access
-from bus.errors import SlowConsumer, StreamError
+from bus.access import check_access
+from bus.errors import AccessDenied, SlowConsumer, StreamError
 from bus.frontend.filters import Filter, FilterError
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
@@ -58,16 +58,16 @@ _decode_request = msgspec.json.Decoder(StreamEventsRequest).decode
 
 def readable_kinds(conn: HTTPConnection, state: AppState, thread_id: str) -> frozenset[TopicKind]:
     """Whether ``conn`` may read ``thread_id`` as a thread, as a trace, or both; raises
-    :class:`~bus.access.Denied` (with the thread's reason) when neither."""
+    :class:`~bus.errors.AccessDenied` (with the thread's reason) when neither."""
     kinds: set[TopicKind] = set()
-    refusal: Denied | None = None
+    refusal: AccessDenied | None = None
     for kind in ("thread", "trace"):
         try:
             if kind == "thread":
                 check_access(conn, state.settings, thread_id=thread_id)
             else:
                 check_access(conn, state.settings, trace_id=thread_id)
-        except Denied as exc:
+        except AccessDenied as exc:
             refusal = refusal or exc
         else:
             kinds.add(kind)
@@ -162,7 +162,7 @@ async def stream_events(request: Request) -> Response:
         kinds = readable_kinds(request, state, thread_id)
         body = _decode_request(await request.body())
         flt = Filter.build(body.channels, body.namespaces, body.depth)
-    except Denied as exc:
+    except AccessDenied as exc:
         return refusal(exc.status, "permission_denied", exc.reason)
     except (msgspec.DecodeError, FilterError) as exc:
         return refusal(422, "invalid_argument", f"invalid EventStreamRequest: {exc}")

@@ -27,11 +27,10 @@ import contextlib
 from typing import Any
 
 import msgspec
-from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from bus.access import Denied, check_access
-from bus.errors import SlowConsumer, StreamError
+from bus.access import check_access, error_response
+from bus.errors import AccessDenied, SlowConsumer, StreamError
 from bus.frontend.filters import Filter, FilterError, any_match
 from bus.frontend.follow import Start, follow, resolve
 from bus.frontend.state import AppState
@@ -188,9 +187,9 @@ async def thread_socket(ws: WebSocket) -> None:
     thread_id = ws.path_params["thread_id"]
     try:
         check_access(ws, state.settings, thread_id=thread_id)
-    except Denied as exc:
+    except AccessDenied as exc:
         if "websocket.http.response" in ws.scope.get("extensions", {}):
-            await ws.send_denial_response(JSONResponse({"error": exc.reason}, exc.status))
+            await ws.send_denial_response(error_response(exc.status, exc.reason))
         else:
             await ws.close(1008, exc.reason)
         return

@@ -9,26 +9,50 @@ reaches the app: a failure is logged once per kind and counted.
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, cast
 from uuid import UUID
 
 import redis as redis_lib
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.outputs import LLMResult
 
 from bus import events as ev
+from bus.producer import payloads
+from bus.producer.emitter import RunEmitter
 from bus.producer.publisher import Publisher
-from bus.producer.runs import Run, RunRegistry
 from bus.producer.sanitize import safe, safe_str
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
 
-def _error_callback(cls: type[ev.BaseEvent], name: str) -> Any:
+
+def guarded(callback: Callable[P, None]) -> Callable[P, None]:
+    """Wrap a handler method so that nothing it raises reaches the app.
+
+    A failure is counted in ``handler.failures`` and logged once per callback
+    and exception type. LangChain would catch it too, but log it on every call
+    (once per token when publishing fails) and re-raise it into the app for a
+    handler with ``raise_error`` set.
+    """
+    name = callback.__name__
+
+    @functools.wraps(callback)
+    def guard(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception as exc:
+            handler = cast("BusCallbackHandler", args[0])
+            handler._failed(name, exc)
+
+    return guard
+
+
+def _error_callback(cls: type[ev.RunError], name: str) -> Any:
     """The ``on_*_error`` callbacks differ only in the event they publish."""
 
     def callback(
@@ -39,13 +63,10 @@ def _error_callback(cls: type[ev.BaseEvent], name: str) -> Any:
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            self._error(cls, error, run_id, parent_run_id)
-        except Exception as exc:
-            self._failed(name, exc)
+        self._events.finish(cls, run_id, parent_run_id, payloads.error(error, self._max))
 
     callback.__name__ = callback.__qualname__ = name
-    return callback
+    return guarded(callback)
 
 
 class BusCallbackHandler(BaseCallbackHandler):
@@ -74,7 +95,7 @@ class BusCallbackHandler(BaseCallbackHandler):
                 else Publisher.shared(self.settings)
             )
         self.publisher = publisher
-        self._runs = RunRegistry(self.settings.partitions)
+        self._events = RunEmitter(publisher, self.settings)
         self._max = self.settings.max_field_bytes
         self.failures = 0
         self._failure_kinds: set[str] = set()
@@ -88,67 +109,7 @@ class BusCallbackHandler(BaseCallbackHandler):
         """Flush what is buffered (within ``timeout``) and stop the publisher."""
         self.publisher.close(timeout)
 
-    # -- plumbing -------------------------------------------------------------
-
-    def _emit(self, cls: type[ev.BaseEvent], run: Run, fields: dict[str, Any]) -> None:
-        trace = run.trace
-        event = cls(
-            id=ev.new_event_id(),
-            time=time.time(),
-            run_id=run.run_id,
-            trace_id=trace.trace_id,
-            seq=next(trace.seq),
-            parent_run_id=run.parent_run_id,
-            name=run.name,
-            run_type=run.run_type,
-            tags=run.tags,
-            metadata=run.metadata,
-            source=self.publisher.source,
-            **fields,
-        )
-        self.publisher.publish(trace.partition, ev.encode(event))
-
-    def _start(
-        self,
-        cls: type[ev.BaseEvent],
-        serialized: dict[str, Any] | None,
-        run_id: UUID,
-        parent_run_id: UUID | None,
-        tags: list[str] | None,
-        metadata: dict[str, Any] | None,
-        kwargs: dict[str, Any],
-        run_type: str,
-        fields: dict[str, Any],
-    ) -> None:
-        run = self._runs.start(
-            run_id,
-            parent_run_id,
-            name=_run_name(serialized, kwargs),
-            run_type=kwargs.get("run_type") or run_type,
-            tags=list(tags or ()),
-            metadata=safe(metadata, max_bytes=self._max) if metadata else {},
-        )
-        self._emit(cls, run, fields)
-
-    def _finish(
-        self,
-        cls: type[ev.BaseEvent],
-        run_id: UUID,
-        parent_run_id: UUID | None,
-        fields: dict[str, Any],
-    ) -> None:
-        run = self._runs.lookup(run_id, parent_run_id)
-        self._emit(cls, run, fields)
-        self._runs.end(run)
-
-    def _error(
-        self, cls: type[ev.BaseEvent], error: BaseException, run_id: UUID, parent: UUID | None
-    ) -> None:
-        fields = {
-            "error": safe_str(_error_text(error), max_bytes=self._max),
-            "error_type": type(error).__name__,
-        }
-        self._finish(cls, run_id, parent, fields)
+    # -- failures and payloads ---------------------------------------------------
 
     def _failed(self, callback: str, exc: Exception) -> None:
         self.failures += 1
@@ -162,6 +123,7 @@ class BusCallbackHandler(BaseCallbackHandler):
 
     # -- LLMs and chat models ---------------------------------------------------
 
+    @guarded
     def on_llm_start(
         self,
         serialized: dict[str, Any],
@@ -173,25 +135,22 @@ class BusCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            fields = {
+        self._events.start(
+            ev.LLMStart,
+            serialized=serialized,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            metadata=metadata,
+            callback_kwargs=kwargs,
+            run_type="llm",
+            fields={
                 "prompts": [safe_str(p, max_bytes=self._max) for p in prompts],
                 "invocation_params": self._safe(kwargs.get("invocation_params") or {}),
-            }
-            self._start(
-                ev.LLMStart,
-                serialized,
-                run_id,
-                parent_run_id,
-                tags,
-                metadata,
-                kwargs,
-                "llm",
-                fields,
-            )
-        except Exception as exc:
-            self._failed("on_llm_start", exc)
+            },
+        )
 
+    @guarded
     def on_chat_model_start(
         self,
         serialized: dict[str, Any],
@@ -203,24 +162,20 @@ class BusCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            fields = {
+        self._events.start(
+            ev.ChatModelStart,
+            serialized=serialized,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            metadata=metadata,
+            callback_kwargs=kwargs,
+            run_type="chat_model",
+            fields={
                 "messages": self._safe(messages),
                 "invocation_params": self._safe(kwargs.get("invocation_params") or {}),
-            }
-            self._start(
-                ev.ChatModelStart,
-                serialized,
-                run_id,
-                parent_run_id,
-                tags,
-                metadata,
-                kwargs,
-                "chat_model",
-                fields,
-            )
-        except Exception as exc:
-            self._failed("on_chat_model_start", exc)
+            },
+        )
 
     def on_llm_new_token(
         self,
@@ -231,21 +186,25 @@ class BusCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
+        # Guarded by hand rather than by @guarded: the wrapper's extra call adds about
+        # a tenth to this callback's own cost, and it runs once per token.
         try:
-            run = self._runs.get(run_id) or self._runs.lookup(run_id, parent_run_id)
+            events = self._events
+            run = events.runs.get(run_id) or events.runs.lookup(run_id, parent_run_id)
             message = getattr(chunk, "message", None)
             tool_chunks = getattr(message, "tool_call_chunks", None)
-            text = token if isinstance(token, str) else _blocks_text(token)
+            text = token if isinstance(token, str) else payloads.blocks_text(token)
             if len(text) >= 1024:
                 text = safe_str(text, max_bytes=self._max)
             if tool_chunks:
                 fields = {"token": text, "tool_call_chunks": self._safe(tool_chunks)}
             else:
                 fields = {"token": text}
-            self._emit(ev.LLMNewToken, run, fields)
+            events.emit(ev.LLMNewToken, run, fields)
         except Exception as exc:
             self._failed("on_llm_new_token", exc)
 
+    @guarded
     def on_stream_event(
         self,
         event: Any,
@@ -254,12 +213,11 @@ class BusCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            run = self._runs.get(run_id) or self._runs.lookup(run_id, parent_run_id)
-            self._emit(ev.StreamEvent, run, {"data": self._safe(event)})
-        except Exception as exc:
-            self._failed("on_stream_event", exc)
+        runs = self._events.runs
+        run = runs.get(run_id) or runs.lookup(run_id, parent_run_id)
+        self._events.emit(ev.StreamEvent, run, {"data": self._safe(event)})
 
+    @guarded
     def on_llm_end(
         self,
         response: LLMResult,
@@ -268,26 +226,7 @@ class BusCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            self._finish(ev.LLMEnd, run_id, parent_run_id, self._llm_end_fields(response))
-        except Exception as exc:
-            self._failed("on_llm_end", exc)
-
-    def _llm_end_fields(self, response: LLMResult) -> dict[str, Any]:
-        first = (
-            response.generations[0][0] if response.generations and response.generations[0] else None
-        )
-        usage = None
-        if isinstance(first, ChatGeneration):
-            usage = getattr(first.message, "usage_metadata", None)
-        if usage is None and response.llm_output:
-            usage = response.llm_output.get("token_usage") or response.llm_output.get("usage")
-        return {
-            "text": safe_str(str(first.text), max_bytes=self._max) if first is not None else "",
-            "generations": self._safe(response.generations),
-            "llm_output": self._safe(response.llm_output) if response.llm_output else None,
-            "usage": self._safe(usage) if usage else None,
-        }
+        self._events.finish(ev.LLMEnd, run_id, parent_run_id, payloads.llm_end(response, self._max))
 
     on_llm_error = _error_callback(ev.LLMError, "on_llm_error")
     on_chain_error = _error_callback(ev.ChainError, "on_chain_error")
@@ -296,6 +235,7 @@ class BusCallbackHandler(BaseCallbackHandler):
 
     # -- chains -------------------------------------------------------------------
 
+    @guarded
     def on_chain_start(
         self,
         serialized: dict[str, Any],
@@ -307,22 +247,19 @@ class BusCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            fields = {"inputs": self._safe(inputs)}
-            self._start(
-                ev.ChainStart,
-                serialized,
-                run_id,
-                parent_run_id,
-                tags,
-                metadata,
-                kwargs,
-                "chain",
-                fields,
-            )
-        except Exception as exc:
-            self._failed("on_chain_start", exc)
+        self._events.start(
+            ev.ChainStart,
+            serialized=serialized,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            metadata=metadata,
+            callback_kwargs=kwargs,
+            run_type="chain",
+            fields={"inputs": self._safe(inputs)},
+        )
 
+    @guarded
     def on_chain_end(
         self,
         outputs: dict[str, Any],
@@ -331,13 +268,11 @@ class BusCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            self._finish(ev.ChainEnd, run_id, parent_run_id, {"outputs": self._safe(outputs)})
-        except Exception as exc:
-            self._failed("on_chain_end", exc)
+        self._events.finish(ev.ChainEnd, run_id, parent_run_id, {"outputs": self._safe(outputs)})
 
     # -- tools ----------------------------------------------------------------------
 
+    @guarded
     def on_tool_start(
         self,
         serialized: dict[str, Any],
@@ -350,37 +285,27 @@ class BusCallbackHandler(BaseCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            fields = {
-                "input_str": safe_str(str(input_str), max_bytes=self._max),
-                "inputs": self._safe(inputs),
-            }
-            if kwargs.get("tool_call_id"):
-                fields["tool_call_id"] = str(kwargs["tool_call_id"])
-            self._start(
-                ev.ToolStart,
-                serialized,
-                run_id,
-                parent_run_id,
-                tags,
-                metadata,
-                kwargs,
-                "tool",
-                fields,
-            )
-        except Exception as exc:
-            self._failed("on_tool_start", exc)
+        self._events.start(
+            ev.ToolStart,
+            serialized=serialized,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            metadata=metadata,
+            callback_kwargs=kwargs,
+            run_type="tool",
+            fields=payloads.tool_start(input_str, inputs, kwargs, self._max),
+        )
 
+    @guarded
     def on_tool_end(
         self, output: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        try:
-            self._finish(ev.ToolEnd, run_id, parent_run_id, {"output": self._safe(output)})
-        except Exception as exc:
-            self._failed("on_tool_end", exc)
+        self._events.finish(ev.ToolEnd, run_id, parent_run_id, {"output": self._safe(output)})
 
     # -- retrievers -------------------------------------------------------------------
 
+    @guarded
     def on_retriever_start(
         self,
         serialized: dict[str, Any],
@@ -392,22 +317,19 @@ class BusCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            fields = {"query": safe_str(query, max_bytes=self._max)}
-            self._start(
-                ev.RetrieverStart,
-                serialized,
-                run_id,
-                parent_run_id,
-                tags,
-                metadata,
-                kwargs,
-                "retriever",
-                fields,
-            )
-        except Exception as exc:
-            self._failed("on_retriever_start", exc)
+        self._events.start(
+            ev.RetrieverStart,
+            serialized=serialized,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            metadata=metadata,
+            callback_kwargs=kwargs,
+            run_type="retriever",
+            fields={"query": safe_str(query, max_bytes=self._max)},
+        )
 
+    @guarded
     def on_retriever_end(
         self,
         documents: Sequence[Any],
@@ -416,66 +338,39 @@ class BusCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            self._finish(
-                ev.RetrieverEnd, run_id, parent_run_id, {"documents": self._safe(list(documents))}
-            )
-        except Exception as exc:
-            self._failed("on_retriever_end", exc)
+        fields = {"documents": self._safe(list(documents))}
+        self._events.finish(ev.RetrieverEnd, run_id, parent_run_id, fields)
 
     # -- agents, text, retries, custom events -------------------------------------------
 
+    @guarded
     def on_agent_action(
         self, action: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        try:
-            run = self._runs.lookup(run_id, parent_run_id)
-            fields = {
-                "tool": str(getattr(action, "tool", "")),
-                "tool_input": self._safe(getattr(action, "tool_input", None)),
-                "log": safe_str(str(getattr(action, "log", "")), max_bytes=self._max),
-            }
-            self._emit(ev.AgentAction, run, fields)
-        except Exception as exc:
-            self._failed("on_agent_action", exc)
+        fields = payloads.agent_action(action, self._max)
+        self._events.during(ev.AgentAction, run_id, parent_run_id, fields)
 
+    @guarded
     def on_agent_finish(
         self, finish: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        try:
-            run = self._runs.lookup(run_id, parent_run_id)
-            fields = {
-                "return_values": self._safe(getattr(finish, "return_values", {}) or {}),
-                "log": safe_str(str(getattr(finish, "log", "")), max_bytes=self._max),
-            }
-            self._emit(ev.AgentFinish, run, fields)
-        except Exception as exc:
-            self._failed("on_agent_finish", exc)
+        fields = payloads.agent_finish(finish, self._max)
+        self._events.during(ev.AgentFinish, run_id, parent_run_id, fields)
 
+    @guarded
     def on_text(
         self, text: str, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        try:
-            run = self._runs.lookup(run_id, parent_run_id)
-            self._emit(ev.Text, run, {"text": safe_str(str(text), max_bytes=self._max)})
-        except Exception as exc:
-            self._failed("on_text", exc)
+        fields = {"text": safe_str(str(text), max_bytes=self._max)}
+        self._events.during(ev.Text, run_id, parent_run_id, fields)
 
+    @guarded
     def on_retry(
         self, retry_state: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        try:
-            run = self._runs.lookup(run_id, parent_run_id)
-            outcome = getattr(retry_state, "outcome", None)
-            error = outcome.exception() if outcome is not None and outcome.failed else None
-            fields = {
-                "attempt": int(getattr(retry_state, "attempt_number", 0) or 0),
-                "error": safe_str(_error_text(error), max_bytes=self._max) if error else "",
-            }
-            self._emit(ev.Retry, run, fields)
-        except Exception as exc:
-            self._failed("on_retry", exc)
+        self._events.during(ev.Retry, run_id, parent_run_id, payloads.retry(retry_state, self._max))
 
+    @guarded
     def on_custom_event(
         self,
         name: str,
@@ -486,32 +381,5 @@ class BusCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            run = self._runs.lookup(run_id, kwargs.get("parent_run_id"))
-            self._emit(ev.CustomEvent, run, {"event_name": str(name), "data": self._safe(data)})
-        except Exception as exc:
-            self._failed("on_custom_event", exc)
-
-
-def _run_name(serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> str:
-    """The run's name the way LangChain's tracer derives it."""
-    name = kwargs.get("name")
-    if name:
-        return str(name)
-    if serialized:
-        if serialized.get("name"):
-            return str(serialized["name"])
-        ids = serialized.get("id")
-        if ids:
-            return str(ids[-1])
-    return "Unnamed"
-
-
-def _blocks_text(blocks: list[str | dict[str, Any]]) -> str:
-    """The text of a token given as content blocks."""
-    parts = [b if isinstance(b, str) else str(b.get("text", "")) for b in blocks]
-    return "".join(parts)
-
-
-def _error_text(error: BaseException | None) -> str:
-    return f"{type(error).__name__}: {error}" if error is not None else ""
+        fields = {"event_name": str(name), "data": self._safe(data)}
+        self._events.during(ev.CustomEvent, run_id, kwargs.get("parent_run_id"), fields)

@@ -32,13 +32,10 @@ from typing import Any
 import msgspec
 import redis
 
-from bus.keys import Keys
+from bus.keys import ENTRY_FIELD, Keys
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-ENTRY_FIELD = b"e"
-"""The one field of every event stream entry: the msgpack-encoded event."""
 
 _MAX_BACKOFF_S = 1.0
 _STATS_EVERY_S = 5.0

@@ -35,7 +35,9 @@ def partition_key(trace_id: str, metadata: dict[str, Any]) -> str:
     return trace_id
 
 
-class Trace:
+class LiveTrace:
+    """A trace with runs open in this process: its partition and next sequence number."""
+
     __slots__ = ("open_runs", "partition", "seq", "trace_id")
 
     def __init__(self, trace_id: str, partitions: int, *, key: str | None = None) -> None:
@@ -52,7 +54,7 @@ class Run:
 
     def __init__(
         self,
-        trace: Trace,
+        trace: LiveTrace,
         key: UUID,
         parent_run_id: str | None,
         name: str,
@@ -76,7 +78,7 @@ class RunRegistry:
     def __init__(self, partitions: int) -> None:
         self._partitions = partitions
         self._runs: dict[UUID, Run] = {}
-        self._traces: dict[str, Trace] = {}
+        self._traces: dict[str, LiveTrace] = {}
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -140,9 +142,9 @@ class RunRegistry:
         if trace.open_runs <= 0:
             self._traces.pop(trace.trace_id, None)
 
-    def _new_trace(self, trace_id: str, metadata: dict[str, Any]) -> Trace:
+    def _new_trace(self, trace_id: str, metadata: dict[str, Any]) -> LiveTrace:
         key = partition_key(trace_id, metadata)
-        trace = self._traces[trace_id] = Trace(trace_id, self._partitions, key=key)
+        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions, key=key)
         return trace
 
     def _evict_oldest(self) -> None:

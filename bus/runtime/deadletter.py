@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from bus.keys import Keys
+from bus.keys import ENTRY_FIELD, Keys
 from bus.settings import Settings
 
 REASON_UNDECODABLE = "undecodable"
@@ -118,7 +118,7 @@ async def replay(
     replayed: list[str] = []
     for letter in letters:
         stream = keys.events(letter.partition % settings.partitions)
-        await redis.xadd(stream, {b"e": letter.payload}, maxlen=settings.stream_maxlen)
+        await redis.xadd(stream, {ENTRY_FIELD: letter.payload}, maxlen=settings.stream_maxlen)
         await redis.xdel(keys.dlq(group), letter.id)
         replayed.append(letter.id)
     return replayed

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import redis.asyncio as aioredis
 
 from bus.keys import Keys
+from bus.parsing import text
 
 # Taking a lease we already hold (say after a short outage where our local
 # deadline passed but the key survived) must succeed, hence the GET first.
@@ -98,7 +99,7 @@ class Leases:
         raw = await self._heartbeat(
             keys=[self._keys.members(self.group)], args=[self.replica_id, self.ttl_ms]
         )
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+        return sorted(text(m) for m in raw)
 
     async def leave(self) -> None:
         await self._redis.zrem(self._keys.members(self.group), self.replica_id)
@@ -125,7 +126,7 @@ class Leases:
 
     async def owner(self, partition: int) -> str | None:
         raw = await self._redis.get(self._keys.lease(self.group, partition))
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return None if raw is None else text(raw)
 
 
 class LeaseLost(Exception):

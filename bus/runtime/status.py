@@ -18,6 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus.keys import Keys
+from bus.parsing import text
 from bus.settings import Settings
 
 LAG_SCAN_CAP = 10_000
@@ -65,10 +66,6 @@ class BusStatus:
         return data
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def _group_infos(
     redis: aioredis.Redis, keys: Keys, partitions: int
 ) -> tuple[list[int], list[dict[str, dict[str, Any]]]]:
@@ -85,7 +82,7 @@ async def _group_infos(
         lengths.append(length if isinstance(length, int) else 0)
         # A stream nobody published to yet has no groups (the reply is an error).
         rows = groups if isinstance(groups, list) else []
-        infos.append({_text(g["name"]): g for g in rows})
+        infos.append({text(g["name"]): g for g in rows})
     return lengths, infos
 
 
@@ -95,7 +92,7 @@ async def _lag(redis: aioredis.Redis, stream: str, info: dict[str, Any]) -> int:
         return lag
     # Redis < 7 has no lag, and 7 reports none after deletions inside the
     # undelivered range: count what lies after the last delivered id.
-    start = "(" + _text(info.get("last-delivered-id", "0-0"))
+    start = "(" + text(info.get("last-delivered-id", "0-0"))
     return len(await redis.xrange(stream, min=start, count=LAG_SCAN_CAP) or [])
 
 
@@ -120,7 +117,7 @@ async def _publishers(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]
     stats = []
     for key, raw in zip(found, await redis.mget(found), strict=True):
         if raw is not None:  # expired between SCAN and MGET
-            source = _text(key).rsplit(":publisher:", 1)[-1]
+            source = text(key).rsplit(":publisher:", 1)[-1]
             stats.append({"source": source, **msgspec.json.decode(raw)})
     return sorted(stats, key=lambda s: str(s["source"]))
 
@@ -147,13 +144,13 @@ async def _group_status(
                 partition=p,
                 lag=await _lag(redis, keys.events(p), info) if info else 0,
                 pending=int(info.get("pending", 0)),
-                last_delivered_id=_text(info.get("last-delivered-id", "")),
-                owner=None if owners[p] is None else _text(owners[p]),
+                last_delivered_id=text(info.get("last-delivered-id", "")),
+                owner=None if owners[p] is None else text(owners[p]),
             )
         )
     return GroupStatus(
         name=name,
         partitions=partitions,
-        members=[_text(m) for m in cast(list[Any], members)],
+        members=[text(m) for m in cast(list[Any], members)],
         dead_letters=int(dlq_length),
     )

@@ -1,16 +1,17 @@
 """arq glue: run a :class:`~bus.runtime.consumer.GroupConsumer` inside an arq worker.
 
-A worker module does::
+Each stage package has a ``worker`` module whose factory calls
+:func:`consumer_worker_settings`; a worker module is then one line::
 
-    WorkerSettings = consumer_worker_settings(
-        worker="traces", group="traces", build_handler=build_handler
-    )
+    WorkerSettings = worker_settings()
 
 and is started with ``arq workers.traces.WorkerSettings``. arq's own job
 queue (``{prefix}:arq:{worker}``) runs beside the consumer for jobs such as
 webhook attempts; ``arq --check`` reads the health key arq keeps fresh.
-On SIGTERM arq cancels its poll loop and calls ``on_shutdown``, where the
-consumer finishes and acknowledges its batch in hand and releases its leases.
+A stage's handler factory registers the closing of whatever it opened on
+:attr:`WorkerContext.cleanup`. On SIGTERM the consumer finishes and
+acknowledges its batch in hand and releases its leases; arq then calls
+``on_shutdown``, which closes that stack.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from arq import func
@@ -39,16 +41,56 @@ HEALTH_CHECK_INTERVAL_S = 10
 _BACKOFF_CAP_S = 1.0
 
 
+_CONTEXT_KEY = "bus"
+"""The one key the runtime keeps in arq's ctx: the :class:`WorkerContext`."""
+
+ServiceT = TypeVar("ServiceT")
+
+
 @dataclass
 class WorkerContext:
+    """What a stage's handler factory and its arq jobs share in one worker process.
+
+    Creating one attaches it to arq's ctx, where :func:`worker_context` finds it.
+    """
+
     settings: Settings
     redis: aioredis.Redis
     """A bytes client (decode_responses=False) for handlers and jobs."""
     arq: dict[str, Any]
     """arq's ctx; ``arq["redis"]`` is the ArqRedis pool (for ``enqueue_job``)."""
+    cleanup: AsyncExitStack = field(default_factory=AsyncExitStack)
+    """Closed at shutdown, last in first out, after the consumer has stopped."""
+    consumer: GroupConsumer | None = None
+    shutdown_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    """The signal handler's stop task (referenced here so that it is not collected)."""
+    _services: dict[type, object] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.arq[_CONTEXT_KEY] = self
+
+    def provide(self, service: object) -> None:
+        """Make ``service`` available to this worker's jobs, looked up by its type."""
+        self._services[type(service)] = service
+
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        """The object of type ``kind`` the handler factory provided."""
+        found = self._services.get(kind)
+        if not isinstance(found, kind):
+            raise LookupError(f"this worker provides no {kind.__name__}")
+        return found
+
+
+def worker_context(ctx: Mapping[str, Any]) -> WorkerContext:
+    """The :class:`WorkerContext` of the worker running an arq job with ``ctx``."""
+    found = ctx.get(_CONTEXT_KEY)
+    if not isinstance(found, WorkerContext):
+        raise LookupError("this arq worker was not built by consumer_worker_settings")
+    return found
 
 
 HandlerFactory = Callable[[WorkerContext], Awaitable[BatchHandler]]
+"""Builds a stage's batch handler at start-up; registers its cleanup on the context."""
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -74,7 +116,7 @@ def _ride_out_outages(arq_redis: aioredis.Redis, settings: Settings) -> None:
     arq_redis.set_retry(Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), tries))
 
 
-def _stop_on_signals(ctx: dict[str, Any]) -> None:
+def _stop_on_signals(wctx: WorkerContext) -> None:
     """SIGTERM/SIGINT: release the partitions first, then end arq's main task.
 
     arq's own handler cancels its main task once, and under load that cancel
@@ -94,14 +136,13 @@ def _stop_on_signals(ctx: dict[str, Any]) -> None:
             loop.call_later(1.0, cancel_main)  # a lost cancel is repeated
 
     async def stop() -> None:
-        consumer: GroupConsumer | None = ctx.get("consumer")
-        if consumer is not None:
-            await consumer.aclose()
+        if wctx.consumer is not None:
+            await wctx.consumer.aclose()
         cancel_main()
 
     def on_signal(sig: signal.Signals) -> None:
         log.info("shutdown on %s", sig.name)
-        ctx["stopping"] = loop.create_task(stop())
+        wctx.shutdown_task = loop.create_task(stop())
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -109,8 +150,37 @@ def _stop_on_signals(ctx: dict[str, Any]) -> None:
 
 async def consumer_stats(ctx: dict[str, Any]) -> dict[str, int]:
     """arq job: the counters of this worker's consumer."""
-    consumer: GroupConsumer = ctx["consumer"]
-    return consumer.stats.as_dict()
+    consumer = worker_context(ctx).consumer
+    return {} if consumer is None else consumer.stats.as_dict()
+
+
+async def _start_consumer(wctx: WorkerContext, group: str, build_handler: HandlerFactory) -> None:
+    cfg = wctx.settings
+    handler = await build_handler(wctx)
+    consumer = GroupConsumer(redis=wctx.redis, settings=cfg, group=group, handler=handler)
+    await consumer.start()
+    wctx.consumer = consumer
+    # Pushed after the handler's own cleanup, so closed before it: the
+    # handler's resources outlive the consumer that calls it.
+    wctx.cleanup.push_async_callback(_stop_consumer, consumer)
+    if cfg.metrics_port:
+        exporter = MetricsExporter(
+            consumer=consumer, redis=wctx.redis, settings=cfg, port=cfg.metrics_port
+        )
+        await exporter.start()
+        wctx.cleanup.push_async_callback(exporter.aclose)
+    log.info("consumer %s of group %s started", consumer.replica_id, group)
+
+
+async def _stop_consumer(consumer: GroupConsumer) -> None:
+    await consumer.aclose()
+    log.info("consumer %s stopped: %s", consumer.replica_id, consumer.stats.as_dict())
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    wctx = ctx.get(_CONTEXT_KEY)
+    if isinstance(wctx, WorkerContext):  # start-up may have failed before creating it
+        await wctx.cleanup.aclose()
 
 
 def consumer_worker_settings(
@@ -120,53 +190,37 @@ def consumer_worker_settings(
     build_handler: HandlerFactory,
     functions: Sequence[Any] = (),
     settings: Settings | None = None,
-    on_shutdown: Callable[[WorkerContext], Awaitable[None]] | None = None,
+    max_jobs: int | None = None,
+    poll_delay: float | None = None,
+    job_timeout: float | None = None,
 ) -> type:
-    """A class usable as arq ``WorkerSettings`` that runs a consumer of ``group``."""
+    """A class usable as arq ``WorkerSettings`` that runs a consumer of ``group``.
+
+    ``functions`` are arq jobs run beside the consumer (the default is
+    ``consumer_stats``); ``max_jobs``, ``poll_delay`` and ``job_timeout``
+    (seconds) are arq's options of the same names, arq's defaults when None.
+    """
     cfg = Settings.from_env() if settings is None else settings
 
     async def startup(ctx: dict[str, Any]) -> None:
-        _stop_on_signals(ctx)
+        wctx = WorkerContext(settings=cfg, redis=redis_client(cfg), arq=ctx)
+        wctx.cleanup.push_async_callback(wctx.redis.aclose)
+        _stop_on_signals(wctx)
         _ride_out_outages(ctx["redis"], cfg)
-        client = redis_client(cfg)
-        wctx = WorkerContext(settings=cfg, redis=client, arq=ctx)
-        ctx["bus"] = wctx
-        handler = await build_handler(wctx)
-        consumer = GroupConsumer(redis=client, settings=cfg, group=group, handler=handler)
-        await consumer.start()
-        ctx["consumer"] = consumer
-        if cfg.metrics_port:
-            exporter = MetricsExporter(
-                consumer=consumer, redis=client, settings=cfg, port=cfg.metrics_port
-            )
-            await exporter.start()
-            ctx["metrics"] = exporter
-        log.info("consumer %s of group %s started", consumer.replica_id, group)
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        consumer: GroupConsumer | None = ctx.get("consumer")
-        if consumer is not None:
-            await consumer.aclose()
-            log.info("consumer %s stopped: %s", consumer.replica_id, consumer.stats.as_dict())
-        exporter: MetricsExporter | None = ctx.get("metrics")
-        if exporter is not None:
-            await exporter.aclose()
-        wctx: WorkerContext | None = ctx.get("bus")
-        if wctx is not None:
-            if on_shutdown is not None:
-                await on_shutdown(wctx)
-            await wctx.redis.aclose()
+        await _start_consumer(wctx, group, build_handler)
 
     jobs = list(functions) or [func(consumer_stats, name="consumer_stats")]
+    options = {"max_jobs": max_jobs, "poll_delay": poll_delay, "job_timeout": job_timeout}
     attrs: dict[str, Any] = {
         # arq reads these from the class __dict__, not through inheritance.
         "redis_settings": RedisSettings.from_dsn(cfg.redis_url),
         "queue_name": Keys(cfg.prefix).arq_queue(worker),
         "functions": jobs,
         "on_startup": startup,
-        "on_shutdown": shutdown,
+        "on_shutdown": _shutdown,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         # Our handler (installed at start-up) replaces arq's: see _stop_on_signals.
         "handle_signals": False,
+        **{name: value for name, value in options.items() if value is not None},
     }
     return type(f"{worker.title()}WorkerSettings", (), attrs)

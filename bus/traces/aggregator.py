@@ -29,12 +29,13 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.errors import TraceConflictError
+from bus.errors import StateConflict
 from bus.keys import Keys
+from bus.parsing import text
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
-from bus.traces.tree import TraceState, apply, is_complete, is_run_event, summarize
+from bus.traces.tree import TreeState, apply, is_complete, is_run_event, summarize
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class TraceAggregator:
                 return
             self.conflicts += len(conflicts)
             pending, fresh = conflicts, True
-        raise TraceConflictError(f"traces kept changing under this worker: {pending[:5]}")
+        raise StateConflict(f"traces kept changing under this worker: {pending[:5]}")
 
     async def _save(self, loaded: Mapping[str, Loaded], now: float) -> list[str]:
         """Save, publishing ``trace_completed`` for the traces that just completed."""
@@ -117,7 +118,7 @@ class TraceAggregator:
         raw = await self.redis.zrangebyscore(
             self.keys.trace_open(), "-inf", cutoff, start=0, num=_SWEEP_BATCH
         )
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
+        ids = [text(m) for m in raw]
         if not ids:
             return 0
         loaded = await self.store.load(ids, fresh=True)
@@ -166,10 +167,10 @@ class TraceAggregator:
 
 
 def _starts_root(event: ev.BaseEvent) -> bool:
-    return event.run_id == event.trace_id and ev.event_type(event) in ev.START_TYPES
+    return event.run_id == event.trace_id and isinstance(event, ev.RunStart)
 
 
-def completed_event(state: TraceState) -> ev.TraceCompleted:
+def completed_event(state: TreeState) -> ev.TraceCompleted:
     """The ``trace_completed`` event of a trace: its status and rollups.
 
     Its id is derived from the trace, so a receiver can deduplicate by it.

@@ -22,10 +22,13 @@ from __future__ import annotations
 import msgspec
 import redis.asyncio as aioredis
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from bus.access import Denied, check_access
+from bus.access import check_access
+from bus.access import error_response as _error
+from bus.errors import AccessDenied, InvalidQuery
+from bus.parsing import key_values
 from bus.settings import Settings
 from bus.traces.store import get_trace, list_traces
 
@@ -51,10 +54,7 @@ def trace_routes(settings: Settings, redis: aioredis.Redis) -> list[BaseRoute]:
             return denied
         query = request.query_params
         try:
-            metadata = dict(_pair(item) for item in query.getlist("metadata"))
-            limit = int(query.get("limit", "50"))
-            if not 1 <= limit <= 1000:
-                raise ValueError("limit must be between 1 and 1000")
+            metadata = key_values(query.getlist("metadata"), option="metadata")
             page = await list_traces(
                 redis,
                 settings,
@@ -62,10 +62,10 @@ def trace_routes(settings: Settings, redis: aioredis.Redis) -> list[BaseRoute]:
                 name=query.get("name"),
                 tag=query.get("tag"),
                 metadata=metadata,
-                limit=limit,
+                limit=_limit(query.get("limit", "50")),
                 cursor=query.get("cursor"),
             )
-        except ValueError as exc:
+        except InvalidQuery as exc:
             return _error(400, str(exc))
         return Response(msgspec.json.encode(page), media_type=_JSON)
 
@@ -75,21 +75,17 @@ def trace_routes(settings: Settings, redis: aioredis.Redis) -> list[BaseRoute]:
     ]
 
 
-def _pair(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"metadata filter must be key=value, got {item!r}")
-    return key, value
+def _limit(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidQuery(f"limit must be a whole number, got {text!r}") from None
 
 
 def _denied(request: Request, settings: Settings, *, trace_id: str | None) -> Response | None:
     """None when the request may read ``trace_id`` (every trace, scope ``*``, when None)."""
     try:
         check_access(request, settings, trace_id=trace_id)
-    except Denied as exc:
+    except AccessDenied as exc:
         return _error(exc.status, exc.reason)
     return None
-
-
-def _error(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)

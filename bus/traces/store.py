@@ -1,8 +1,9 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
-Each trace is one hash ``keys.tree(trace_id, partition)`` with fields ``v`` (a version
-counter), ``s`` (the msgpack :class:`~bus.traces.tree.TraceState`) and ``m`` (the
-JSON :class:`~bus.traces.tree.TraceSummary` the list filters read), expiring
+Each trace is one hash ``keys.tree(trace_id, partition)`` with fields
+``STATE_VERSION`` (a version counter), ``STATE_BLOB`` (the msgpack
+:class:`~bus.traces.tree.TreeState`) and ``TREE_SUMMARY`` (the JSON
+:class:`~bus.traces.tree.TraceSummary` the list filters read), expiring
 ``trace_ttl_s`` after its last write. A write is a compare-and-set on ``v``:
 leases make one worker replica the writer of a trace's partition, but a
 replica that lost its lease mid-batch, or the timeout sweep of another replica,
@@ -27,37 +28,43 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.errors import InvalidQuery
+from bus.keys import STATE_BLOB, STATE_VERSION, TREE_SUMMARY, Keys, lua_fields, partition_of
+from bus.parsing import text
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
-from bus.traces.tree import Trace, TraceState, TraceSummary, build, is_complete, summarize
+from bus.traces.tree import Trace, TraceSummary, TreeState, build_trace, is_complete, summarize
 
 __all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
+
+MAX_LIST_LIMIT = 1000
+"""The largest page ``list_traces`` returns."""
 
 LIST_SCAN_CAP = 5000
 """Index entries one ``list_traces`` call examines at most (filters are applied to
 summaries, so a rare filter over a huge index returns a cursor to continue from)."""
 
 _state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(TraceState)
+_state_decoder = msgspec.msgpack.Decoder(TreeState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
 # KEYS: tree, done flag, event stream. ARGV: expected version, state, summary, ttl,
-# completed event ('' for none), stream maxlen, entry field.
+# completed event ('' for none), stream maxlen.
 # -> {new version, 1 if the event was published}, or -1 when the version moved on.
-_SAVE = LuaScript("""
-local v = redis.call('HGET', KEYS[1], 'v') or '0'
+_SAVE = LuaScript(
+    lua_fields("""
+local v = redis.call('HGET', KEYS[1], '$VERSION') or '0'
 if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
-redis.call('HSET', KEYS[1], 'v', new, 's', ARGV[2], 'm', ARGV[3])
+redis.call('HSET', KEYS[1], '$VERSION', new, '$BLOB', ARGV[2], '$SUMMARY', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', ARGV[7], ARGV[5])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', '$ENTRY', ARGV[5])
   return {new, 1}
 end
 return {new, 0}
 """)
+)
 
 
 class TracePage(msgspec.Struct, kw_only=True):
@@ -79,7 +86,7 @@ class Saved:
 @dataclass(slots=True)
 class Loaded:
     version: int
-    state: TraceState
+    state: TreeState
 
 
 class TraceStore:
@@ -109,7 +116,7 @@ class TraceStore:
         for trace_id in trace_ids:
             cached = None if fresh else self._cache.get(trace_id)
             if cached is None and not fresh and trace_id in new:
-                found[trace_id] = Loaded(0, TraceState(trace_id=trace_id))
+                found[trace_id] = Loaded(0, TreeState(trace_id=trace_id))
             elif cached is None:
                 missing.append(trace_id)
             else:
@@ -118,7 +125,7 @@ class TraceStore:
         if missing:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for trace_id in missing:
-                    pipe.hmget(self._tree(trace_id), ["v", "s"])
+                    pipe.hmget(self._tree(trace_id), [STATE_VERSION, STATE_BLOB])
                 replies = await pipe.execute()
             for trace_id, (version, blob) in zip(missing, replies, strict=True):
                 found[trace_id] = _loaded(trace_id, version, blob)
@@ -140,14 +147,14 @@ class TraceStore:
         ]
         done = [trace_id for trace_id, _, _, summary in writes if summary.completed]
         still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
-        tail = [self.settings.stream_maxlen, ENTRY_FIELD]
+        maxlen = self.settings.stream_maxlen
 
-        def build(pipe: Any) -> None:
+        def queue_saves(pipe: Any) -> None:
             for trace_id, version, blob, summary in writes:
                 p = partition_of(trace_id, partitions)
                 script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
                 event = announce.get(trace_id, b"")
-                args = [version, blob, msgspec.json.encode(summary), ttl, event, *tail]
+                args = [version, blob, msgspec.json.encode(summary), ttl, event, maxlen]
                 _SAVE.queue(pipe, script_keys, args)
             pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
             if still_open:
@@ -157,7 +164,7 @@ class TraceStore:
             pipe.zremrangebyscore(keys.trace_index(), "-inf", now - ttl)
 
         try:
-            replies = await execute(self.redis, [_SAVE], build)
+            replies = await execute(self.redis, [_SAVE], queue_saves)
         except BaseException:
             for trace_id, _ in items:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
@@ -192,7 +199,7 @@ class TraceStore:
 
 def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
     if version is None or blob is None:
-        return Loaded(0, TraceState(trace_id=trace_id))
+        return Loaded(0, TreeState(trace_id=trace_id))
     return Loaded(int(version), _state_decoder.decode(blob))
 
 
@@ -201,10 +208,10 @@ def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
 
 async def get_trace(redis: aioredis.Redis, settings: Settings, trace_id: str) -> Trace | None:
     """The run tree of ``trace_id`` (live or finished), or None when unknown or expired."""
-    blob: Any = await redis.hget(_tree_key(settings, trace_id), "s")
+    blob: Any = await redis.hget(_tree_key(settings, trace_id), STATE_BLOB)
     if blob is None:
         return None
-    return build(_state_decoder.decode(blob))
+    return build_trace(_state_decoder.decode(blob))
 
 
 async def list_traces(
@@ -223,8 +230,11 @@ async def list_traces(
     ``metadata`` matches the root run's metadata, each value compared as text.
     A page can hold fewer than ``limit`` traces while ``next_cursor`` is set
     (at most :data:`LIST_SCAN_CAP` index entries are examined per call).
+    Raises :class:`~bus.errors.InvalidQuery` for a ``limit`` outside 1..1000 or
+    a cursor that no page returned.
     """
-    limit = max(1, min(limit, 1000))
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
     keys = Keys(settings.prefix)
     index = keys.trace_index()
     top, after = _parse_cursor(cursor)
@@ -236,7 +246,7 @@ async def list_traces(
             index, top, "-inf", start=offset, num=chunk, withscores=True
         )
         offset += len(raw)
-        rows = [(_text(m), float(s)) for m, s in raw]
+        rows = [(text(m), float(s)) for m, s in raw]
         if after is not None:  # equal scores come in descending member order
             rows = [(m, s) for m, s in rows if not (s == top and m >= after)]
         blobs = await _summaries(redis, settings, [m for m, _ in rows])
@@ -266,7 +276,7 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str | None]:
     except ValueError:
         value = math.nan
     if not sep or math.isnan(value):
-        raise ValueError(f"bad trace list cursor: {cursor!r}")
+        raise InvalidQuery(f"bad trace list cursor: {cursor!r}")
     return value, member
 
 
@@ -281,7 +291,7 @@ async def _summaries(
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for trace_id in ids:
-            pipe.hget(_tree_key(settings, trace_id), "m")
+            pipe.hget(_tree_key(settings, trace_id), TREE_SUMMARY)
         replies: list[bytes | None] = await pipe.execute()
     return replies
 
@@ -312,7 +322,3 @@ def _matches(
 
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

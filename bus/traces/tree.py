@@ -2,7 +2,7 @@
 
 Two layers, both msgspec Structs:
 
-- the *state* (:class:`TraceState`, :class:`RunState`) is what the trace
+- the *state* (:class:`TreeState`, :class:`RunFacts`) is what the trace
   worker keeps in Redis: per run, the facts its start event, its end (or
   error) event and its token events carry. Applying an event merges facts and
   is idempotent and order-independent: a start or end is set once (an error
@@ -23,14 +23,19 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from bus import events as ev
 
 LLM_RUN_TYPES = frozenset({"llm", "chat_model"})
-RUNNING, SUCCESS, ERROR, TIMEOUT = "running", "success", "error", "timeout"
+
+RunStatus = Literal["running", "success", "error"]
+TraceStatus = Literal["running", "success", "error", "timeout"]
+"""A trace's status in the view: its root's, or ``timeout`` (see :class:`TraceSummary`)."""
+EndKind = Literal["", "end", "error"]
+"""How a run ended, in the state: ``""`` while it has not."""
 
 
 # -- view: the public schema ------------------------------------------------------
@@ -54,8 +59,7 @@ class RunNode(msgspec.Struct, kw_only=True):
     """``<start %Y%m%dT%H%M%S%fZ><run id>`` of each ancestor and itself, joined by ``.``."""
     name: str
     run_type: str
-    status: str
-    """``running``, ``success`` or ``error``."""
+    status: RunStatus
     start_time: float | None
     end_time: float | None
     duration_ms: float | None
@@ -81,7 +85,7 @@ class TraceSummary(msgspec.Struct, kw_only=True):
 
     trace_id: str
     name: str
-    status: str
+    status: TraceStatus
     """``running``; ``success`` or ``error`` (the root's) once the root ended and no run
     is open; ``timeout`` when no event came for the completion timeout before that."""
     completed: bool
@@ -114,7 +118,7 @@ class Trace(TraceSummary, kw_only=True):
 # -- state: merged facts ------------------------------------------------------------
 
 
-class RunState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+class RunFacts(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     id: str
     parent_run_id: str | None = None
     name: str = ""
@@ -128,8 +132,7 @@ class RunState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     start_time: float | None = None
     start_seq: int = 0
     inputs: Any = None
-    end_kind: str = ""
-    """``""`` while running, ``"end"`` or ``"error"``."""
+    end_kind: EndKind = ""
     end_time: float | None = None
     outputs: Any = None
     error: str = ""
@@ -140,23 +143,21 @@ class RunState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Per source, the seqs of the token events counted, as sorted [lo, hi] ranges."""
 
 
-class TraceState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+class TreeState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     trace_id: str
-    runs: dict[str, RunState] = {}
+    runs: dict[str, RunFacts] = {}
     timed_out: bool = False
     updated_at: float = 0.0
 
 
-_START, _TOKEN, _END, _ERROR = range(4)
-_KINDS: dict[type[ev.BaseEvent], int] = {
-    **{ev.EVENT_TYPES[t]: _START for t in ev.START_TYPES},
-    **{ev.EVENT_TYPES[t]: _END for t in ev.END_TYPES},
-    **{ev.EVENT_TYPES[t]: _ERROR for t in ev.ERROR_TYPES},
-    ev.LLMNewToken: _TOKEN,
-}
+# The classes the tree folds in, as a set: looking a type up is several times cheaper
+# than isinstance() against the bases, and most events are tokens or stream events.
+_RUN_EVENT_TYPES = frozenset(
+    cls for cls in ev.EVENT_TYPES.values() if issubclass(cls, ev.RunStart | ev.RunEnd | ev.RunError)
+) | {ev.LLMNewToken}
 
 
-def _start_inputs(event: ev.BaseEvent) -> Any:
+def _start_inputs(event: ev.RunStart) -> Any:
     """The run's inputs as LangChain's tracer records them."""
     match event:
         case ev.LLMStart():
@@ -172,7 +173,7 @@ def _start_inputs(event: ev.BaseEvent) -> Any:
     return None
 
 
-def _end_outputs(event: ev.BaseEvent) -> Any:
+def _end_outputs(event: ev.RunEnd) -> Any:
     match event:
         case ev.LLMEnd():
             return {"generations": event.generations, "llm_output": event.llm_output}
@@ -187,46 +188,45 @@ def _end_outputs(event: ev.BaseEvent) -> Any:
 
 def is_run_event(event: ev.BaseEvent) -> bool:
     """Whether the trace worker folds this event into a run tree."""
-    return type(event) in _KINDS and bool(event.trace_id) and bool(event.run_id)
+    return type(event) in _RUN_EVENT_TYPES and bool(event.trace_id) and bool(event.run_id)
 
 
-def apply(state: TraceState, event: ev.BaseEvent) -> None:
+def apply(state: TreeState, event: ev.BaseEvent) -> None:
     """Merge one event's facts into ``state`` (other event types are ignored)."""
-    kind = _KINDS.get(type(event))
-    if kind is None or not event.run_id:
+    if type(event) not in _RUN_EVENT_TYPES or not event.run_id:
         return
     run = state.runs.get(event.run_id)
     if run is None:
-        run = state.runs[event.run_id] = RunState(id=event.run_id)
-    if kind == _START:
-        if not run.started:
+        run = state.runs[event.run_id] = RunFacts(id=event.run_id)
+    if not run.started and not isinstance(event, ev.RunStart):
+        rank = (1, event.source, event.seq)
+        if rank < run.info_rank:
+            _take_fields(run, event, rank)
+    match event:  # tokens first: the most frequent, and naming the exact class is cheapest
+        case ev.LLMNewToken():
+            _count_token(run, event)
+        case ev.RunStart() if not run.started:
             _take_fields(run, event, (0, event.source, event.seq))
             run.started, run.start_time, run.start_seq = True, event.time, event.seq
             run.inputs = _start_inputs(event)
-    elif not run.started and (1, event.source, event.seq) < run.info_rank:
-        _take_fields(run, event, (1, event.source, event.seq))
-    if kind == _TOKEN:
-        _count_token(run, event)
-    elif kind == _ERROR:
-        if run.end_kind != "error":
+        case ev.RunError() if run.end_kind != "error":
             run.end_kind, run.end_time = "error", event.time
-            run.error = getattr(event, "error", "")
-            run.error_type = getattr(event, "error_type", "")
-    elif kind == _END and not run.end_kind:
-        run.end_kind, run.end_time = "end", event.time
-        run.outputs = _end_outputs(event)
-        if isinstance(event, ev.LLMEnd):
-            run.usage = usage_of(event)
+            run.error, run.error_type = event.error, event.error_type
+        case ev.RunEnd() if not run.end_kind:
+            run.end_kind, run.end_time = "end", event.time
+            run.outputs = _end_outputs(event)
+            if isinstance(event, ev.LLMEnd):
+                run.usage = usage_of(event)
 
 
-def _take_fields(run: RunState, event: ev.BaseEvent, rank: tuple[int, str, int]) -> None:
+def _take_fields(run: RunFacts, event: ev.BaseEvent, rank: tuple[int, str, int]) -> None:
     run.info_rank = rank
     run.parent_run_id = event.parent_run_id
     run.name, run.run_type = event.name, event.run_type
     run.tags, run.metadata = event.tags, event.metadata  # never mutated in place
 
 
-def _count_token(run: RunState, event: ev.BaseEvent) -> None:
+def _count_token(run: RunFacts, event: ev.LLMNewToken) -> None:
     ranges = run.tokens.get(event.source)
     if ranges is None:
         ranges = run.tokens[event.source] = []
@@ -259,7 +259,7 @@ def add_seq(ranges: list[list[int]], seq: int) -> bool:
     return True
 
 
-def token_count(run: RunState) -> int:
+def token_count(run: RunFacts) -> int:
     return sum(hi - lo + 1 for ranges in run.tokens.values() for lo, hi in ranges)
 
 
@@ -282,7 +282,7 @@ def _int(value: Any) -> int:
 # -- from state to view ---------------------------------------------------------------
 
 
-def is_complete(state: TraceState) -> bool:
+def is_complete(state: TreeState) -> bool:
     """The root ended and every run seen has both started and ended."""
     root = state.runs.get(state.trace_id)
     if root is None or not root.end_kind:
@@ -290,16 +290,17 @@ def is_complete(state: TraceState) -> bool:
     return all(run.started and run.end_kind for run in state.runs.values())
 
 
-def summarize(state: TraceState) -> TraceSummary:
+def summarize(state: TreeState) -> TraceSummary:
     """The trace's rollups (everything but the runs)."""
     runs = state.runs.values()
     root = state.runs.get(state.trace_id)
     top = root or min(runs, key=_start_key, default=None)
     complete = is_complete(state)
+    status: TraceStatus
     if complete and root is not None:
-        status = ERROR if root.end_kind == "error" else SUCCESS
+        status = "error" if root.end_kind == "error" else "success"
     else:
-        status = TIMEOUT if state.timed_out else RUNNING
+        status = "timeout" if state.timed_out else "running"
     usage = TokenUsage()
     for run in runs:
         if run.usage is not None:
@@ -329,16 +330,16 @@ def summarize(state: TraceState) -> TraceSummary:
     )
 
 
-def build(state: TraceState) -> Trace:
+def build_trace(state: TreeState) -> Trace:
     """The tree of ``state``: children under their parents, ordered by start."""
-    children: dict[str | None, list[RunState]] = {}
+    children: dict[str | None, list[RunFacts]] = {}
     for run in state.runs.values():
         parent = run.parent_run_id if run.parent_run_id in state.runs else None
         children.setdefault(parent, []).append(run)
     for runs in children.values():
         runs.sort(key=_start_key)
 
-    def node(run: RunState, prefix: str) -> RunNode:
+    def node(run: RunFacts, prefix: str) -> RunNode:
         dotted = prefix + _stamp(run.start_time) + run.id
         kids = [node(child, dotted + ".") for child in children.get(run.id, ())]
         return _node(state.trace_id, run, dotted, kids)
@@ -349,8 +350,10 @@ def build(state: TraceState) -> Trace:
     return Trace(**fields, root=root, orphans=[top for top in tops if top is not root])
 
 
-def _node(trace_id: str, run: RunState, dotted: str, children: list[RunNode]) -> RunNode:
-    status = {"": RUNNING, "end": SUCCESS, "error": ERROR}[run.end_kind]
+_RUN_STATUS: dict[EndKind, RunStatus] = {"": "running", "end": "success", "error": "error"}
+
+
+def _node(trace_id: str, run: RunFacts, dotted: str, children: list[RunNode]) -> RunNode:
     return RunNode(
         id=run.id,
         trace_id=trace_id,
@@ -358,7 +361,7 @@ def _node(trace_id: str, run: RunState, dotted: str, children: list[RunNode]) ->
         dotted_order=dotted,
         name=run.name,
         run_type=run.run_type,
-        status=status,
+        status=_RUN_STATUS[run.end_kind],
         start_time=run.start_time,
         end_time=run.end_time,
         duration_ms=_ms(run.start_time, run.end_time),
@@ -375,7 +378,7 @@ def _node(trace_id: str, run: RunState, dotted: str, children: list[RunNode]) ->
     )
 
 
-def _start_key(run: RunState) -> tuple[float, int, str]:
+def _start_key(run: RunFacts) -> tuple[float, int, str]:
     # The producer's seq breaks ties of equal clock readings (it is the callback order).
     known = run.start_time if run.start_time is not None else run.first_token_time
     when = known if known is not None else (run.end_time or 0.0)

@@ -34,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bus.access import bearer_token
+from bus.access import error_response as _error
 from bus.errors import EndpointNotFound, WebhookError
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoints
@@ -53,10 +55,6 @@ class _AddBody(msgspec.Struct, forbid_unknown_fields=True):
     description: str = ""
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 class _Admin:
     def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
         self.settings = settings
@@ -70,8 +68,8 @@ class _Admin:
         async def endpoint(request: Request) -> Response:
             if not token:
                 return _error(503, "admin API disabled: set LCBUS_ADMIN_TOKEN")
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not given:
+            given = bearer_token(request)
+            if given is None:
                 return _error(401, "send Authorization: Bearer <admin token>")
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(403, "wrong admin token")

@@ -29,6 +29,7 @@ import random
 import secrets
 import time
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -38,26 +39,44 @@ from arq.connections import ArqRedis
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from bus.errors import EndpointNotFound, UnsafeURLError
+from bus.errors import EndpointNotFound
 from bus.events import WebhookEndpointDisabled, encode, new_event_id
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys, partition_of
+from bus.runtime.worker import worker_context
 from bus.scripts import execute
 from bus.settings import Settings
-from bus.webhooks import ssrf
 from bus.webhooks.endpoints import Attempt, Endpoint, Endpoints, decode_endpoint
 from bus.webhooks.gate import LocalGates
 from bus.webhooks.limits import BUSY, DISABLED, GONE, SCRIPTS, EndpointLimits, begin_reply
-from bus.webhooks.outbox import dead_letter, enqueue_attempt
-from bus.webhooks.signing import sign_headers
+from bus.webhooks.outbox import AttemptJob, dead_letter, enqueue_attempt
+from bus.webhooks.sender import Result, Sender
 
 log = logging.getLogger(__name__)
 
 SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_WAIT_S = 2.0
 _REDIS_RETRY_S = 2.0
-_USER_AGENT = "lcbus-webhooks/0.1"
 _json = msgspec.json.encode
+
+
+class Outcome(StrEnum):
+    """What one ``deliver_webhook`` job did: its arq result, and what logs show."""
+
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    """It failed; the next attempt of the schedule is queued."""
+    WAITING = "waiting"
+    """The endpoint had no free slot; the same attempt is queued again."""
+    DEAD = "dead"
+    """It failed and was the schedule's last: the message is dead-lettered."""
+    RECEIVER_GONE = "gone"
+    """The receiver answered 410 Gone: the endpoint is disabled, the message dead-lettered."""
+    FAILING_TOO_LONG = "disabled"
+    """The endpoint failed for ``webhook_disable_after_s``: disabled, message dead-lettered."""
+    ENDPOINT_DISABLED = "endpoint-disabled"
+    """The endpoint was disabled before this attempt: the message is dead-lettered."""
+    ENDPOINT_REMOVED = "endpoint-gone"
+    MESSAGE_EXPIRED = "message-expired"
 
 
 def retry_after_s(value: str | None, *, now: float, bound: float) -> float | None:
@@ -79,28 +98,21 @@ def jittered(delay: float, jitter: float) -> float:
     return delay * random.uniform(1 - jitter, 1 + jitter)
 
 
-class Result:
-    """What one HTTP attempt produced."""
-
-    __slots__ = ("error", "latency_ms", "refused", "response", "retry_after", "status")
-
-    def __init__(self) -> None:
-        self.status: int | None = None
-        self.response = ""
-        self.error = ""
-        self.refused = False
-        self.retry_after: str | None = None
-        self.latency_ms = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-
 class Deliverer:
-    """Makes attempts; one per worker process, kept in arq's ctx."""
+    """Makes attempts; one per worker process, kept in arq's ctx.
 
-    def __init__(self, *, redis: aioredis.Redis, arq: ArqRedis, settings: Settings) -> None:
+    ``transport`` is the httpx transport the POSTs go through (see
+    :class:`bus.webhooks.sender.Sender`); by default the SSRF guard.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        arq: ArqRedis,
+        settings: Settings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.redis = redis
         self.arq = arq
         self.settings = settings
@@ -114,20 +126,10 @@ class Deliverer:
             wait_s=settings.webhook_local_wait_ms / 1000,
         )
         self._sizes: dict[str, int] = {}
-        limits = httpx.Limits(
-            max_connections=settings.webhook_max_jobs * 2,
-            max_keepalive_connections=settings.webhook_max_jobs,
-        )
-        self.client = httpx.AsyncClient(
-            transport=ssrf.GuardedTransport(allow=self.endpoints.allow, limits=limits),
-            timeout=settings.webhook_timeout_s,
-            follow_redirects=False,
-            trust_env=False,
-            headers={"user-agent": _USER_AGENT, "content-type": "application/json"},
-        )
+        self.sender = Sender(settings=settings, allow=self.endpoints.allow, transport=transport)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.sender.aclose()
 
     async def __aenter__(self) -> Deliverer:
         return self
@@ -135,19 +137,18 @@ class Deliverer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def attempt(
-        self, endpoint_id: str, msg_id: str, attempt: int, wait: int = 0, series: str = ""
-    ) -> str:
+    async def attempt(self, job: AttemptJob) -> Outcome:
         """Make one attempt; returns what happened (for logs and tests)."""
+        endpoint_id = job.endpoint_id
         size = self._sizes.get(endpoint_id) or await self._size(endpoint_id)
         local = await self.gates.enter(endpoint_id, size)
         if local is None:
             # The line here is full: come back when it is this attempt's turn.
             drain_ms = int(self.gates.defer_s(endpoint_id) * 1000)
-            await self._wait(endpoint_id, msg_id, attempt, wait, series, drain_ms or BUSY)
-            return "waiting"
+            await self._wait(job, drain_ms or BUSY)
+            return Outcome.WAITING
         try:
-            return await self._attempt(endpoint_id, msg_id, attempt, wait, series)
+            return await self._attempt(job)
         finally:
             local.release()
 
@@ -156,16 +157,16 @@ class Deliverer:
         raw = await self.redis.hget(self.keys.endpoint(endpoint_id), "max_concurrency")
         return int(raw) if raw else 1
 
-    async def _begin(self, endpoint_id: str, msg_id: str, token: str) -> tuple[int, Any, Any]:
+    async def _begin(self, job: AttemptJob, token: str) -> tuple[int, Any, Any]:
         """One round trip: the message, the endpoint record, and a slot if one is free."""
         deadline = time.monotonic() + self.gates.wait_s
 
-        def build(pipe: Any) -> None:
-            pipe.get(self.keys.webhook_message(msg_id))
-            self.limits.queue_begin(pipe, endpoint_id, token)
+        def queue_begin(pipe: Any) -> None:
+            pipe.get(self.keys.webhook_message(job.msg_id))
+            self.limits.queue_begin(pipe, job.endpoint_id, token)
 
         while True:
-            body, reply = await execute(self.redis, SCRIPTS, build)
+            body, reply = await execute(self.redis, SCRIPTS, queue_begin)
             code, raw = begin_reply(reply)
             # A short pause or rate window is the endpoint's own limit: wait it
             # out here rather than queue a new job.
@@ -174,117 +175,62 @@ class Deliverer:
                 continue
             return code, raw, body
 
-    async def _attempt(
-        self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str
-    ) -> str:
+    async def _attempt(self, job: AttemptJob) -> Outcome:
         token = secrets.token_hex(8)
-        code, raw, body = await self._begin(endpoint_id, msg_id, token)
+        code, raw, body = await self._begin(job, token)
         if code == GONE:
-            self._sizes.pop(endpoint_id, None)
-            log.info("webhook %s for removed endpoint %s dropped", msg_id, endpoint_id)
-            return "endpoint-gone"
+            self._sizes.pop(job.endpoint_id, None)
+            log.info("webhook %s for removed endpoint %s dropped", job.msg_id, job.endpoint_id)
+            return Outcome.ENDPOINT_REMOVED
         endpoint = decode_endpoint(raw)
-        self._sizes[endpoint_id] = endpoint.max_concurrency
+        self._sizes[job.endpoint_id] = endpoint.max_concurrency
         if body is None:
             if code == 0:
-                await self.limits.release(endpoint_id, token)
-            log.error("webhook %s for %s expired before attempt %d", msg_id, endpoint_id, attempt)
-            return "message-expired"
+                await self.limits.release(job.endpoint_id, token)
+            log.error(
+                "webhook %s for %s expired before attempt %d",
+                job.msg_id,
+                job.endpoint_id,
+                job.attempt,
+            )
+            return Outcome.MESSAGE_EXPIRED
         if code == DISABLED:
-            await self._dead(endpoint, msg_id, body, attempt - 1, "endpoint disabled")
-            return "endpoint-disabled"
+            await self._dead(job, body, job.attempt - 1, "endpoint disabled")
+            return Outcome.ENDPOINT_DISABLED
         if code != 0:
             # BUSY with a local slot held: other processes hold the endpoint's slots.
-            await self._wait(endpoint_id, msg_id, attempt, wait, series, code)
-            return "waiting"
+            await self._wait(job, code)
+            return Outcome.WAITING
         try:
-            result = await self._post(endpoint, msg_id, body)
+            result = await self.sender.post(endpoint, job.msg_id, body)
         except BaseException:
-            await self.limits.release(endpoint_id, token)
+            await self.limits.release(job.endpoint_id, token)
             raise
-        return await self._settle(endpoint, msg_id, body, attempt, series, result, token)
+        return await self._settle(job, endpoint, body, result, token)
 
-    async def _wait(
-        self, endpoint_id: str, msg_id: str, attempt: int, wait: int, series: str, wait_ms: int
-    ) -> None:
+    async def _wait(self, job: AttemptJob, wait_ms: int) -> None:
         # BUSY has no natural end: back off exponentially so a queue of waiting
         # deliveries for a slow endpoint does not spin.
-        backoff = min(0.05 * 2**wait, _MAX_WAIT_S)
+        backoff = min(0.05 * 2**job.wait, _MAX_WAIT_S)
         delay = max(wait_ms / 1000, backoff if wait_ms < 0 else 0.0)
-        await enqueue_attempt(
-            self.arq,
-            self.settings,
-            endpoint_id=endpoint_id,
-            msg_id=msg_id,
-            attempt=attempt,
-            wait=wait + 1,
-            series=series,
-            defer_s=jittered(delay, 0.2),
-        )
-
-    async def _post(self, endpoint: Endpoint, msg_id: str, body: bytes) -> Result:
-        result = Result()
-        now = time.time()
-        headers = sign_headers(
-            message_id=msg_id,
-            timestamp=int(now),
-            body=body,
-            secrets=endpoint.active_secrets(now),
-        )
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.settings.webhook_timeout_s):
-                await self._send(endpoint.url, headers, body, result)
-        except UnsafeURLError as exc:
-            result.refused, result.error = True, str(exc)
-        except TimeoutError:
-            result.error = f"timed out after {self.settings.webhook_timeout_s:g} s"
-        except httpx.HTTPError as exc:
-            result.error = f"{type(exc).__name__}: {exc}"
-        result.latency_ms = (time.perf_counter() - started) * 1000
-        return result
-
-    async def _send(self, url: str, headers: dict[str, str], body: bytes, result: Result) -> None:
-        limit = self.settings.webhook_response_max_bytes
-        async with self.client.stream("POST", url, content=body, headers=headers) as response:
-            result.status = response.status_code
-            result.retry_after = response.headers.get("retry-after")
-            chunks = bytearray()
-            async for chunk in response.aiter_bytes():
-                chunks += chunk
-                if len(chunks) >= limit:
-                    break
-            result.response = chunks[:limit].decode(errors="replace")
+        await enqueue_attempt(self.arq, self.settings, job.put_back(), defer_s=jittered(delay, 0.2))
 
     async def _settle(
-        self,
-        endpoint: Endpoint,
-        msg_id: str,
-        body: bytes,
-        attempt: int,
-        series: str,
-        result: Result,
-        token: str,
-    ) -> str:
-        if await self._finish(endpoint.id, msg_id, body, attempt, result, token) < 0:
+        self, job: AttemptJob, endpoint: Endpoint, body: bytes, result: Result, token: str
+    ) -> Outcome:
+        if await self._finish(job, body, result, token) < 0:
             raise EndpointNotFound(endpoint.id)
         if result.ok:
-            return "delivered"
+            return Outcome.DELIVERED
         if result.status == 410:
             await self._disable(endpoint, "the endpoint answered 410 Gone")
-            await self._dead(endpoint, msg_id, body, attempt, "410 Gone")
-            return "gone"
-        return await self._failed(endpoint, msg_id, body, attempt, series, result)
+            await self._dead(job, body, job.attempt, "410 Gone")
+            return Outcome.RECEIVER_GONE
+        return await self._failed(job, endpoint, body, result)
 
     async def _failed(
-        self,
-        endpoint: Endpoint,
-        msg_id: str,
-        body: bytes,
-        attempt: int,
-        series: str,
-        result: Result,
-    ) -> str:
+        self, job: AttemptJob, endpoint: Endpoint, body: bytes, result: Result
+    ) -> Outcome:
         now = time.time()
         bound = self.settings.webhook_retry_after_max_s
         retry_after = retry_after_s(result.retry_after, now=now, bound=bound)
@@ -296,41 +242,31 @@ class Deliverer:
         if now - failing_since >= self.settings.webhook_disable_after_s:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(failing_since))
             await self._disable(endpoint, f"failing without a success since {since} UTC")
-            await self._dead(endpoint, msg_id, body, attempt, _describe(result))
-            return "disabled"
+            await self._dead(job, body, job.attempt, result.describe())
+            return Outcome.FAILING_TOO_LONG
         delays = self.settings.webhook_delays
-        if attempt >= len(delays):
-            await self._dead(endpoint, msg_id, body, attempt, _describe(result))
-            return "dead"
-        delay = jittered(delays[attempt], self.settings.webhook_jitter)
+        if job.attempt >= len(delays):
+            await self._dead(job, body, job.attempt, result.describe())
+            return Outcome.DEAD
+        delay = jittered(delays[job.attempt], self.settings.webhook_jitter)
         if retry_after is not None:
             delay = max(delay, retry_after)
-        await enqueue_attempt(
-            self.arq,
-            self.settings,
-            endpoint_id=endpoint.id,
-            msg_id=msg_id,
-            attempt=attempt + 1,
-            series=series,
-            defer_s=delay,
-        )
-        return "retrying"
+        await enqueue_attempt(self.arq, self.settings, job.retry(), defer_s=delay)
+        return Outcome.RETRYING
 
-    async def _finish(
-        self, endpoint_id: str, msg_id: str, body: bytes, attempt: int, r: Result, token: str
-    ) -> int:
+    async def _finish(self, job: AttemptJob, body: bytes, result: Result, token: str) -> int:
         """Free the slot, log the attempt, record a success: one round trip."""
         now = time.time()
         record = Attempt(
             id="",
-            message_id=msg_id,
-            attempt=attempt,
+            message_id=job.msg_id,
+            attempt=job.attempt,
             type=_type_of(body),
-            outcome="success" if r.ok else ("refused" if r.refused else "failure"),
-            status=r.status,
-            latency_ms=round(r.latency_ms, 2),
-            response=r.response,
-            error=r.error,
+            outcome=result.outcome,
+            status=result.status,
+            latency_ms=round(result.latency_ms, 2),
+            response=result.response,
+            error=result.error,
             at=now,
         )
         (done,) = await execute(
@@ -338,24 +274,22 @@ class Deliverer:
             SCRIPTS,
             lambda pipe: self.limits.queue_finish(
                 pipe,
-                endpoint_id,
+                job.endpoint_id,
                 token,
                 record=_json(record),
                 maxlen=self.settings.webhook_attempts_maxlen,
-                success_at=_json(now) if r.ok else None,
+                success_at=_json(now) if result.ok else None,
             ),
         )
         return int(done)
 
-    async def _dead(
-        self, endpoint: Endpoint, msg_id: str, body: bytes, attempts: int, error: str
-    ) -> None:
-        log.warning("webhook %s to %s dead-lettered: %s", msg_id, endpoint.id, error)
+    async def _dead(self, job: AttemptJob, body: bytes, attempts: int, error: str) -> None:
+        log.warning("webhook %s to %s dead-lettered: %s", job.msg_id, job.endpoint_id, error)
         await dead_letter(
             self.redis,
             self.settings,
-            endpoint_id=endpoint.id,
-            msg_id=msg_id,
+            endpoint_id=job.endpoint_id,
+            msg_id=job.msg_id,
             body=body,
             attempts=attempts,
             error=error,
@@ -365,12 +299,6 @@ class Deliverer:
         if await self.endpoints.disable(endpoint.id, reason):
             log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
             await publish_disabled(self.redis, self.settings, endpoint, reason)
-
-
-def _describe(result: Result) -> str:
-    if result.error:
-        return result.error
-    return f"HTTP {result.status}"
 
 
 def _type_of(body: bytes) -> str:
@@ -413,18 +341,19 @@ async def deliver_webhook(
     attempt: int,
     wait: int = 0,
     series: str = "",
-) -> str:
-    """arq job: one attempt.
+) -> Outcome:
+    """arq job: one attempt (its arguments are an :class:`AttemptJob`'s fields).
 
     HTTP failures are handled inside (they schedule the next attempt). Only
     Redis trouble escapes, as arq's ``Retry``, so arq runs this job again.
     """
-    deliverer: Deliverer = ctx["webhooks"]
+    deliverer = worker_context(ctx).service(Deliverer)
+    job = AttemptJob(endpoint_id, msg_id, attempt, wait, series)
     try:
-        return await deliverer.attempt(endpoint_id, msg_id, attempt, wait, series)
+        return await deliverer.attempt(job)
     except EndpointNotFound:
         log.info("webhook %s: endpoint %s removed during the attempt", msg_id, endpoint_id)
-        return "endpoint-gone"
+        return Outcome.ENDPOINT_REMOVED
     except RedisError as exc:
         log.warning("webhook attempt %s/%s #%d: %s", endpoint_id, msg_id, attempt, exc)
         raise Retry(defer=_REDIS_RETRY_S) from exc

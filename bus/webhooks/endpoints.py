@@ -21,7 +21,7 @@ import secrets as _secrets
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -34,6 +34,9 @@ from bus.webhooks import ssrf
 from bus.webhooks.types import matches, validate_filter
 
 SECRET_PREFIX = "whsec_"
+
+AttemptOutcome = Literal["success", "failure", "refused"]
+"""How one attempt went: ``refused`` when the SSRF guard refused the address."""
 
 
 class Secret(msgspec.Struct, kw_only=True):
@@ -94,8 +97,7 @@ class Attempt(msgspec.Struct, kw_only=True):
     message_id: str
     attempt: int
     type: str
-    outcome: str
-    """``success``, ``failure`` or ``refused`` (SSRF guard)."""
+    outcome: AttemptOutcome
     status: int | None = None
     latency_ms: float = 0.0
     response: str = ""

@@ -46,7 +46,8 @@ JOB_FUNCTION = "deliver_webhook"
 _MARGIN_S = 24 * 3600
 
 
-def message_id(event: BaseEvent) -> str:
+def webhook_id(event: BaseEvent) -> str:
+    """The id of the message an event becomes: its ``webhook-id`` header."""
     return "msg_" + event.id
 
 
@@ -74,16 +75,30 @@ def job_id(endpoint_id: str, msg_id: str, attempt: int, wait: int = 0, series: s
     return ":".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptJob:
-    """One attempt to queue: ``deliver_webhook(endpoint_id, msg_id, attempt, wait, series)``."""
+class AttemptJob(msgspec.Struct, frozen=True):
+    """One attempt of one message to one endpoint: the arguments of
+    ``deliver_webhook(endpoint_id, msg_id, attempt, wait, series)``, in that order."""
 
     endpoint_id: str
     msg_id: str
     attempt: int
+    """1 for the first attempt; the retry schedule counts these."""
     wait: int = 0
+    """How often this attempt was put back because the endpoint had no free slot."""
     series: str = ""
-    defer_s: float = 0.0
+    """Empty for the first delivery, a fresh token per replay."""
+
+    @property
+    def job_id(self) -> str:
+        return job_id(self.endpoint_id, self.msg_id, self.attempt, self.wait, self.series)
+
+    def retry(self) -> AttemptJob:
+        """The next attempt of the schedule."""
+        return msgspec.structs.replace(self, attempt=self.attempt + 1, wait=0)
+
+    def put_back(self) -> AttemptJob:
+        """The same attempt, queued again to wait for a free slot."""
+        return msgspec.structs.replace(self, wait=self.wait + 1)
 
 
 # arq's enqueue_job, one job per call, without its WATCH round trips: refuse
@@ -99,9 +114,10 @@ return 1
 
 
 async def enqueue_attempts(
-    arq: ArqRedis, settings: Settings, jobs: Sequence[AttemptJob]
+    arq: ArqRedis, settings: Settings, jobs: Sequence[AttemptJob], *, defer_s: float = 0.0
 ) -> list[bool]:
-    """Queue attempts in one round trip; False for each whose job id exists (a duplicate).
+    """Queue attempts to run in ``defer_s``, in one round trip; False for each whose job
+    id exists (a duplicate).
 
     The jobs are the ones ``arq.enqueue_job`` would write (same keys, job
     format, score and expiry), so arq's worker runs them unchanged.
@@ -110,14 +126,14 @@ async def enqueue_attempts(
         return []
     queue = Keys(settings.prefix).arq_queue(WORKER)
     now_ms = int(time.time() * 1000)
+    defer_ms = round(defer_s * 1000) if defer_s > 0 else 0
 
     def build(pipe: Any) -> None:
         for job in jobs:
-            jid = job_id(job.endpoint_id, job.msg_id, job.attempt, job.wait, job.series)
-            defer_ms = round(job.defer_s * 1000) if job.defer_s > 0 else 0
+            jid = job.job_id
             payload = serialize_job(
                 JOB_FUNCTION,
-                (job.endpoint_id, job.msg_id, job.attempt, job.wait, job.series),
+                msgspec.structs.astuple(job),
                 {},
                 None,
                 now_ms,
@@ -132,19 +148,10 @@ async def enqueue_attempts(
 
 
 async def enqueue_attempt(
-    arq: ArqRedis,
-    settings: Settings,
-    *,
-    endpoint_id: str,
-    msg_id: str,
-    attempt: int,
-    wait: int = 0,
-    series: str = "",
-    defer_s: float = 0.0,
+    arq: ArqRedis, settings: Settings, job: AttemptJob, *, defer_s: float = 0.0
 ) -> bool:
     """Queue one attempt; False if a job with its id already exists (a duplicate)."""
-    job = AttemptJob(endpoint_id, msg_id, attempt, wait, series, defer_s)
-    (queued,) = await enqueue_attempts(arq, settings, [job])
+    (queued,) = await enqueue_attempts(arq, settings, [job], defer_s=defer_s)
     return queued
 
 
@@ -238,13 +245,9 @@ async def _resend(
         await redis.set(
             keys.webhook_message(item.message_id), item.body, ex=message_ttl_s(settings)
         )
+        series = "r" + secrets.token_hex(4)
         await enqueue_attempt(
-            arq,
-            settings,
-            endpoint_id=item.endpoint_id,
-            msg_id=item.message_id,
-            attempt=1,
-            series="r" + secrets.token_hex(4),
+            arq, settings, AttemptJob(item.endpoint_id, item.message_id, 1, 0, series)
         )
         await redis.xdel(keys.webhook_dlq(), item.id)
         sent += 1

@@ -28,8 +28,8 @@ from bus.webhooks.outbox import (
     AttemptJob,
     build_body,
     enqueue_attempts,
-    message_id,
     message_ttl_s,
+    webhook_id,
 )
 from bus.webhooks.types import webhook_type
 
@@ -73,7 +73,7 @@ class Router:
             targets = [e.id for e in endpoints if e.wants(event, wtype)]
             if not targets:
                 continue
-            msg_id = message_id(event)
+            msg_id = webhook_id(event)
             messages[msg_id] = build_body(event, wtype)
             jobs += [(endpoint_id, msg_id) for endpoint_id in targets]
         if not jobs:

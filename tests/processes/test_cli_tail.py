@@ -10,7 +10,7 @@ import uuid
 import redis
 
 from bus import BusCallbackHandler, Keys, Settings
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD
 from tests.support.chains import build_chain
 from tests.support.processes import ROOT
 

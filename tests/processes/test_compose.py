@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import yaml
 
 from bus.settings import Settings
 from tests.support.processes import ROOT, free_port
+from tests.support.waiting import wait_until
 
 COMPOSE = ROOT / "compose.yaml"
 REPLICAS = {"fanout": 2, "traces": 2, "webhooks": 2}
@@ -100,17 +100,21 @@ class LocalCompose:
         assert check[0] == "CMD", f"{name}: health checks must use the CMD form"
         argv = self.argv(check[1:])
         env = self.env(self.services[name])
-        deadline = time.monotonic() + within
-        while True:
+        stderr = [b""]
+
+        def healthy() -> bool:
             done = subprocess.run(
                 argv, cwd=ROOT, env=env, capture_output=True, timeout=30, check=False
             )
-            if done.returncode == 0:
-                return
             dead = [n for n, p in self.processes if n == name and p.poll() is not None]
             assert not dead, f"{name} exited: see {self.log_dir}"
-            assert time.monotonic() < deadline, f"{name} never healthy: {done.stderr[-500:]!r}"
-            time.sleep(0.5)
+            stderr[0] = done.stderr
+            return done.returncode == 0
+
+        try:
+            wait_until(healthy, within=within, what=f"{name} healthy", every=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {stderr[0][-500:]!r}") from None
 
     def stop_all(self) -> list[str]:
         """SIGTERM everything; the services that did not shut down gracefully."""

@@ -29,8 +29,9 @@ from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token
 from tests.support.frontend import SECRET, Received, collect, frontend
-from tests.support.processes import start_worker, stop, wait_for
+from tests.support.processes import start_worker, stop
 from tests.support.protocol import deliveries, history, text_of
+from tests.support.waiting import wait_until, wait_until_async
 
 FANOUT = "workers.fanout.WorkerSettings"
 TRACES = 3
@@ -117,19 +118,19 @@ def test_sigkill_a_fanout_replica_mid_trace(
     app = threading.Thread(target=_app, args=(settings, run_ids, failures))
     try:
         pids = {a.pid, b.pid}
-        wait_for(
+        wait_until(
             lambda: {_owner_pid(sync_redis, settings, p) for p in range(2)} == pids,
             what="both replicas owning a partition",
         )
         app.start()
         first = Keys(settings.prefix).history(traces[0])
-        wait_for(lambda: sync_redis.xlen(first) >= 40, what="the first trace streaming")
+        wait_until(lambda: sync_redis.xlen(first) >= 40, what="the first trace streaming")
         victim = _owner_pid(sync_redis, settings, partition_of(traces[0], 2))
         killed = a if victim == a.pid else b
         stop(killed, signal.SIGKILL)
         assert not _finished(sync_redis, settings, traces[0]), "killed after the trace ended"
         survivor = b if killed is a else a
-        wait_for(
+        wait_until(
             lambda: all(_finished(sync_redis, settings, t) for t in traces),
             within=60,
             what="every trace's final event",
@@ -152,15 +153,6 @@ def test_sigkill_a_fanout_replica_mid_trace(
         ]
 
 
-async def _until(check: Any, what: str, within: float = 60.0) -> None:
-    """:func:`wait_for` that lets the event loop (the SSE clients) run meanwhile."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.05)
-
-
 async def test_sse_clients_see_a_whole_stream_across_a_sigkilled_replica(
     settings: Settings, sync_redis: redis.Redis, tmp_path: Path
 ) -> None:
@@ -174,9 +166,9 @@ async def test_sse_clients_see_a_whole_stream_across_a_sigkilled_replica(
     try:
         with frontend(settings.redis_url, settings.prefix) as server:
             pids = {a.pid, b.pid}
-            await _until(
+            await wait_until_async(
                 lambda: {_owner_pid(sync_redis, settings, p) for p in range(2)} == pids,
-                "both replicas owning a partition",
+                what="both replicas owning a partition",
             )
             async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as http:
                 started = [asyncio.Event() for _ in range(2 * TRACES)]
@@ -191,7 +183,9 @@ async def test_sse_clients_see_a_whole_stream_across_a_sigkilled_replica(
                 await asyncio.gather(*(event.wait() for event in started))
                 app.start()
                 first = Keys(settings.prefix).history(traces[0])
-                await _until(lambda: sync_redis.xlen(first) >= 20, "the first trace streaming")
+                await wait_until_async(
+                    lambda: sync_redis.xlen(first) >= 20, what="the first trace streaming"
+                )
                 victim = _owner_pid(sync_redis, settings, partition_of(traces[0], 2))
                 stop(a if victim == a.pid else b, signal.SIGKILL)
                 assert not _finished(sync_redis, settings, traces[0]), "killed after the end"

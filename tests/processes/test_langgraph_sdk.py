@@ -31,7 +31,7 @@ from langchain_core.messages import HumanMessage
 from langgraph_sdk import get_client
 
 from bus.history import Topic
-from bus.keys import Keys
+from bus.keys import HISTORY_PAYLOAD, Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token
@@ -205,7 +205,7 @@ async def _run_agent(settings: Settings, thread_id: str, hold: asyncio.Event) ->
 def _answer_started(client: redis.Redis, settings: Settings, thread_id: str) -> bool:
     """Whether the thread's history holds the first words of the answer."""
     entries: Any = client.xrange(Topic("thread", thread_id).history(Keys(settings.prefix)))
-    return any(b'"text-delta","text":"The' in fields[b"p"] for _, fields in entries)
+    return any(b'"text-delta","text":"The' in fields[HISTORY_PAYLOAD] for _, fields in entries)
 
 
 def _assert_read_everything(seen: Seen, run_id: str) -> None:

@@ -14,8 +14,8 @@ from bus import BusCallbackHandler, Settings
 from bus import events as ev
 from bus.demo.app import build_tool_chain, openai_model
 from bus.demo.openai_server import DEFAULT_ANSWER
-from tests.redis.test_handler import by_trace, check_trace, read_all
 from tests.support.processes import free_port, spawn, stop, wait_http
+from tests.support.published import by_trace, check_trace, read_all
 
 
 @pytest.fixture(scope="module")

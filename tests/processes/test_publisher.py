@@ -18,15 +18,15 @@ import redis
 
 from bus import Keys, Publisher, Settings
 from tests.support.redis_server import OwnedRedis
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def server() -> Iterator[OwnedRedis]:
-    owned = OwnedRedis()
-    yield owned
-    owned.kill()
+    with OwnedRedis() as owned:
+        yield owned
 
 
 def settings_for(server: OwnedRedis, **overrides: object) -> Settings:
@@ -42,15 +42,6 @@ def payloads_on(server: OwnedRedis, settings: Settings) -> list[bytes]:
         client.close()
 
 
-def wait_for(predicate: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
 def numbered(start: int, stop: int) -> list[bytes]:
     return [str(i).encode() for i in range(start, stop)]
 
@@ -60,11 +51,11 @@ def test_redis_down_at_start_then_up(server: OwnedRedis) -> None:
     publisher = Publisher(settings=settings)
     for payload in numbered(0, 3000):
         publisher.publish(0, payload)  # must neither block nor raise
-    wait_for(lambda: publisher.stats.errors > 0)
+    wait_until(lambda: publisher.stats.errors > 0)
     assert publisher.stats.published == 0
     assert publisher.stats.buffer_depth == 3000
     server.start()
-    wait_for(lambda: publisher.stats.published == 3000)
+    wait_until(lambda: publisher.stats.published == 3000)
     assert payloads_on(server, settings) == numbered(0, 3000)
     assert publisher.stats.reconnects == 1 and publisher.stats.dropped == 0
     publisher.close()
@@ -85,9 +76,9 @@ def test_killed_mid_run_drops_by_policy_and_resumes(server: OwnedRedis, policy: 
         if int(payload) % 200 == 0:
             time.sleep(0.01)  # let the flusher hit the dead server mid-run
     # A batch may be in flight against the dead server: wait for it to come back.
-    wait_for(lambda: publisher.stats.dropped == 1500)
+    wait_until(lambda: publisher.stats.dropped == 1500)
     server.start()  # a fresh, empty server on the same port
-    wait_for(lambda: publisher.stats.published == 900)
+    wait_until(lambda: publisher.stats.published == 900)
     kept = numbered(2500, 3000) if policy == "oldest" else numbered(1000, 1500)
     assert payloads_on(server, settings) == kept
     assert publisher.stats.reconnects >= 1
@@ -98,8 +89,7 @@ def test_hanging_redis_never_blocks_the_app(server: OwnedRedis) -> None:
     server.start()
     settings = settings_for(server, buffer_size=1000, close_timeout_s=0.5)
     publisher = Publisher(settings=settings)
-    assert server.process is not None
-    os.kill(server.process.pid, 19)  # SIGSTOP: connections hang instead of failing
+    server.pause()  # connections hang instead of failing
     try:
         for payload in numbered(0, 20_000):
             publisher.publish(0, payload)
@@ -107,7 +97,7 @@ def test_hanging_redis_never_blocks_the_app(server: OwnedRedis) -> None:
         assert publisher.stats.dropped >= 20_000 - settings.buffer_size - in_flight
         publisher.close()  # bounded by close_timeout_s, not by the hung server
     finally:
-        os.kill(server.process.pid, 18)  # SIGCONT
+        server.resume()
 
 
 def test_fork_gives_the_child_its_own_flusher(server: OwnedRedis) -> None:

@@ -11,14 +11,14 @@ import redis
 import redis.asyncio as aioredis
 
 from bus import events as ev
-from bus.keys import Keys, partition_of
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.producer.callbacks import BusCallbackHandler
-from bus.producer.publisher import ENTRY_FIELD
 from bus.settings import Settings
 from bus.traces.store import get_trace
 from bus.traces.tree import Trace
-from tests.support.processes import start_worker, stop, wait_for
+from tests.support.processes import start_worker, stop
 from tests.support.runs import assert_same_tree, run_scenario
+from tests.support.waiting import wait_until
 
 WORKER = "workers.traces.WorkerSettings"
 
@@ -88,13 +88,13 @@ def test_sigkill_one_replica_mid_trace_gives_the_same_tree(
     a = start_worker(settings, tmp_path / "a.log", target=WORKER)
     b = start_worker(settings, tmp_path / "b.log", target=WORKER)
     try:
-        wait_for(lambda: {a.pid, b.pid} <= set(owners(sync_redis, settings)), what="both own")
+        wait_until(lambda: {a.pid, b.pid} <= set(owners(sync_redis, settings)), what="both own")
         half = len(entries) // 2
         feed(entries[:half])
         # The second trace is cut in two: kill the replica that holds its partition.
         middle = trace_ids[1]
         try:
-            wait_for(lambda: tree_runs(sync_redis, settings, middle) > 0, what="half aggregated")
+            wait_until(lambda: tree_runs(sync_redis, settings, middle) > 0, what="half aggregated")
         except AssertionError:
             print_diagnostics(sync_redis, settings, middle, tmp_path)
             raise
@@ -102,8 +102,8 @@ def test_sigkill_one_replica_mid_trace_gives_the_same_tree(
         victim, survivor = (a, b) if owner == a.pid else (b, a)
         stop(victim, signal.SIGKILL)
         feed(entries[half:])
-        wait_for(lambda: owners(sync_redis, settings) == [survivor.pid] * 4, what="takeover")
-        wait_for(
+        wait_until(lambda: owners(sync_redis, settings) == [survivor.pid] * 4, what="takeover")
+        wait_until(
             lambda: all(completed(sync_redis, settings, t) for t in trace_ids),
             what="every trace completed",
         )

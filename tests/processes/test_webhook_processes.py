@@ -7,15 +7,18 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook
 
+from bus.keys import Keys
 from bus.settings import Settings
-from bus.webhooks.endpoints import Endpoints
-from tests.support.processes import start_worker, stop, wait_for
+from bus.webhooks.endpoints import Attempt, Endpoints
+from tests.support.processes import start_worker, stop
 from tests.support.publishing import publish
+from tests.support.waiting import wait_until
 from tests.support.webhooks import LOOPBACK, Receiver, chain_end, start_receiver
 
 WORKER = "workers.webhooks.WorkerSettings"
@@ -67,12 +70,12 @@ async def test_sigkill_mid_delivery_then_restart_delivers_everything(
     publish(sync_redis, settings, events)  # type: ignore[arg-type]
     worker = start_worker(settings, tmp_path / "w1.log", target=WORKER, **worker_env())
     try:
-        wait_for(lambda: len(ids(receiver, "killed")) >= 10, what="first deliveries")
+        wait_until(lambda: len(ids(receiver, "killed")) >= 10, what="first deliveries")
         stop(worker, signal.SIGKILL)
         assert len(ids(receiver, "killed")) < len(events)
         worker = start_worker(settings, tmp_path / "w2.log", target=WORKER, **worker_env())
         expected = {"msg_" + e.id for e in events}
-        wait_for(lambda: ids(receiver, "killed") >= expected, within=90, what="every event")
+        wait_until(lambda: ids(receiver, "killed") >= expected, within=90, what="every event")
     finally:
         shutdown(worker)
     secret = endpoint.active_secrets(0)[0]
@@ -99,9 +102,45 @@ async def test_a_slow_endpoint_does_not_delay_a_fast_one(
     worker = start_worker(settings, tmp_path / "w.log", target=WORKER, **env)
     try:
         publish(sync_redis, settings, events)  # type: ignore[arg-type]
-        wait_for(lambda: len(ids(receiver, "fast")) == 20, what="fast deliveries")
+        wait_until(lambda: len(ids(receiver, "fast")) == 20, what="fast deliveries")
         # Every fast delivery happened while the slow endpoint held at most two
         # rounds of its two slots (each round takes 5 s).
         assert len(receiver.received("slow")) <= 4
     finally:
         shutdown(worker)
+
+
+async def test_the_worker_posts_through_the_ssrf_guard(
+    settings: Settings,
+    sync_redis: redis.Redis,
+    async_redis: aioredis.Redis,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    # Registered while loopback was allowed; the worker runs without the allow-list,
+    # so its guarded transport must refuse the receiver's address at delivery.
+    registry = Endpoints(
+        redis=async_redis, settings=settings.replace(webhook_allow_networks=LOOPBACK)
+    )
+    endpoint = await registry.add(receiver.url("guarded"), events=["chain.end"])
+    event = chain_end(trace="guarded")
+    env = worker_env(LCBUS_WEBHOOK_ALLOW_NETWORKS="", LCBUS_WEBHOOK_SCHEDULE="0")
+    worker = start_worker(settings, tmp_path / "w.log", target=WORKER, **env)
+    keys = Keys(settings.prefix)
+    try:
+        publish(sync_redis, settings, [event])  # type: ignore[arg-type]
+        wait_until(lambda: sync_redis.xlen(keys.webhook_dlq()) == 1, what="the dead letter")
+    finally:
+        shutdown(worker)
+    assert receiver.received("guarded") == []
+    ((_, fields),) = sync_redis.xrange(keys.attempts(endpoint.id))
+    attempt = msgspec.json.decode(fields[b"a"], type=Attempt)
+    assert (attempt.message_id, attempt.attempt, attempt.outcome, attempt.status) == (
+        "msg_" + event.id,
+        1,
+        "refused",
+        None,
+    )
+    ((_, dead),) = sync_redis.xrange(keys.webhook_dlq())
+    assert dead[b"error"].decode() == attempt.error
+    assert "loopback" in attempt.error

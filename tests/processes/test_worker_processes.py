@@ -18,15 +18,10 @@ from bus.cli import main as lcbus
 from bus.keys import Keys
 from bus.settings import Settings
 from tests.support.probe_worker import GROUP, failing_key, handled_key
-from tests.support.processes import (
-    ROOT,
-    free_port,
-    start_redis,
-    start_worker,
-    stop,
-    wait_for,
-)
+from tests.support.processes import ROOT, start_worker, stop
 from tests.support.publishing import make_event, publish, publish_raw, traces_events
+from tests.support.redis_server import OwnedRedis
+from tests.support.waiting import wait_until
 
 Record = tuple[str, str, int, int]
 """(partition/entry id, trace id, seq, pid of the replica that handled it)"""
@@ -80,7 +75,7 @@ def test_sigkill_one_replica_mid_stream_loses_nothing(
     a = start_worker(settings, tmp_path / "a.log", PROBE_DELAY_MS="40")
     b = start_worker(settings, tmp_path / "b.log", PROBE_DELAY_MS="40")
     try:
-        wait_for(
+        wait_until(
             lambda: (
                 {a.pid, b.pid} <= set(owner_pids(sync_redis, settings))
                 and sync_redis.llen(handled_key(settings.prefix)) >= 3000
@@ -90,9 +85,9 @@ def test_sigkill_one_replica_mid_stream_loses_nothing(
         stop(a, signal.SIGKILL)
         killed_at = time.monotonic()
         handled_at_kill = unique_count(sync_redis, settings.prefix)
-        wait_for(lambda: owner_pids(sync_redis, settings) == [b.pid] * 8, what="takeover")
+        wait_until(lambda: owner_pids(sync_redis, settings) == [b.pid] * 8, what="takeover")
         takeover_s = time.monotonic() - killed_at
-        wait_for(lambda: handled_all(sync_redis, settings.prefix, 20_000), within=90)
+        wait_until(lambda: handled_all(sync_redis, settings.prefix, 20_000), within=90)
     finally:
         stop(a)
         stop(b, signal.SIGTERM)
@@ -126,7 +121,7 @@ def test_sigterm_acks_the_batch_in_hand_and_releases_leases_at_once(
     a = start_worker(settings, tmp_path / "a.log", PROBE_DELAY_MS="100")
     b = start_worker(settings, tmp_path / "b.log", PROBE_DELAY_MS="100")
     try:
-        wait_for(
+        wait_until(
             lambda: (
                 {a.pid, b.pid} <= set(owner_pids(sync_redis, settings))
                 and sync_redis.llen(handled_key(settings.prefix)) >= 200
@@ -137,9 +132,9 @@ def test_sigterm_acks_the_batch_in_hand_and_releases_leases_at_once(
         stopped_at = time.monotonic()
         assert a.returncode == 0
         assert a.pid not in owner_pids(sync_redis, settings)
-        wait_for(lambda: owner_pids(sync_redis, settings) == [b.pid] * 4, what="takeover")
+        wait_until(lambda: owner_pids(sync_redis, settings) == [b.pid] * 4, what="takeover")
         takeover_s = time.monotonic() - stopped_at
-        wait_for(lambda: handled_all(sync_redis, settings.prefix, 2000))
+        wait_until(lambda: handled_all(sync_redis, settings.prefix, 2000))
     finally:
         stop(a)
         stop(b, signal.SIGTERM)
@@ -155,32 +150,31 @@ def test_sigterm_acks_the_batch_in_hand_and_releases_leases_at_once(
 
 
 def test_worker_rides_out_a_redis_restart(tmp_path: Path, prefix: str) -> None:
-    port = free_port()
-    server = start_redis(port, tmp_path)
+    server = OwnedRedis(aof=True)
+    server.start()
     settings = Settings(
-        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_url=server.url,
         prefix=prefix,
         partitions=4,
         lease_ttl_ms=1500,
         read_count=20,
         read_block_ms=300,
     )
-    client = redis.Redis(port=port)
+    client = server.client()
     worker = start_worker(settings, tmp_path / "w.log", PROBE_DELAY_MS="20")
     try:
         publish(client, settings, traces_events(30, 100, tag="before"))
-        wait_for(lambda: client.llen(handled_key(prefix)) >= 500, what="first handled")
-        stop(server, signal.SIGKILL)
-        time.sleep(2)  # long enough for every loop of the worker to hit the outage
-        server = start_redis(port, tmp_path)
-        wait_for(lambda: unique_count(client, prefix) == 3000, what="resume after restart")
+        wait_until(lambda: client.llen(handled_key(prefix)) >= 500, what="first handled")
+        # Down long enough for every loop of the worker to hit the outage.
+        server.restart(down_s=2)
+        wait_until(lambda: unique_count(client, prefix) == 3000, what="resume after restart")
         publish(client, settings, traces_events(10, 100, tag="after"))
-        wait_for(lambda: unique_count(client, prefix) == 4000, what="new events after restart")
+        wait_until(lambda: unique_count(client, prefix) == 4000, what="new events after restart")
         assert worker.poll() is None
         assert_first_handled_in_order(records(client, prefix))
     finally:
         stop(worker, signal.SIGTERM)
-        stop(server)
+        server.close()
         client.close()
     log = (tmp_path / "w.log").read_text()
     assert "Redis unavailable" in log
@@ -203,8 +197,8 @@ def test_dead_letters_from_a_worker_list_and_replay_through_the_cli(
     publish(sync_redis, settings, events[60:])
     worker = start_worker(settings, tmp_path / "w.log")
     try:
-        wait_for(lambda: unique_count(sync_redis, settings.prefix) == 99, what="rest handled")
-        wait_for(lambda: sync_redis.xlen(Keys(settings.prefix).dlq(GROUP)) == 2)
+        wait_until(lambda: unique_count(sync_redis, settings.prefix) == 99, what="rest handled")
+        wait_until(lambda: sync_redis.xlen(Keys(settings.prefix).dlq(GROUP)) == 2)
         capsys.readouterr()
         assert lcbus(["dlq", "list", GROUP, "--json"]) == 0
         letters = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -214,14 +208,14 @@ def test_dead_letters_from_a_worker_list_and_replay_through_the_cli(
 
         sync_redis.delete(failing_key(settings.prefix))
         assert lcbus(["dlq", "replay", GROUP, failed["id"]]) == 0
-        wait_for(lambda: unique_count(sync_redis, settings.prefix) == 100, what="replayed")
+        wait_until(lambda: unique_count(sync_redis, settings.prefix) == 100, what="replayed")
         capsys.readouterr()
         assert lcbus(["status", "--json"]) == 0
         status = json.loads(capsys.readouterr().out)
         (group,) = status["groups"]
         assert group["name"] == GROUP
         assert group["dead_letters"] == 1
-        wait_for(lambda: _group_pending(sync_redis, settings) == 0)
+        wait_until(lambda: _group_pending(sync_redis, settings) == 0)
     finally:
         stop(worker, signal.SIGTERM)
     seqs = [r[2] for r in records(sync_redis, settings.prefix)]
@@ -242,7 +236,7 @@ def test_arq_check_reports_a_running_worker_healthy(
     env_args = ["-m", "arq", "--check", "tests.support.probe_worker.WorkerSettings"]
     try:
         health_key = Keys(settings.prefix).arq_queue("probe") + ":health-check"
-        wait_for(lambda: sync_redis.exists(health_key) == 1, what="health recorded")
+        wait_until(lambda: sync_redis.exists(health_key) == 1, what="health recorded")
         check = _run_check(settings, tmp_path, env_args)
         assert check.returncode == 0, check.stdout
     finally:

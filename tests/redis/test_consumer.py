@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 import redis
 import redis.asyncio as aioredis
 
 from bus.events import encode
-from bus.keys import Keys, partition_of
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.runtime import deadletter
 from bus.runtime.consumer import Delivery, GroupConsumer
-from bus.runtime.lease import assign
 from bus.settings import Settings
 from tests.support.publishing import make_event, publish, publish_raw, traces_events
+from tests.support.waiting import wait_until_async
 
 GROUP = "g"
-
-
-async def wait_until(check: Callable[[], bool | Awaitable[bool]], within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 class Recorder:
@@ -71,14 +56,6 @@ async def no_pending(client: aioredis.Redis, settings: Settings) -> bool:
     return await pending(client, settings) == 0
 
 
-def test_assign_spreads_partitions_and_ignores_strangers() -> None:
-    members = ["b", "a", "c"]
-    owned = [assign(8, members, m) for m in ("a", "b", "c")]
-    assert sorted(p for o in owned for p in o) == list(range(8))
-    assert owned[0] == {0, 3, 6}
-    assert assign(8, members, "zz") == frozenset()
-
-
 async def test_delivers_every_event_once_in_trace_order_and_acks(
     settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
 ) -> None:
@@ -90,9 +67,9 @@ async def test_delivers_every_event_once_in_trace_order_and_acks(
     async with GroupConsumer(
         redis=async_redis, settings=settings, group=GROUP, handler=recorder
     ) as consumer:
-        await wait_until(lambda: len(recorder.seen) >= len(events))
+        await wait_until_async(lambda: len(recorder.seen) >= len(events))
         assert consumer.owned_partitions == frozenset(range(settings.partitions))
-        await wait_until(lambda: no_pending(async_redis, settings))
+        await wait_until_async(lambda: no_pending(async_redis, settings))
     assert sorted(d.event.id for d in recorder.seen) == sorted(e.id for e in events)
     for delivery in recorder.seen:
         assert delivery.partition == partition_of(delivery.event.trace_id, settings.partitions)
@@ -127,7 +104,7 @@ async def test_poison_and_failing_entries_go_to_dead_letters_and_replay(
     async with GroupConsumer(
         redis=async_redis, settings=settings, group=GROUP, handler=recorder
     ) as consumer:
-        await wait_until(lambda: any(d.event.seq == 12 for d in recorder.seen))
+        await wait_until_async(lambda: any(d.event.seq == 12 for d in recorder.seen))
         letters = await deadletter.list_dead_letters(async_redis, settings, GROUP)
         assert [letter.reason for letter in letters] == [
             deadletter.REASON_HANDLER_FAILED,
@@ -146,7 +123,7 @@ async def test_poison_and_failing_entries_go_to_dead_letters_and_replay(
 
         recorder.fail_ids.clear()
         assert await deadletter.replay(async_redis, settings, GROUP, [failed.id]) == [failed.id]
-        await wait_until(lambda: recorder.seen[-1].event.id == bad.id)
+        await wait_until_async(lambda: recorder.seen[-1].event.id == bad.id)
         assert await deadletter.dead_letter_count(async_redis, settings, GROUP) == 1
 
 
@@ -162,20 +139,22 @@ async def test_replicas_split_partitions_and_rebalance_when_one_leaves(
         redis=async_redis, settings=settings, group=GROUP, handler=second, replica_id="b"
     )
     await a.start()
-    await wait_until(lambda: a.owned_partitions == frozenset(range(6)))
+    await wait_until_async(lambda: a.owned_partitions == frozenset(range(6)))
     await b.start()
-    await wait_until(lambda: a.owned_partitions == {0, 2, 4} and b.owned_partitions == {1, 3, 5})
+    await wait_until_async(
+        lambda: a.owned_partitions == {0, 2, 4} and b.owned_partitions == {1, 3, 5}
+    )
     keys = Keys(settings.prefix)
     assert sync_redis.get(keys.lease(GROUP, 1)) == b"b"
 
     events = traces_events(12, 20)
     publish(sync_redis, settings, events)
-    await wait_until(lambda: len(first.seen) + len(second.seen) == len(events))
+    await wait_until_async(lambda: len(first.seen) + len(second.seen) == len(events))
     assert {d.partition for d in second.seen} <= {1, 3, 5}
 
     # Leaving releases at once: a takes over long before b's leases could expire.
     await b.aclose()
-    await wait_until(lambda: a.owned_partitions == frozenset(range(6)), within=1.4)
+    await wait_until_async(lambda: a.owned_partitions == frozenset(range(6)), within=1.4)
     await a.aclose()
 
 
@@ -188,15 +167,15 @@ async def test_a_lost_lease_stops_the_partition_at_once(
     async with GroupConsumer(
         redis=async_redis, settings=settings, group=GROUP, handler=recorder, replica_id="me"
     ) as consumer:
-        await wait_until(lambda: consumer.owned_partitions == {0, 1})
+        await wait_until_async(lambda: consumer.owned_partitions == {0, 1})
         # Another process "steals" partition 0 (as after an expiry we slept through).
         sync_redis.set(keys.lease(GROUP, 0), "thief", px=60_000)
-        await wait_until(lambda: consumer.owned_partitions == {1})
+        await wait_until_async(lambda: consumer.owned_partitions == {1})
         assert consumer.stats.leases_lost == 1
         trace0 = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 0)
         trace1 = next(f"x{i}" for i in range(100) if partition_of(f"x{i}", 2) == 1)
         publish(sync_redis, settings, [make_event(trace0, 0), make_event(trace1, 0)])
-        await wait_until(lambda: any(d.event.trace_id == trace1 for d in recorder.seen))
+        await wait_until_async(lambda: any(d.event.trace_id == trace1 for d in recorder.seen))
         await asyncio.sleep(settings.heartbeat_interval_s * 2)
         assert all(d.partition == 1 for d in recorder.seen)
         assert sync_redis.get(keys.lease(GROUP, 0)) == b"thief"
@@ -210,7 +189,7 @@ async def test_aclose_finishes_and_acks_the_batch_in_hand(
     consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
     await consumer.start()
     publish(sync_redis, settings, traces_events(3, 5))
-    await wait_until(lambda: recorder.calls >= 1)
+    await wait_until_async(lambda: recorder.calls >= 1)
     await consumer.aclose()
     assert len(recorder.seen) == 15
     assert await pending(async_redis, settings) == 0
@@ -234,7 +213,7 @@ async def test_handler_redis_errors_are_an_outage_not_poison(
     async with GroupConsumer(
         redis=async_redis, settings=settings, group=GROUP, handler=flaky
     ) as consumer:
-        await wait_until(lambda: len(seen) == 20)
+        await wait_until_async(lambda: len(seen) == 20)
         assert consumer.stats.redis_errors == 3
     assert await deadletter.dead_letter_count(async_redis, settings, GROUP) == 0
     assert await pending(async_redis, settings) == 0
@@ -250,7 +229,7 @@ async def test_entries_parked_by_a_late_read_are_picked_up(
     consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
     await consumer.start()
     try:
-        await wait_until(lambda: consumer.owned_partitions == {0})
+        await wait_until_async(lambda: consumer.owned_partitions == {0})
         await asyncio.sleep(0.3)  # the holder is past its pending re-read, reading new entries
         stream = Keys(settings.prefix).events(0)
         # The stale read: another process reads as the partition's consumer name.
@@ -260,7 +239,9 @@ async def test_entries_parked_by_a_late_read_are_picked_up(
             pipe.xadd(stream, {ENTRY_FIELD: encode(parked)})
             pipe.xreadgroup(GROUP, "p0", {stream: ">"}, count=10)
             pipe.execute()
-        await wait_until(lambda: [d.event.id for d in recorder.seen] == [parked.id], within=10)
-        await wait_until(lambda: no_pending(async_redis, settings))
+        await wait_until_async(
+            lambda: [d.event.id for d in recorder.seen] == [parked.id], within=10
+        )
+        await wait_until_async(lambda: no_pending(async_redis, settings))
     finally:
         await consumer.aclose()

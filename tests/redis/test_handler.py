@@ -8,49 +8,13 @@ from typing import Any
 
 import pytest
 import redis
+from langchain_core.runnables import RunnableLambda
+from pydantic import SecretStr
 
 from bus import BusCallbackHandler, Keys, Settings, decode
 from bus import events as ev
 from tests.support.chains import ANSWER, build_chain
-
-
-def read_all(client: redis.Redis, settings: Settings) -> list[ev.Event]:
-    keys = Keys(settings.prefix)
-    found: list[ev.Event] = []
-    for partition in range(settings.partitions):
-        for _, fields in client.xrange(keys.events(partition)):
-            found.append(decode(fields[b"e"]))
-    return found
-
-
-def by_trace(events: list[ev.Event]) -> dict[str, list[ev.Event]]:
-    traces: dict[str, list[ev.Event]] = defaultdict(list)
-    for event in events:
-        traces[event.trace_id].append(event)
-    return traces
-
-
-def check_trace(events: list[ev.Event], root: str) -> None:
-    """One trace: seq 1..N in stream order, runs nested and each closed once."""
-    assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert all(e.trace_id == root for e in events)
-    started: dict[str, str | None] = {}
-    ended: set[str] = set()
-    for event in events:
-        tag = ev.event_type(event)
-        if tag in ev.START_TYPES:
-            assert event.run_id not in started, "a run started twice"
-            assert event.parent_run_id is None or event.parent_run_id in started
-            assert event.parent_run_id not in ended, "child started after its parent ended"
-            started[event.run_id] = event.parent_run_id
-        elif tag in ev.END_TYPES | ev.ERROR_TYPES:
-            assert event.run_id in started and event.run_id not in ended
-            assert event.parent_run_id == started[event.run_id]
-            ended.add(event.run_id)
-        else:
-            assert event.run_id in started and event.run_id not in ended, tag
-    assert ended == set(started), "every run that started also ended"
-    assert started[root] is None
+from tests.support.published import by_trace, check_trace, read_all
 
 
 def types_of(events: list[ev.Event]) -> set[str]:
@@ -82,9 +46,9 @@ def assert_complete_run(events: list[ev.Event], root: str) -> None:
     assert (custom.event_name, custom.data) == ("progress", {"step": "retrieved"})
     retriever_end = next(e for e in events if isinstance(e, ev.RetrieverEnd))
     assert retriever_end.documents[0]["page_content"] == "notes about what moves tokens?"
-    names = {e.name for e in events if ev.event_type(e) in ev.START_TYPES}
+    names = {e.name for e in events if isinstance(e, ev.RunStart)}
     assert {"ChatPromptTemplate", "GenericFakeChatModel", "StrOutputParser", "word_count"} <= names
-    run_types = {e.run_type for e in events if ev.event_type(e) in ev.START_TYPES}
+    run_types = {e.run_type for e in events if isinstance(e, ev.RunStart)}
     assert {"chain", "prompt", "parser", "chat_model", "tool", "retriever"} <= run_types
 
 
@@ -184,4 +148,42 @@ def test_metadata_and_tags_travel_with_every_event(
     assert all("demo" in e.tags for e in events)
     assert all(e.metadata.get("thread_id") == "t-1" for e in events)
     assert all(e.metadata.get("openai_api_key") == "[redacted]" for e in events)
+    handler.close()
+
+
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+def test_handler_survives_hostile_inputs(settings: Settings, sync_redis: redis.Redis) -> None:
+    handler = BusCallbackHandler(settings=settings.replace(max_field_bytes=4096))
+    loop: list[Any] = []
+    loop.append(loop)
+    hostile = {
+        "big": "y" * 10_000_000,
+        "loop": loop,
+        "raw": b"\x80\x81",
+        "thing": Unprintable(),
+        "api_key": SecretStr("sk-very-secret"),
+        "token": "sk-also-secret",
+    }
+    echo = RunnableLambda(lambda x: x)
+    echo.invoke(hostile, config={"callbacks": [handler]})
+    assert handler.publisher.flush(5)
+    assert handler.failures == 0
+    keys = Keys(settings.prefix)
+    payloads = [
+        fields[b"e"]
+        for p in range(settings.partitions)
+        for _, fields in sync_redis.xrange(keys.events(p))
+    ]
+    assert len(payloads) == 2  # chain start and chain end
+    for payload in payloads:
+        assert len(payload) < 4 * 4096
+        assert b"sk-very-secret" not in payload
+    start = next(e for e in map(decode, payloads) if isinstance(e, ev.ChainStart))
+    assert "truncated" in start.inputs["big"]
+    assert start.inputs["loop"] == ["[cycle]"]
+    assert start.inputs["raw"] == "\\x80\\x81"
     handler.close()

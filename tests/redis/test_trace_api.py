@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
 from bus import events as ev
+from bus.errors import InvalidQuery
 from bus.settings import Settings
 from bus.tokens import issue_token, stream_token
 from bus.traces.aggregator import TraceAggregator
 from bus.traces.store import list_traces
-from bus.traces.tree import TraceState, add_seq, apply, build
+from tests.support.publishing import run_event
 
 SECRET = "s3cret"
-
-
-def _event(cls: type[ev.BaseEvent], trace: str, run: str, seq: int, **fields: object) -> ev.Event:
-    base = {
-        "id": f"{trace}-{run}-{seq}",
-        "time": 1000.0 + seq,
-        "run_id": run,
-        "trace_id": trace,
-        "seq": seq,
-        "source": "proc-a",
-    }
-    event: ev.Event = cls(**(base | fields))  # type: ignore[assignment]
-    return event
 
 
 def _trace_events(
@@ -38,11 +26,11 @@ def _trace_events(
 ) -> list[ev.Event]:
     common = {"name": name, "run_type": "chain", "tags": tags, "metadata": {"user": user}}
     end = (
-        _event(ev.ChainError, trace, trace, 3, error="ValueError: no", error_type="ValueError")
+        run_event(ev.ChainError, trace, trace, 3, error="ValueError: no", error_type="ValueError")
         if fail
-        else _event(ev.ChainEnd, trace, trace, 3, outputs={"ok": 1})
+        else run_event(ev.ChainEnd, trace, trace, 3, outputs={"ok": 1})
     )
-    return [_event(ev.ChainStart, trace, trace, 1, inputs={"q": 1}, **common), end]
+    return [run_event(ev.ChainStart, trace, trace, 1, inputs={"q": 1}, **common), end]
 
 
 @pytest.fixture
@@ -128,8 +116,40 @@ async def test_list_pages_with_a_cursor(client: httpx.AsyncClient) -> None:
         if cursor is None:
             break
     assert seen == ["t4", "t3", "t2", "t1"]
-    assert (await client.get("/traces?cursor=garbage", headers=star)).status_code == 400
-    assert (await client.get("/traces?metadata=novalue", headers=star)).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("cursor=garbage", "bad trace list cursor: 'garbage'"),
+        ("cursor=1.5", "bad trace list cursor: '1.5'"),
+        ("metadata=novalue", "metadata takes KEY=VALUE, got 'novalue'"),
+        ("limit=0", "limit must be between 1 and 1000, got 0"),
+        ("limit=1001", "limit must be between 1 and 1000, got 1001"),
+        ("limit=ten", "limit must be a whole number, got 'ten'"),
+    ],
+)
+async def test_a_bad_list_query_is_a_400(
+    client: httpx.AsyncClient, query: str, reason: str
+) -> None:
+    star = _bearer(issue_token("*", secret=SECRET))
+    reply = await client.get(f"/traces?{query}", headers=star)
+    assert (reply.status_code, reply.json()) == (400, {"error": reason})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"cursor": "nan:t1"}, "bad trace list cursor: 'nan:t1'"),
+        ({"limit": 0}, "limit must be between 1 and 1000, got 0"),
+    ],
+)
+async def test_list_traces_raises_invalid_query(
+    settings: Settings, async_redis: aioredis.Redis, kwargs: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(InvalidQuery) as raised:
+        await list_traces(async_redis, settings, **kwargs)
+    assert str(raised.value) == reason
 
 
 async def test_open_access_skips_checks(settings: Settings, async_redis: aioredis.Redis) -> None:
@@ -159,78 +179,3 @@ async def test_equal_scores_page_without_loss(
             break
         cursor = page.next_cursor
     assert sorted(seen) == [f"t{i}" for i in range(7)] and len(seen) == 7
-
-
-# -- merge rules of the run tree (pure logic) ------------------------------------------
-
-
-def test_runs_from_two_processes_merge_and_tokens_count_once() -> None:
-    tokens_a = [_event(ev.LLMNewToken, "t", "m1", s, token="x") for s in (3, 4, 6)]
-    # Another process numbers its own events from 1: same seqs, other source.
-    tokens_b = [_event(ev.LLMNewToken, "t", "m2", s, token="y", source="proc-b") for s in (3, 4)]
-    events = [
-        _event(ev.ChainStart, "t", "t", 1, name="root", run_type="chain"),
-        _event(ev.ChatModelStart, "t", "m1", 2, parent_run_id="t", run_type="chat_model"),
-        *tokens_a,
-        _event(
-            ev.LLMEnd,
-            "t",
-            "m1",
-            7,
-            parent_run_id="t",
-            usage={"input_tokens": 2, "output_tokens": 3},
-        ),
-        _event(
-            ev.ChatModelStart,
-            "t",
-            "m2",
-            2,
-            parent_run_id="t",
-            run_type="chat_model",
-            source="proc-b",
-        ),
-        *tokens_b,
-        _event(
-            ev.LLMEnd,
-            "t",
-            "m2",
-            5,
-            parent_run_id="t",
-            source="proc-b",
-            llm_output={"token_usage": {"prompt_tokens": 1, "completion_tokens": 1}},
-        ),
-        _event(ev.ChainEnd, "t", "t", 9),
-    ]
-    forward, backward = TraceState(trace_id="t"), TraceState(trace_id="t")
-    for event in events + events[3:6]:
-        apply(forward, event)
-    for event in reversed(events):
-        apply(backward, event)
-    one, two = build(forward), build(backward)
-    assert msgspec.to_builtins(one) == msgspec.to_builtins(two)
-    assert one.root is not None
-    counts = {child.id: child.token_count for child in one.root.children}
-    assert counts == {"m1": 3, "m2": 2}
-    assert (one.usage.input_tokens, one.usage.output_tokens, one.usage.total_tokens) == (3, 4, 7)
-    assert one.status == "success" and one.model_calls == 2
-    assert one.first_token_time == 1003.0
-
-
-def test_an_end_before_its_start_keeps_the_start_fields() -> None:
-    state = TraceState(trace_id="t")
-    apply(state, _event(ev.ChainError, "t", "t", 2, error="KeyError: 'k'", name="late"))
-    assert build(state).status == "running"  # an ended run whose start is missing
-    apply(state, _event(ev.ChainStart, "t", "t", 1, name="root", tags=["x"]))
-    trace = build(state)
-    assert trace.root is not None
-    assert (trace.root.name, trace.root.tags, trace.status) == ("root", ["x"], "error")
-    assert trace.root.error == "KeyError: 'k'"
-
-
-def test_seq_ranges() -> None:
-    ranges: list[list[int]] = []
-    for seq in (5, 3, 4, 9, 7, 8, 4, 1):
-        add_seq(ranges, seq)
-    assert ranges == [[1, 1], [3, 5], [7, 9]]
-    assert add_seq(ranges, 8) is False
-    assert add_seq(ranges, 2) is True and ranges == [[1, 5], [7, 9]]

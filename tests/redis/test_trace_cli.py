@@ -13,7 +13,7 @@ from bus.cli import main as lcbus
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.traces.aggregator import TraceAggregator
-from tests.redis.test_traces import bus_deliveries
+from tests.support.published import bus_deliveries
 from tests.support.runs import run_scenario
 
 
@@ -65,3 +65,13 @@ def test_trace_json_and_traces_list(trace_id: str, capsys: pytest.CaptureFixture
     assert lcbus(["traces", "--status", "error"]) == 0
     assert capsys.readouterr().out == ""
     assert lcbus(["traces", "--metadata", "oops"]) == 2
+    assert capsys.readouterr().err == "--metadata takes KEY=VALUE, got 'oops'\n"
+
+
+def test_traces_refuses_a_bad_cursor_and_limit(
+    trace_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert lcbus(["traces", "--cursor", "garbage"]) == 2
+    assert capsys.readouterr().err == "bad trace list cursor: 'garbage'\n"
+    assert lcbus(["traces", "--limit", "0"]) == 2
+    assert capsys.readouterr().err == "limit must be between 1 and 1000, got 0\n"

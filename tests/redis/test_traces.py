@@ -14,24 +14,13 @@ import redis.asyncio as aioredis
 from bus import events as ev
 from bus.keys import Keys, partition_of
 from bus.producer.callbacks import BusCallbackHandler
-from bus.producer.publisher import ENTRY_FIELD
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.aggregator import TraceAggregator
 from bus.traces.store import get_trace, list_traces
 from bus.traces.tree import Trace
+from tests.support.published import bus_deliveries
 from tests.support.runs import arun_scenario, assert_same_tree, count_runs, run_scenario
-
-
-def bus_deliveries(client: redis.Redis, settings: Settings) -> list[Delivery]:
-    """Every entry of every partition, decoded, in stream order per partition."""
-    keys = Keys(settings.prefix)
-    found = []
-    for partition in range(settings.partitions):
-        for entry_id, fields in client.xrange(keys.events(partition)):
-            event = ev.decode(fields[ENTRY_FIELD])
-            found.append(Delivery(entry_id.decode(), partition, event))
-    return found
 
 
 def completed_events(client: redis.Redis, settings: Settings) -> list[ev.TraceCompleted]:

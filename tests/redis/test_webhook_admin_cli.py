@@ -105,14 +105,3 @@ def test_cli_round_trip(
     monkeypatch.delenv("LCBUS_WEBHOOK_ALLOW_NETWORKS")
     assert lcbus(["webhooks", "add", "http://[::1]/"]) == 1
     assert "loopback" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "action",
-    ["add", "list", "show", "remove", "enable", "disable", "rotate-secret", "attempts", "replay"],
-)
-def test_cli_help(action: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        lcbus(["webhooks", action, "--help"])
-    assert exit_info.value.code == 0
-    assert "usage: lcbus webhooks " + action in capsys.readouterr().out

@@ -17,8 +17,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
 from bus.events import BaseEvent, WebhookEndpointDisabled, decode
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoint, Endpoints
@@ -258,18 +257,21 @@ async def test_max_concurrency_holds_deliveries_back(setup: Setup) -> None:
 async def test_an_attempt_job_is_refused_while_its_job_or_result_exists(
     wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis
 ) -> None:
-    job = AttemptJob("ep_x", "msg_1", 1)
-    assert await enqueue_attempts(arq_pool, wh_settings, [job, job]) == [True, False]
-    queue = Keys(wh_settings.prefix).arq_queue(WORKER)
-    (queued,) = await arq_pool.queued_jobs(queue_name=queue)
-    assert (queued.function, queued.args) == (JOB_FUNCTION, ("ep_x", "msg_1", 1, 0, ""))
-    jid = job_id("ep_x", "msg_1", 1)
-    # What arq leaves once the job has run: no job key, a result key.
-    await async_redis.delete(job_key_prefix + jid)
-    await async_redis.zrem(queue, jid)
-    await async_redis.set(result_key_prefix + jid, b"r", px=60_000)
+    # arq's job and result keys are not under our prefix: an endpoint id of
+    # this test's own keeps concurrent runs on one server apart.
+    endpoint_id = f"ep_{wh_settings.prefix}"
+    job = AttemptJob(endpoint_id, "msg_1", 1)
+    jid = job_id(endpoint_id, "msg_1", 1)
     try:
+        assert await enqueue_attempts(arq_pool, wh_settings, [job, job]) == [True, False]
+        queue = Keys(wh_settings.prefix).arq_queue(WORKER)
+        (queued,) = await arq_pool.queued_jobs(queue_name=queue)
+        assert (queued.function, queued.args) == (JOB_FUNCTION, (endpoint_id, "msg_1", 1, 0, ""))
+        # What arq leaves once the job has run: no job key, a result key.
+        await async_redis.delete(job_key_prefix + jid)
+        await async_redis.zrem(queue, jid)
+        await async_redis.set(result_key_prefix + jid, b"r", px=60_000)
         assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
         assert await async_redis.zcard(queue) == 0
     finally:
-        await async_redis.delete(result_key_prefix + jid)
+        await async_redis.delete(job_key_prefix + jid, result_key_prefix + jid)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,21 +19,15 @@ from pydantic import TypeAdapter
 
 from bus.history import HistoryWriter, Outgoing, Topic
 from bus.keys import Keys
+from tests.support.processes import ROOT, free_port
 from tests.support.protocol import check_keys
+from tests.support.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-secret"
 
 EVENT = TypeAdapter(protocol.Event)
 MESSAGES_DATA = TypeAdapter(protocol.MessagesData)
 LIFECYCLE_DATA = TypeAdapter(protocol.LifecycleData)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -77,15 +69,15 @@ def frontend(redis_url: str, prefix: str, port: int = 0, **env: str) -> Iterator
 
 
 def _wait_healthy(server: Frontend) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if server.process.poll() is not None:
-            raise RuntimeError(f"frontend exited with {server.process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if server.health()["ok"]:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("frontend did not become healthy")
+            raise AssertionError(f"frontend exited with {server.process.returncode}")
+        try:
+            return bool(server.health()["ok"])
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, within=20, what="frontend healthy", every=0.1)
 
 
 def _event(method: str, data: dict[str, Any], namespace: list[str] | None = None) -> bytes:
@@ -205,6 +197,10 @@ async def collect(
             if sse.event == "end":
                 got.ended = True
                 break
+            if not sse.data:
+                # A keep-alive comment (": ping"): httpx-sse reports it as an
+                # empty message carrying the last id.
+                continue
             envelope = json.loads(sse.data)
             got.envelopes.append(envelope)
             got.ids.append(sse.id)

@@ -1,4 +1,4 @@
-"""Starting arq workers and a private redis-server as real processes."""
+"""Starting arq workers and other children as real processes, on free ports."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
-import redis
 
 from bus.settings import Settings
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = "tests.support.probe_worker.WorkerSettings"
@@ -37,56 +36,11 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     process.wait(timeout=30)
 
 
-def wait_for(check: Callable[[], bool], within: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        time.sleep(0.05)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def start_redis(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
-    # appendfsync always: a SIGKILLed server restarts with every acknowledged
-    # write, so the test can tell "the worker lost entries" from "Redis did".
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            str(data_dir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    try:
-        wait_for(lambda: _pings(client), within=10, what="redis-server up")
-    finally:
-        client.close()
-    return process
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 def spawn(args: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -104,4 +58,4 @@ def wait_http(url: str, within: float = 20.0) -> None:
         except httpx.HTTPError:
             return False
 
-    wait_for(answers, within=within, what=f"{url} up")
+    wait_until(answers, within=within, what=f"{url} up")

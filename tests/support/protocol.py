@@ -12,8 +12,7 @@ from pydantic import TypeAdapter
 
 from bus.events import decode
 from bus.history import Topic, read_after
-from bus.keys import Keys
-from bus.producer.publisher import ENTRY_FIELD
+from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import redis
 
-from bus.events import CustomEvent, encode
+from bus.events import BaseEvent, CustomEvent, Event, encode
 from bus.keys import Keys, partition_of
 from bus.settings import Settings
 
@@ -47,3 +47,17 @@ def traces_events(traces: int, per_trace: int, *, tag: str = "t") -> list[Custom
 def publish_raw(client: redis.Redis, settings: Settings, partition: int, payload: bytes) -> str:
     entry_id = client.xadd(Keys(settings.prefix).events(partition), {b"e": payload})
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+def run_event(cls: type[BaseEvent], trace: str, run: str, seq: int, **fields: object) -> Event:
+    """An event of type ``cls`` of run ``run`` in ``trace``, from source ``proc-a`` by default."""
+    base = {
+        "id": f"{trace}-{run}-{seq}",
+        "time": 1000.0 + seq,
+        "run_id": run,
+        "trace_id": trace,
+        "seq": seq,
+        "source": "proc-a",
+    }
+    event: Event = cls(**(base | fields))  # type: ignore[assignment]
+    return event

@@ -18,10 +18,12 @@ from arq.worker import func
 
 from bus.events import ChainEnd, CustomEvent, LLMNewToken, ToolEnd, new_event_id
 from bus.keys import Keys
+from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, deliver_webhook
 from bus.webhooks.outbox import JOB_FUNCTION, WORKER
 from tests.support.processes import free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RECEIVER = ROOT / "tests" / "support" / "webhook_receiver.py"
@@ -46,34 +48,28 @@ class Receiver:
         got: list[dict[str, Any]] = self.client.get(f"/received/{name}").json()
         return got
 
-    def wait_for(self, name: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.received(name)
-            if len(got) >= count or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
-
 
 def start_receiver() -> Iterator[Receiver]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(RECEIVER), str(port)], cwd=ROOT)
     receiver = Receiver(port)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                receiver.client.get("/health").raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        wait_until(lambda: _answers(receiver, proc), within=20, what="webhook receiver up")
         yield receiver
     finally:
         receiver.client.close()
         proc.terminate()
         proc.wait(10)
+
+
+def _answers(receiver: Receiver, proc: subprocess.Popen[bytes]) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"webhook receiver exited with {proc.returncode}")
+    try:
+        receiver.client.get("/health").raise_for_status()
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 def chain_end(trace: str = "t1", **fields: Any) -> ChainEnd:
@@ -121,6 +117,8 @@ async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
     """Run the webhook queue in this process until it is empty (deferred jobs included)."""
     arq = ArqRedis.from_url(settings.redis_url)
     async with Deliverer(redis=redis, arq=arq, settings=settings) as deliverer:
+        ctx: dict[str, Any] = {}
+        WorkerContext(settings=settings, redis=redis, arq=ctx).provide(deliverer)
         worker = Worker(
             functions=[func(deliver_webhook, name=JOB_FUNCTION)],
             queue_name=Keys(settings.prefix).arq_queue(WORKER),
@@ -129,7 +127,7 @@ async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
             poll_delay=0.02,
             handle_signals=False,
             max_jobs=50,
-            ctx={"webhooks": deliverer},
+            ctx=ctx,
             log_results=False,
         )
         try:

@@ -13,7 +13,7 @@ from bus import events as ev
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert, convert_all
 from bus.fanout.protocol import ProtoEvent, coalesce
-from bus.fanout.state import TraceState
+from bus.fanout.state import StreamState
 from bus.history import StreamItem
 from tests.support.protocol import validate
 
@@ -50,7 +50,7 @@ def datas(events: list[ProtoEvent]) -> list[dict[str, Any]]:
 
 
 def test_lifecycle_of_root_and_nested_chains_with_namespaces() -> None:
-    state = TraceState()
+    state = StreamState()
     out = convert_all(
         state,
         [
@@ -74,7 +74,7 @@ def test_lifecycle_of_root_and_nested_chains_with_namespaces() -> None:
 
 
 def test_root_failure_is_final() -> None:
-    out = convert_all(TraceState(), [make(ev.ChainStart), make(ev.ChainError, error="x: y")])
+    out = convert_all(StreamState(), [make(ev.ChainStart), make(ev.ChainError, error="x: y")])
     assert out[-1].final
     assert datas(out)[-1] == {
         "event": "failed",
@@ -92,7 +92,7 @@ def test_langgraph_runs_take_the_namespaces_langgraph_streams_them_under() -> No
     """Nodes of the root graph (and the model and tools inside them) are at [], a
     subgraph's runs under its task's segment; nested chains open no namespace."""
     sub_ns = "research:t1"
-    state = TraceState()
+    state = StreamState()
     out = convert_all(
         state,
         [
@@ -146,7 +146,7 @@ def test_langgraph_runs_take_the_namespaces_langgraph_streams_them_under() -> No
 
 
 def test_tools_channel_in_the_callers_namespace() -> None:
-    state = TraceState()
+    state = StreamState()
     out = convert_all(
         state,
         [
@@ -190,7 +190,7 @@ def test_tools_channel_in_the_callers_namespace() -> None:
 
 
 def test_chain_started_by_a_tool_names_the_tool_call_as_cause() -> None:
-    state = TraceState()
+    state = StreamState()
     convert_all(
         state,
         [make(ev.ChainStart), make(ev.ToolStart, "t", ROOT, run_type="tool", tool_call_id="c9")],
@@ -206,14 +206,14 @@ def test_chain_started_by_a_tool_names_the_tool_call_as_cause() -> None:
 
 
 def test_custom_channel() -> None:
-    state = TraceState()
+    state = StreamState()
     convert(state, make(ev.ChainStart))
     out = convert(state, make(ev.CustomEvent, event_name="progress", data={"pct": 50}))
     assert [f["method"] for f in frames(out)] == ["custom"]
     assert datas(out) == [{"name": "progress", "payload": {"pct": 50}}]
 
 
-def _model_run(state: TraceState, run_type: str = "chat_model") -> None:
+def _model_run(state: StreamState, run_type: str = "chat_model") -> None:
     convert(state, make(ev.ChainStart, name="Chain"))
     convert(
         state,
@@ -229,7 +229,7 @@ def _model_run(state: TraceState, run_type: str = "chat_model") -> None:
 
 
 def test_messages_from_tokens_with_usage_from_llm_end() -> None:
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
     out = []
     meta = {"ls_provider": "openai", "ls_model_name": "gpt"}  # every event of a run carries it
@@ -275,7 +275,7 @@ def test_messages_from_tokens_with_usage_from_llm_end() -> None:
 
 
 def test_messages_from_tool_call_chunks() -> None:
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
     chunks = [
         {"name": "add", "args": '{"a": ', "id": "c1", "index": 0, "type": "tool_call_chunk"},
@@ -349,7 +349,7 @@ def test_messages_from_tool_call_chunks() -> None:
 
 def test_stream_events_take_over_from_tokens_without_repeating_text() -> None:
     # Under stream_events(version="v3") the first token arrives before the first stream event.
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
 
     def token(text: str) -> ev.Event:
@@ -410,7 +410,7 @@ def test_stream_events_take_over_from_tokens_without_repeating_text() -> None:
 
 
 def test_stream_events_alone_pass_through() -> None:
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
     data = [
         {"event": "message-start", "role": "ai", "id": "x"},
@@ -439,7 +439,7 @@ def test_stream_events_alone_pass_through() -> None:
 
 
 def test_non_streaming_model_is_replayed_from_llm_end() -> None:
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
     generations = [[{"message": {"tool_calls": [{"name": "add", "args": {"a": 1}, "id": "c1"}]}}]]
     out = convert(
@@ -470,7 +470,7 @@ def test_non_streaming_model_is_replayed_from_llm_end() -> None:
 
 
 def test_model_error_mid_message() -> None:
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
     out = convert(state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="a"))
     out += convert(
@@ -488,7 +488,7 @@ def test_model_error_mid_message() -> None:
 
 
 def test_model_as_trace_root_gets_lifecycle() -> None:
-    state = TraceState()
+    state = StreamState()
     out = convert_all(
         state,
         [
@@ -502,7 +502,7 @@ def test_model_as_trace_root_gets_lifecycle() -> None:
 
 
 def test_state_survives_a_round_trip_mid_message() -> None:
-    state = TraceState()
+    state = StreamState()
     _model_run(state)
     convert(state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="ab"))
     state.last = "5-1"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import msgspec
 import pytest
 
@@ -78,3 +81,52 @@ def test_wrong_field_type_names_the_field() -> None:
 def test_event_ids_are_unique_and_change_after_fork() -> None:
     ids = {ev.new_event_id() for _ in range(10_000)}
     assert len(ids) == 10_000
+
+
+WIRE_0_1_0 = json.loads((Path(__file__).parent / "data" / "wire_0_1_0.json").read_text())
+
+
+@pytest.mark.parametrize("tag", sorted(WIRE_0_1_0["events"]))
+def test_an_event_encoded_by_0_1_0_decodes_the_same(tag: str) -> None:
+    wire = WIRE_0_1_0["events"][tag]
+    packed, text = bytes.fromhex(wire["msgpack"]), wire["json"]
+    event = ev.decode(packed)
+    assert type(event) is ev.EVENT_TYPES[tag]
+    assert ev.to_builtins(event) == json.loads(text)
+    assert ev.decode_json(text) == event
+    # And the wire format did not move: the same event encodes to the same bytes.
+    assert ev.encode(event) == packed
+    assert ev.encode_json(event).decode() == text
+
+
+def test_the_recorded_events_cover_every_type() -> None:
+    assert set(WIRE_0_1_0["events"]) == set(ev.EVENT_TYPES)
+
+
+def test_every_run_kind_has_a_start_an_end_and_an_error() -> None:
+    def tags(base: type[ev.BaseEvent]) -> set[str]:
+        return {tag for tag, cls in ev.EVENT_TYPES.items() if issubclass(cls, base)}
+
+    assert tags(ev.RunStart) == {
+        "on_llm_start",
+        "on_chat_model_start",
+        "on_chain_start",
+        "on_tool_start",
+        "on_retriever_start",
+    }
+    assert tags(ev.RunEnd) == {"on_llm_end", "on_chain_end", "on_tool_end", "on_retriever_end"}
+    assert tags(ev.RunError) == {
+        "on_llm_error",
+        "on_chain_error",
+        "on_tool_error",
+        "on_retriever_error",
+    }
+
+
+def test_an_error_event_carries_its_error_on_the_base() -> None:
+    event = ev.decode(bytes.fromhex(WIRE_0_1_0["events"]["on_tool_error"]["msgpack"]))
+    match event:
+        case ev.RunError(error=error, error_type=error_type):
+            assert (error, error_type) == ("RuntimeError: no", "RuntimeError")
+        case _:
+            pytest.fail(f"not a RunError: {event!r}")

@@ -1,0 +1,173 @@
+"""Reading one leased partition with ``XREADGROUP`` under its consumer name ``p{partition}``.
+
+A reader first re-reads the name's pending entries (cursor ``0``: whatever a
+dead owner had read but not acknowledged), then new ones (cursor ``>``). The
+acknowledgement of a batch travels with the next read. The lease deadline is
+checked before every read and no blocking read outlasts it, so a read served
+after the lease moved cannot park entries under a name another replica owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from bus.keys import Keys
+from bus.parsing import text
+from bus.runtime.batches import BatchHandler, BatchProcessor, ConsumerStats, Entries
+from bus.runtime.lease import HeldPartition
+from bus.runtime.outage import TRANSIENT_ERRORS, Outage
+from bus.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDLE_SLEEP_S = 0.05
+"""Pause after an empty read that came back early (fakeredis does not block)."""
+MIN_BLOCK_MS = 20
+
+
+async def ensure_group(redis: aioredis.Redis, keys: Keys, group: str, partition: int) -> None:
+    """Create ``group`` on the partition's stream (and the stream) unless it exists."""
+    # Start id 0: events published before any worker of the group ever
+    # ran are still delivered.
+    try:
+        await redis.xgroup_create(keys.events(partition), group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class PartitionReader:
+    """Reads the partitions one consumer holds, one :meth:`run` task per partition."""
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        settings: Settings,
+        group: str,
+        handler: BatchHandler,
+        stats: ConsumerStats,
+        margin_s: float,
+        stopping: Callable[[], bool],
+    ) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._keys = Keys(settings.prefix)
+        self._group = group
+        self._processor = BatchProcessor(
+            redis=redis, settings=settings, group=group, handler=handler, stats=stats
+        )
+        self._stats = stats
+        self._margin_s = margin_s
+        self._stopping = stopping
+
+    async def run(self, part: HeldPartition) -> None:
+        """Read and process until the consumer stops or the partition is to be released."""
+        stream = self._keys.events(part.index)
+        consumer = f"p{part.index}"
+        outage = Outage(f"consumer {self._group} partition {part.index}", self._stats)
+        # "0" re-reads this consumer name's pending entries, ">" reads new ones.
+        cursor = "0"
+        while not (self._stopping() or part.release):
+            part.check()
+            try:
+                entries, cursor = await self._read(part, stream, consumer, cursor)
+                if entries:
+                    await self._processor.process(part, entries)
+                elif cursor == ">" and await self._parked(part, stream, consumer):
+                    cursor = "0"
+                outage.recovered()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group vanished (Redis restarted empty, key deleted).
+                await ensure_group(self._redis, self._keys, self._group, part.index)
+                cursor = "0"
+            except TRANSIENT_ERRORS as exc:
+                # Whatever we read but did not ack is still pending: start over from it.
+                cursor = "0"
+                await asyncio.sleep(min(outage.failed(exc), max(part.remaining_s(), 0.01)))
+
+    async def flush_acks(self, part: HeldPartition) -> None:
+        """Acknowledge the last batch now instead of with the next read."""
+        if part.unacked:
+            await self._redis.xack(self._keys.events(part.index), self._group, *part.unacked)
+            part.unacked = []
+
+    async def _parked(self, part: HeldPartition, stream: str, consumer: str) -> bool:
+        """Whether entries wait in this name's pending list that nobody holds.
+
+        A previous holder starved past its lease (a stalled process) can have a
+        read served after this replica already re-read the pending list: those
+        entries would sit there until the next lease change. An idle reader
+        looks now and then (every lease period at most), and re-reads them.
+        """
+        now = time.monotonic()
+        if now < part.next_pending_check:
+            return False
+        part.next_pending_check = now + self._settings.lease_ttl_ms / 1000
+        summary: Any = await self._redis.xpending(stream, self._group)
+        for row in summary.get("consumers") or []:
+            if text(row["name"]) == consumer and int(row["pending"]) > len(part.unacked):
+                log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
+                return True
+        return False
+
+    async def _read(
+        self, part: HeldPartition, stream: str, consumer: str, cursor: str
+    ) -> tuple[Entries, str]:
+        if cursor != ">":
+            entries = _entries(await self._xread(part, stream, consumer, cursor, None))
+            if not entries:
+                return [], ">"
+            return entries, text(entries[-1][0])
+        if self._settings.read_block_ms <= 0:
+            # Polling mode, for servers whose blocking XREADGROUP misbehaves
+            # (fakeredis 2.40 moves entries to the pending list but answers empty).
+            entries = _entries(await self._xread(part, stream, consumer, ">", None))
+            if not entries:
+                await asyncio.sleep(IDLE_SLEEP_S)
+            return entries, ">"
+        # Never block past the lease deadline: a read served after the lease
+        # moved would park new entries in a name another replica now owns.
+        budget_ms = int((part.remaining_s() - self._margin_s) * 1000)
+        block_ms = min(self._settings.read_block_ms, budget_ms)
+        if block_ms < MIN_BLOCK_MS:
+            await asyncio.sleep(max(block_ms, MIN_BLOCK_MS) / 1000)
+            return [], ">"
+        started = time.monotonic()
+        entries = _entries(await self._xread(part, stream, consumer, ">", block_ms))
+        if not entries and time.monotonic() - started < block_ms / 2000:
+            await asyncio.sleep(IDLE_SLEEP_S)
+        return entries, ">"
+
+    async def _xread(
+        self, part: HeldPartition, stream: str, consumer: str, cursor: str, block: int | None
+    ) -> Any:
+        count = self._settings.read_count
+        if not part.unacked:
+            return await self._redis.xreadgroup(
+                self._group, consumer, {stream: cursor}, count=count, block=block
+            )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(stream, self._group, *part.unacked)
+            pipe.xreadgroup(self._group, consumer, {stream: cursor}, count=count, block=block)
+            _acked, reply = await pipe.execute()
+        # Kept until here on purpose: XACK is idempotent, so after an error
+        # the same ids simply go out again with the next read.
+        part.unacked = []
+        return reply
+
+
+def _entries(reply: Any) -> Entries:
+    """The entries of a single-stream XREADGROUP reply (the client speaks RESP2)."""
+    if not reply:
+        return []
+    return list(reply[0][1])

@@ -1,0 +1,301 @@
+"""The attempt job's decisions, in process: the receiver is an ``httpx.MockTransport``
+injected into the Deliverer, the state is in the real Redis, and each queued attempt
+is taken off arq's queue and run by hand, so the schedule is read exactly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job_raw
+from standardwebhooks.webhooks import Webhook
+
+from bus.events import WebhookEndpointDisabled, decode
+from bus.keys import ENTRY_FIELD, Keys
+from bus.runtime.consumer import Delivery
+from bus.settings import Settings
+from bus.webhooks.delivery import Deliverer, Outcome
+from bus.webhooks.endpoints import Endpoint, Endpoints
+from bus.webhooks.outbox import JOB_FUNCTION, WORKER, AttemptJob, dead_letters
+from bus.webhooks.router import Router
+from tests.support.webhooks import chain_end, webhook_settings
+
+URL = "http://127.0.0.1:9/hook"
+"""Never connected to: the mock transport answers instead."""
+
+Answer = httpx.Response | Exception
+
+
+@dataclass
+class ScriptedReceiver:
+    """Answers requests from a list, in order; records every request."""
+
+    answers: list[Answer]
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@dataclass
+class Queued:
+    job: AttemptJob
+    defer_ms: int
+
+
+class Rig:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, arq: ArqRedis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.arq = arq
+        self.keys = Keys(settings.prefix)
+        self.registry = Endpoints(redis=redis, settings=settings)
+        self.receiver = ScriptedReceiver([])
+
+    def deliverer(self) -> Deliverer:
+        transport = httpx.MockTransport(self.receiver)
+        return Deliverer(
+            redis=self.redis, arq=self.arq, settings=self.settings, transport=transport
+        )
+
+    async def route_one(self, endpoint: Endpoint) -> str:
+        """Route one chain end to ``endpoint``; the message id."""
+        event = chain_end()
+        router = Router(redis=self.redis, arq=self.arq, settings=self.settings)
+        await router([Delivery(entry_id="0-1", partition=0, event=event)])
+        return "msg_" + event.id
+
+    async def queued(self) -> list[Queued]:
+        """Every queued attempt with its defer, taken off the queue (as a worker would)."""
+        queue = self.keys.arq_queue(WORKER)
+        found = []
+        for raw_id, score in await self.redis.zrange(queue, 0, -1, withscores=True):
+            job_key = job_key_prefix + raw_id.decode()
+            payload = await self.redis.get(job_key)
+            function, args, kwargs, _, enqueued_ms = deserialize_job_raw(
+                payload, deserializer=self.arq.job_deserializer
+            )
+            assert (function, kwargs) == (JOB_FUNCTION, {})
+            found.append(Queued(AttemptJob(*args), int(score) - enqueued_ms))
+            await self.redis.delete(job_key)
+            await self.redis.zrem(queue, raw_id)
+        return found
+
+    async def log(self, endpoint: Endpoint) -> list[tuple[int, int | None, str, str, str]]:
+        attempts = reversed(await self.registry.attempts(endpoint.id))
+        return [(a.attempt, a.status, a.outcome, a.response, a.error) for a in attempts]
+
+    async def disabled_events(self) -> list[WebhookEndpointDisabled]:
+        found = []
+        for partition in range(self.settings.partitions):
+            for _, fields in await self.redis.xrange(self.keys.events(partition)):
+                event = decode(fields[ENTRY_FIELD])
+                if isinstance(event, WebhookEndpointDisabled):
+                    found.append(event)
+        return found
+
+
+@pytest.fixture
+async def rig(settings: Settings, async_redis: aioredis.Redis) -> AsyncIterator[Rig]:
+    wh = webhook_settings(settings, webhook_schedule="0,5,30", webhook_registry_cache_ms=0)
+    arq = ArqRedis.from_url(wh.redis_url)
+    yield Rig(wh, async_redis, arq)
+    await arq.aclose()
+
+
+def answer(status: int, text: str = "", **headers: str) -> httpx.Response:
+    return httpx.Response(status, text=text, headers=headers)
+
+
+async def run_schedule(rig: Rig, endpoint: Endpoint) -> tuple[list[Outcome], list[Queued]]:
+    """Run every attempt the queue gets until it is empty: outcomes, and what was queued."""
+    outcomes: list[Outcome] = []
+    seen: list[Queued] = []
+    async with rig.deliverer() as deliverer:
+        while queued := await rig.queued():
+            (item,) = queued
+            seen.append(item)
+            outcomes.append(await deliverer.attempt(item.job))
+    return outcomes, seen
+
+
+async def test_failures_follow_the_schedule_then_dead_letter(rig: Rig) -> None:
+    endpoint = await rig.registry.add(URL, events=["chain.end"])
+    rig.receiver.answers = [answer(500, "boom 1"), answer(500, "boom 2"), answer(500, "boom 3")]
+    msg_id = await rig.route_one(endpoint)
+
+    outcomes, queued = await run_schedule(rig, endpoint)
+
+    assert outcomes == [Outcome.RETRYING, Outcome.RETRYING, Outcome.DEAD]
+    assert [(q.job, q.defer_ms) for q in queued] == [
+        (AttemptJob(endpoint.id, msg_id, 1), 0),
+        (AttemptJob(endpoint.id, msg_id, 2), 5_000),
+        (AttemptJob(endpoint.id, msg_id, 3), 30_000),
+    ]
+    assert await rig.log(endpoint) == [
+        (1, 500, "failure", "boom 1", ""),
+        (2, 500, "failure", "boom 2", ""),
+        (3, 500, "failure", "boom 3", ""),
+    ]
+    body = await rig.redis.get(rig.keys.webhook_message(msg_id))
+    (dead,) = await dead_letters(rig.redis, rig.settings)
+    assert (dead.endpoint_id, dead.message_id, dead.type, dead.attempts, dead.error) == (
+        endpoint.id,
+        msg_id,
+        "chain.end",
+        3,
+        "HTTP 500",
+    )
+    assert dead.body == body
+    # Every attempt is the same signed message: one webhook-id, the stored body.
+    secret = endpoint.active_secrets(time.time())[0]
+    for request in rig.receiver.requests:
+        assert (request.method, str(request.url)) == ("POST", URL)
+        assert request.headers["webhook-id"] == msg_id
+        assert request.content == body
+        Webhook(secret).verify(request.content, dict(request.headers))
+    assert len(rig.receiver.requests) == 3
+    after = await rig.registry.get(endpoint.id)
+    assert after.enabled and after.failing_since is not None and after.last_success_at is None
+
+
+async def test_a_success_ends_the_failure_streak(rig: Rig) -> None:
+    endpoint = await rig.registry.add(URL)
+    rig.receiver.answers = [httpx.ConnectError("connection refused"), answer(204)]
+    msg_id = await rig.route_one(endpoint)
+
+    outcomes, queued = await run_schedule(rig, endpoint)
+
+    assert outcomes == [Outcome.RETRYING, Outcome.DELIVERED]
+    assert [(q.job.attempt, q.defer_ms) for q in queued] == [(1, 0), (2, 5_000)]
+    assert {q.job.msg_id for q in queued} == {msg_id}
+    assert await rig.log(endpoint) == [
+        (1, None, "failure", "", "ConnectError: connection refused"),
+        (2, 204, "success", "", ""),
+    ]
+    after = await rig.registry.get(endpoint.id)
+    assert after.failing_since is None and after.last_success_at is not None
+    assert await dead_letters(rig.redis, rig.settings) == []
+
+
+async def test_410_disables_the_endpoint_and_dead_letters_what_waits(rig: Rig) -> None:
+    endpoint = await rig.registry.add(URL)
+    rig.receiver.answers = [answer(410, "gone for good")]
+    msg_id = await rig.route_one(endpoint)
+
+    outcomes, queued = await run_schedule(rig, endpoint)
+
+    assert outcomes == [Outcome.RECEIVER_GONE]
+    assert [q.job for q in queued] == [AttemptJob(endpoint.id, msg_id, 1)]
+    assert await rig.log(endpoint) == [(1, 410, "failure", "gone for good", "")]
+    after = await rig.registry.get(endpoint.id)
+    assert (after.enabled, after.disabled_reason) == (False, "the endpoint answered 410 Gone")
+    (event,) = await rig.disabled_events()
+    assert (event.endpoint_id, event.url, event.reason) == (
+        endpoint.id,
+        URL,
+        "the endpoint answered 410 Gone",
+    )
+    # An attempt that was already queued when the endpoint got disabled sends nothing.
+    async with rig.deliverer() as deliverer:
+        assert await deliverer.attempt(AttemptJob(endpoint.id, msg_id, 2)) == (
+            Outcome.ENDPOINT_DISABLED
+        )
+    assert len(rig.receiver.requests) == 1
+    dead = [(d.attempts, d.error) for d in await dead_letters(rig.redis, rig.settings)]
+    assert dead == [(1, "410 Gone"), (1, "endpoint disabled")]
+    # Nothing new is routed to it.
+    await rig.route_one(endpoint)
+    assert await rig.queued() == []
+
+
+def http_date_in(delta: timedelta) -> str:
+    return format_datetime(datetime.now(UTC) + delta, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "defer_ms", "paused"),
+    [
+        pytest.param(429, lambda: "120", 120_000, True, id="429-longer-than-schedule"),
+        pytest.param(503, lambda: "2", 5_000, True, id="503-shorter-than-schedule"),
+        pytest.param(500, lambda: "120", 120_000, False, id="500-no-pause"),
+        pytest.param(
+            429, lambda: http_date_in(timedelta(days=1)), 600_000, True, id="date-clamped"
+        ),
+        pytest.param(429, lambda: "soon", 5_000, True, id="unreadable"),
+    ],
+)
+async def test_retry_after_stretches_the_next_delay_within_its_bound(
+    rig: Rig, status: int, retry_after: Callable[[], str], defer_ms: int, paused: bool
+) -> None:
+    rig.settings = rig.settings.replace(webhook_retry_after_max_s=600)
+    endpoint = await rig.registry.add(URL)
+    rig.receiver.answers = [answer(status, "later", **{"retry-after": retry_after()})]
+    msg_id = await rig.route_one(endpoint)
+    async with rig.deliverer() as deliverer:
+        (first,) = await rig.queued()
+        assert await deliverer.attempt(first.job) == Outcome.RETRYING
+    (second,) = await rig.queued()
+    assert (second.job, second.defer_ms) == (AttemptJob(endpoint.id, msg_id, 2), defer_ms)
+    # 429 and 5xx-unavailable answers also pause the endpoint for every worker.
+    assert await rig.redis.exists(rig.keys.endpoint_pause(endpoint.id)) == int(paused)
+    assert await rig.log(endpoint) == [(1, status, "failure", "later", "")]
+
+
+async def test_the_logged_response_is_cut_at_the_bound(rig: Rig) -> None:
+    rig.settings = rig.settings.replace(webhook_response_max_bytes=8)
+    endpoint = await rig.registry.add(URL)
+    rig.receiver.answers = [answer(200, "x" * 10_000)]
+    await rig.route_one(endpoint)
+    outcomes, _ = await run_schedule(rig, endpoint)
+    assert outcomes == [Outcome.DELIVERED]
+    assert await rig.log(endpoint) == [(1, 200, "success", "xxxxxxxx", "")]
+
+
+def test_outcomes_keep_their_wire_values() -> None:
+    # arq stores them as job results and logs print them: the values are the contract.
+    assert {o.name: o.value for o in Outcome} == {
+        "DELIVERED": "delivered",
+        "RETRYING": "retrying",
+        "WAITING": "waiting",
+        "DEAD": "dead",
+        "RECEIVER_GONE": "gone",
+        "FAILING_TOO_LONG": "disabled",
+        "ENDPOINT_DISABLED": "endpoint-disabled",
+        "ENDPOINT_REMOVED": "endpoint-gone",
+        "MESSAGE_EXPIRED": "message-expired",
+    }
+    assert msgspec.json.encode(Outcome.RECEIVER_GONE) == b'"gone"'
+
+
+async def test_a_busy_endpoint_puts_the_same_attempt_back(rig: Rig) -> None:
+    endpoint = await rig.registry.add(URL, max_concurrency=1)
+    msg_id = await rig.route_one(endpoint)
+    # Another worker process holds the endpoint's one slot for the next minute.
+    lease_end_ms = int((time.time() + 60) * 1000)
+    await rig.redis.zadd(rig.keys.endpoint_slots(endpoint.id), {"other-process": lease_end_ms})
+    async with rig.deliverer() as deliverer:
+        (first,) = await rig.queued()
+        assert await deliverer.attempt(first.job) == Outcome.WAITING
+        (again,) = await rig.queued()
+        assert again.job == AttemptJob(endpoint.id, msg_id, 1, wait=1)
+        assert 40 <= again.defer_ms <= 60  # 50 ms of backoff, +-20 % jitter
+        assert await deliverer.attempt(again.job) == Outcome.WAITING
+        (third,) = await rig.queued()
+        assert third.job == AttemptJob(endpoint.id, msg_id, 1, wait=2)
+        assert 80 <= third.defer_ms <= 120
+    assert rig.receiver.requests == []
+    assert await rig.log(endpoint) == []
