@@ -7,7 +7,7 @@ kept so that ``EventSource.onmessage`` sees them. Two more frame types:
 - ``event: error`` with ``{"code", "message"}``, then the stream closes:
   ``events_missed`` (the resume point left history; start over without
   ``Last-Event-ID``), ``invalid_position``, ``slow_consumer``.
-- ``retry:`` first, so that a browser reconnects within a second.
+- The first frame also carries ``retry:``, so that a browser reconnects within a second.
 - ``event: end`` after the topic's final event, then the stream closes. A
   browser's EventSource reconnects whenever a stream closes, so clients
   should call ``close()`` on either; a reconnect after the end gets ``end``
@@ -50,10 +50,24 @@ def _frame(event: str, body: dict[str, str]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(body)}\n\n".encode()
 
 
-async def _frames(state: AppState, topic: Topic, start: Start, flt: Filter) -> AsyncIterator[bytes]:
+def _frames(state: AppState, topic: Topic, start: Start, flt: Filter) -> AsyncIterator[bytes]:
+    return _with_retry_hint(_stream_frames(state, topic, start, flt))
+
+
+async def _with_retry_hint(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The first frame carries ``retry:`` (how soon a browser's EventSource reconnects,
+    say after a frontend restart) as a field of its own, not as a data-less frame
+    that a client parsing every frame's data would trip over."""
+    hint = b"retry: %d\n" % RETRY_MS
+    async for chunk in frames:
+        yield hint + chunk
+        hint = b""
+
+
+async def _stream_frames(
+    state: AppState, topic: Topic, start: Start, flt: Filter
+) -> AsyncIterator[bytes]:
     last = start.event_id
-    # How soon a browser's EventSource reconnects (say, after a frontend restart).
-    yield b"retry: %d\n\n" % RETRY_MS
     try:
         stream = follow_batches(state.hub, state.redis, state.keys, topic, start)
         async for batch in stream:

@@ -38,9 +38,10 @@ from bus.tokens import stream_token, thread_token
 from tests.conftest import IN_CI, REDIS_URL, require_redis
 from tests.support.agent import ANSWER, NOTES, TOOL_CALL_ID, TOOL_INPUT, build_agent
 from tests.support.frontend import SECRET, Frontend, frontend
-from tests.support.processes import ROOT, start_worker, stop, wait_for
+from tests.support.processes import ROOT, start_worker, stop
 from tests.support.protocol import history, validate
 from tests.support.proxy import Balancer
+from tests.support.waiting import wait_until_async
 
 FANOUT = "workers.fanout.WorkerSettings"
 TRACE_WORKER = "workers.traces.WorkerSettings"
@@ -253,7 +254,7 @@ async def test_the_python_sdk_reads_an_agent_run_across_a_frontend_restart(
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
             # Mid-answer: its first words are in the thread's history, the rest held back.
             answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
-            await asyncio.to_thread(wait_for, answer_started, 30, "the answer's first words")
+            await wait_until_async(answer_started, within=30, what="the answer's first words")
             before = len(balancer.connections)
             await asyncio.to_thread(stack.restart, 0)
             hold.set()
@@ -359,7 +360,7 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
         try:
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
             answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
-            await asyncio.to_thread(wait_for, answer_started, 30, "the answer's first words")
+            await wait_until_async(answer_started, within=30, what="the answer's first words")
             before = len(balancer.connections)
             await asyncio.to_thread(stack.restart, 0)
             hold.set()

@@ -172,6 +172,9 @@ async def test_cors_lets_the_listed_origins_read_streams(
         assert response.headers["access-control-allow-origin"] == ORIGIN
     async with http.stream("GET", url, headers={"Origin": "http://evil.example"}) as response:
         assert "access-control-allow-origin" not in response.headers
+    # The EventSource route starts with a retry hint too: a browser is back within a second.
+    got = await collect(http, "GET", url)
+    assert (got.retry, got.ended, got.text()) == (1000, True, "".join(TOKENS))
 
 
 async def test_commands_answer_with_protocol_responses(

@@ -188,9 +188,10 @@ async def collect(
         if started is not None:
             started.set()
         async for sse in source.aiter_sse():
-            if sse.retry is not None and not sse.data:
+            if sse.retry is not None:
                 got.retry = sse.retry
-                continue
+            if not sse.data:
+                continue  # a frame with only a retry hint
             if sse.event == "error":
                 got.error = json.loads(sse.data)
                 break
