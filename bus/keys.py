@@ -33,6 +33,15 @@ HISTORY_FINAL = b"f"
 HISTORY_PAYLOAD = b"p"
 """The JSON of ``{"method": ..., "params": ...}``."""
 
+ATTEMPT_FIELD = b"a"
+"""The one field of a webhook attempt-log entry (``Keys.attempts``): the attempt's JSON."""
+
+# Fields of an endpoint's rate window (``Keys.endpoint_rate``).
+RATE_SECOND = b"s"
+"""The Unix second the window counts."""
+RATE_COUNT = b"n"
+"""Deliveries started in that second."""
+
 
 def lua_fields(script: str) -> str:
     """``script`` with its field placeholders (``$ENTRY``, ``$VERSION``, ...) filled in.
@@ -53,6 +62,9 @@ _LUA_FIELDS = {
     "CHANNEL": HISTORY_CHANNEL.decode(),
     "FINAL": HISTORY_FINAL.decode(),
     "PAYLOAD": HISTORY_PAYLOAD.decode(),
+    "ATTEMPT": ATTEMPT_FIELD.decode(),
+    "RATE_SECOND": RATE_SECOND.decode(),
+    "RATE_COUNT": RATE_COUNT.decode(),
 }
 
 

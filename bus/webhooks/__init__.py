@@ -1,0 +1,1 @@
+"""The webhook stage: endpoints, routing events to attempt jobs, signed delivery, limits, admin."""

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from bus.errors import EndpointNotFound, WebhookError
 from bus.events import BaseEvent
-from bus.keys import Keys
+from bus.keys import ATTEMPT_FIELD, Keys
 from bus.settings import Settings
 from bus.webhooks import ssrf
 from bus.webhooks.types import matches, validate_filter
@@ -306,11 +306,11 @@ class Endpoints:
         return [_attempt(entry_id, fields) for entry_id, fields in entries]
 
     def attempt_fields(self, attempt: Attempt) -> dict[bytes, bytes]:
-        return {b"a": _encode(attempt)}
+        return {ATTEMPT_FIELD: _encode(attempt)}
 
 
 def _attempt(entry_id: bytes, fields: dict[bytes, bytes]) -> Attempt:
-    data = msgspec.json.decode(fields[b"a"])
+    data = msgspec.json.decode(fields[ATTEMPT_FIELD])
     data["id"] = entry_id.decode()
     return msgspec.convert(data, Attempt)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bus.keys import Keys
+from bus.keys import Keys, lua_fields
 from bus.scripts import LuaScript
 
 BUSY = -1
@@ -43,7 +43,8 @@ _MAX_PAUSE_LEVEL = 6
 # -> {code, endpoint hash as a flat list}: code 0 = slot taken, > 0 = ms to
 # wait (pause or rate window), or BUSY / GONE / DISABLED. The limits come
 # from the endpoint hash itself (JSON-encoded numbers read as plain text).
-_BEGIN = LuaScript("""
+_BEGIN = LuaScript(
+    lua_fields("""
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return {-2, record} end
 local fields = {}
@@ -60,30 +61,32 @@ if redis.call('ZCARD', KEYS[2]) >= limit then return {-1, record} end
 local rate = tonumber(fields['rate_limit'] or '0')
 if rate > 0 then
   local second = math.floor(now / 1000)
-  local window = tonumber(redis.call('HGET', KEYS[3], 's') or '-1')
+  local window = tonumber(redis.call('HGET', KEYS[3], '$RATE_SECOND') or '-1')
   if window ~= second then
-    redis.call('HSET', KEYS[3], 's', second, 'n', 0)
+    redis.call('HSET', KEYS[3], '$RATE_SECOND', second, '$RATE_COUNT', 0)
     redis.call('PEXPIRE', KEYS[3], 2000)
   end
-  if tonumber(redis.call('HGET', KEYS[3], 'n')) >= rate then
+  if tonumber(redis.call('HGET', KEYS[3], '$RATE_COUNT')) >= rate then
     return {1000 - (now % 1000), record}
   end
-  redis.call('HINCRBY', KEYS[3], 'n', 1)
+  redis.call('HINCRBY', KEYS[3], '$RATE_COUNT', 1)
 end
 local lease = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now + lease, ARGV[1])
 redis.call('PEXPIRE', KEYS[2], lease)
 return {0, record}
 """)
+)
 
 # KEYS: endpoint, slots, attempts, throttle. ARGV: token, attempt record,
 # attempts maxlen, success (1/0), last_success_at (JSON).
 # Frees the slot; if the endpoint still exists, logs the attempt and, on
 # success, records it and ends the failure streak and slow-down. -1 if gone.
-_FINISH = LuaScript("""
+_FINISH = LuaScript(
+    lua_fields("""
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'a', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', '$ATTEMPT', ARGV[2])
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'last_success_at', ARGV[5])
   redis.call('HDEL', KEYS[1], 'failing_since')
@@ -91,6 +94,7 @@ if ARGV[4] == '1' then
 end
 return 0
 """)
+)
 
 SCRIPTS = (_BEGIN, _FINISH)
 
