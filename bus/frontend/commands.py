@@ -32,8 +32,7 @@ from bus.frontend.state import AppState
 from bus.frontend.threads import find_topic, readable_kinds, refusal
 from bus.history import Topic, TopicKind
 from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD
-from bus.traces.agents import agent_tree
-from bus.traces.store import get_trace
+from bus.traces.api import thread_agent_tree
 
 AGENT_SERVER_ONLY = frozenset(
     {"run.start", "input.respond", "input.inject", "state.get", "state.listCheckpoints"}
@@ -193,13 +192,12 @@ async def _get_tree(
     run_id = params.run_id or (thread_id if topic.kind == "trace" else None)
     if run_id is None:
         run_id = await latest_run(state, topic)
-    trace = await get_trace(state.redis, state.settings, run_id) if run_id else None
-    belongs = trace is not None and (
-        trace.trace_id == thread_id
-        if topic.kind == "trace"
-        else str(trace.metadata.get("thread_id")) == thread_id
-    )
-    tree = agent_tree(trace) if trace is not None and belongs else None
+    on_thread = thread_id if topic.kind == "thread" else None
+    if topic.kind == "trace" and run_id != thread_id:
+        run_id = None  # a trace read as a thread has one run: itself
+    tree = None
+    if run_id:
+        tree = await thread_agent_tree(state.redis, state.settings, run_id, thread_id=on_thread)
     if tree is None:
         raise CommandError("no_such_run", f"no run tree for run {run_id!r} on {thread_id}")
     return {"tree": tree}
