@@ -113,9 +113,10 @@ class ThreadSession:
             return {"subscription_id": sub_id}
         if command.method == "subscription.unsubscribe":
             sub_id = params_of(command, UnsubscribeParams).subscription_id
-            async with self._lock:
-                if self.filters.pop(sub_id, None) is None:
-                    raise CommandError("no_such_subscription", f"no subscription {sub_id}")
+            # No lock: the stream reads the filters once per batch, and a reply that
+            # waited for a batch to go out would leave the command in flight longer.
+            if self.filters.pop(sub_id, None) is None:
+                raise CommandError("no_such_subscription", f"no subscription {sub_id}")
             return {}
         if command.method == "subscription.reconnect":
             return await self._reconnect(params_of(command, ReconnectParams))

@@ -14,6 +14,9 @@ const client =
   transport === "websocket" ? new Client({ apiUrl }) : new Client({ apiUrl, defaultHeaders: auth });
 // Progress goes to stderr, for the test to show when something is missing.
 const log = (...parts) => process.stderr.write(`${parts.join(" ")}\n`);
+// The SDK rejects commands in flight when a socket drops, and not every caller
+// inside it catches that; log it instead of dying, the result says what arrived.
+process.on("unhandledRejection", (error) => log("unhandled rejection:", String(error)));
 const options = {
   assistantId: "agent",
   transport,

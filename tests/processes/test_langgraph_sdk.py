@@ -31,7 +31,7 @@ from langchain_core.messages import HumanMessage
 from langgraph_sdk import get_client
 
 from bus.history import Topic
-from bus.keys import HISTORY_PAYLOAD, Keys
+from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD, HISTORY_SEQ, Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token
@@ -162,7 +162,9 @@ async def _raw(thread: Any, seen: Seen) -> None:
 
 
 @contextlib.asynccontextmanager
-async def reading(url: str, thread_id: str, token: str, transport: str) -> AsyncIterator[Seen]:
+async def reading(
+    url: str, thread_id: str, token: str, transport: str, history_tail: Any = None
+) -> AsyncIterator[Seen]:
     """Open the SDK's thread stream and read every projection until the run ends."""
     auth = {"Authorization": f"Bearer {token}"}
     client = get_client(url=url, headers=auth)
@@ -181,7 +183,8 @@ async def reading(url: str, thread_id: str, token: str, transport: str) -> Async
         for reader in pending:
             reader.cancel()
         got = [(e["seq"], e["method"], e["params"]["data"].get("event")) for e in seen.events]
-        assert not pending, f"projections still open; {len(got)} events, the last: {got[-6:]}"
+        tail = history_tail() if history_tail is not None else None
+        assert not pending, f"projections open; got {got[-2:]} of {len(got)}, history ends {tail}"
         for reader in readers:
             reader.result()
 
@@ -207,6 +210,14 @@ def _answer_started(client: redis.Redis, settings: Settings, thread_id: str) -> 
     """Whether the thread's history holds the first words of the answer."""
     entries: Any = client.xrange(Topic("thread", thread_id).history(Keys(settings.prefix)))
     return any(b'"text-delta","text":"The' in fields[HISTORY_PAYLOAD] for _, fields in entries)
+
+
+def _history_tail(client: redis.Redis, settings: Settings, thread_id: str) -> list[Any]:
+    """The last entries of the thread's history: (seq, channel) (for failure messages)."""
+    entries: Any = client.xrevrange(
+        Topic("thread", thread_id).history(Keys(settings.prefix)), count=4
+    )
+    return [(int(f[HISTORY_SEQ]), f[HISTORY_CHANNEL].decode()) for _, f in reversed(entries)]
 
 
 def _assert_read_everything(seen: Seen, run_id: str) -> None:
@@ -250,7 +261,8 @@ async def test_the_python_sdk_reads_an_agent_run_across_a_frontend_restart(
     hold = asyncio.Event()
     backends = [("127.0.0.1", port) for port in stack.ports]
     async with Balancer(backends).running() as balancer:
-        async with reading(balancer.url, thread_id, token, transport) as seen:
+        tail = lambda: _history_tail(sync_redis, settings, thread_id)  # noqa: E731
+        async with reading(balancer.url, thread_id, token, transport, tail) as seen:
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
             # Mid-answer: its first words are in the thread's history, the rest held back.
             answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
@@ -370,7 +382,9 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
             reader.kill()
             await reader.wait()
             log = (await progress).decode()
-            raise AssertionError(f"the JS reader did not finish:\n{log}") from None
+            tail = _history_tail(sync_redis, settings, thread_id)
+            message = f"the JS reader did not finish (history ends {tail}):\n{log}"
+            raise AssertionError(message) from None
         finally:
             if reader.returncode is None:
                 reader.kill()
