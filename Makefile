@@ -31,12 +31,12 @@ test-unit: $(STAMP) ## tests/unit only: no Redis, seconds
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
-	$(BIN)/ruff check bus workers tests bench
-	$(BIN)/ruff format --check bus workers tests bench
+	$(BIN)/ruff check bus workers tests bench examples
+	$(BIN)/ruff format --check bus workers tests bench examples
 
 format: $(STAMP) ## apply ruff formatting and fixes
-	$(BIN)/ruff format bus workers tests bench
-	$(BIN)/ruff check --fix bus workers tests bench
+	$(BIN)/ruff format bus workers tests bench examples
+	$(BIN)/ruff check --fix bus workers tests bench examples
 
 typecheck: $(STAMP) ## mypy --strict on bus/ and workers/
 	$(BIN)/mypy

@@ -3,11 +3,12 @@
 Attach :class:`BusCallbackHandler` to any LangChain run; its events reach
 worker processes (webhooks, run trees, token fan-out) and streaming frontends
 through Redis. ``__all__`` lists what app code uses: the handler, settings,
-stream tokens, trace queries, the frontend app, the webhook registry, errors
-and event codecs. Worker authors import from :mod:`bus.runtime`; internals
-come from their modules. The frontend, the webhook registry and the runtime
-load on first use, so that ``import bus`` in an app process stays light
-(neither the web stack nor arq nor prometheus_client).
+stream tokens, trace queries, cross-process trace headers, the frontend app,
+the webhook registry, errors and event codecs. Worker authors import from
+:mod:`bus.runtime`; internals come from their modules. The frontend, the
+webhook registry and the runtime load on first use, so that ``import bus`` in
+an app process stays light (neither the web stack nor arq nor
+prometheus_client).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -19,17 +20,20 @@ from bus.errors import (
     ConfigError,
     EndpointNotFound,
     EventDecodeError,
+    EventRejected,
     EventsMissed,
     InvalidPosition,
     InvalidQuery,
     SlowConsumer,
     StateConflict,
     StreamError,
+    TraceContextError,
     UnsafeURLError,
     WebhookError,
 )
 from bus.events import Event, decode, decode_json, encode, encode_json
 from bus.producer.callbacks import BusCallbackHandler
+from bus.producer.propagation import continue_trace, trace_headers
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token, verify_token
 from bus.traces.store import TracePage, get_trace, list_traces
@@ -90,6 +94,7 @@ __all__ = [
     "Endpoints",
     "Event",
     "EventDecodeError",
+    "EventRejected",
     "EventsMissed",
     "InvalidPosition",
     "InvalidQuery",
@@ -99,10 +104,12 @@ __all__ = [
     "StateConflict",
     "StreamError",
     "Trace",
+    "TraceContextError",
     "TracePage",
     "TraceSummary",
     "UnsafeURLError",
     "WebhookError",
+    "continue_trace",
     "create_app",
     "decode",
     "decode_json",
@@ -112,5 +119,6 @@ __all__ = [
     "list_traces",
     "stream_token",
     "thread_token",
+    "trace_headers",
     "verify_token",
 ]

@@ -5,6 +5,7 @@ The tree::
     BusError
     ├── ConfigError        settings that cannot work (bad prefix, bad number)
     ├── EventDecodeError   bytes on a stream that are not a bus event
+    ├── EventRejected      an event a consumer refuses: it breaks a bound (dead-lettered at once)
     ├── AccessError        a stream token that is forged, expired or for another scope
     │   └── AccessDenied       a refused HTTP request (401 without a token, else 403)
     ├── StreamError        a streaming client that cannot be served further
@@ -13,12 +14,14 @@ The tree::
     │   └── SlowConsumer       it fell behind its bounded queue
     ├── InvalidQuery       a query or option with a bad filter, limit, cursor or KEY=VALUE
     ├── StateConflict      another writer kept changing a trace's stored state under us
+    ├── TraceContextError  trace headers (``bus.continue_trace``) that do not name a run
     └── WebhookError
         ├── EndpointNotFound   no endpoint with that id
         └── UnsafeURLError     a webhook URL that resolves to a refused address
 
 The callback handler never raises any of these into the app: it logs and
-counts instead. They surface from the CLI, the workers and the admin APIs.
+counts instead. They surface from the CLI, the workers, the admin APIs and
+``continue_trace``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ class ConfigError(BusError):
 
 class EventDecodeError(BusError):
     """Bytes that do not decode as a bus event."""
+
+
+class EventRejected(BusError):
+    """An event a consumer refuses, such as an index or size beyond its bound.
+
+    Raised by a batch handler; the consumer dead-letters the event with reason
+    ``rejected`` and this message, without retrying (the same input is refused
+    the same way), and carries on with the rest.
+    """
 
 
 class AccessError(BusError):
@@ -84,6 +96,10 @@ class StateConflict(BusError):
     their version; a worker that loses that race too many times in a row
     raises this, and the runtime retries the batch.
     """
+
+
+class TraceContextError(BusError, ValueError):
+    """Trace headers that do not name a run (a malformed id, say)."""
 
 
 class WebhookError(BusError):

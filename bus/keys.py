@@ -22,6 +22,12 @@ STATE_BLOB = b"s"
 """The msgpack state itself."""
 TREE_SUMMARY = b"m"
 """A run tree's JSON summary, which the trace list filters read."""
+TREE_TRACE = b"t"
+"""A run tree's own fields: the msgpack state without its runs (each run has a field
+of its own, ``TREE_RUN_PREFIX`` + run id; a tree stored by an older version keeps
+the whole state in ``STATE_BLOB``)."""
+TREE_RUN_PREFIX = b"r:"
+"""Prefix of a run tree's per-run fields: ``r:<run id>``, the run's msgpack facts."""
 
 # Fields of a topic's history entry (``Keys.history``, ``Keys.thread_history``).
 HISTORY_SEQ = b"s"
@@ -58,6 +64,7 @@ _LUA_FIELDS = {
     "VERSION": STATE_VERSION.decode(),
     "BLOB": STATE_BLOB.decode(),
     "SUMMARY": TREE_SUMMARY.decode(),
+    "TREE_TRACE": TREE_TRACE.decode(),
     "SEQ": HISTORY_SEQ.decode(),
     "CHANNEL": HISTORY_CHANNEL.decode(),
     "FINAL": HISTORY_FINAL.decode(),
@@ -101,6 +108,11 @@ class Keys:
 
     def arq_queue(self, worker: str) -> str:
         return f"{self.prefix}:arq:{worker}"
+
+    def arq(self, name: str) -> str:
+        """One of arq's own keys (``arq:job:<id>``, ``arq:result:<id>``, ``arq:abort``,
+        ...), moved under the prefix."""
+        return f"{self.prefix}:{name}"
 
     def publisher(self, source: str) -> str:
         """Expiring stats of one publishing process (for ``lcbus status``)."""
@@ -165,6 +177,10 @@ class Keys:
 
     def webhook_message(self, message_id: str) -> str:
         return f"{self.prefix}:wh:msg:{{{message_id}}}"
+
+    def webhook_run(self, run_id: str) -> str:
+        """A run's tags and metadata, for endpoints that filter its token events on them."""
+        return f"{self.prefix}:wh:run:{{{run_id}}}"
 
     # Per-endpoint delivery limits; same hash tag as the endpoint, so one
     # script may touch them all on Redis Cluster.

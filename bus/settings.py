@@ -34,6 +34,8 @@ class Settings:
 
     # Publisher (app side).
     buffer_size: int = 100_000
+    buffer_bytes: int = 64 * 1024 * 1024
+    """Bound of the publisher's buffer in encoded event bytes (beside ``buffer_size``)."""
     drop_policy: DropPolicy = "oldest"
     batch_size: int = 512
     flush_interval_ms: float = 2.0
@@ -115,8 +117,8 @@ class Settings:
             raise ConfigError(f"prefix must be non-empty without braces or spaces: {self.prefix!r}")
         if self.partitions < 1:
             raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
-        if self.buffer_size < 1 or self.batch_size < 1:
-            raise ConfigError("buffer_size and batch_size must be >= 1")
+        if self.buffer_size < 1 or self.batch_size < 1 or self.buffer_bytes < 1:
+            raise ConfigError("buffer_size, buffer_bytes and batch_size must be >= 1")
         if self.drop_policy not in ("oldest", "newest"):
             raise ConfigError(f"drop_policy must be 'oldest' or 'newest', got {self.drop_policy!r}")
         if self.ping_interval_s <= 0 or self.send_timeout_s <= 0:

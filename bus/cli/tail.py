@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from bus.cli.tailing import describe, event_filter, follow
+from bus.cli.tailing import RunNames, describe, event_filter, follow
 from bus.errors import EventDecodeError
 from bus.settings import Settings
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     client = redis.Redis.from_url(settings.redis_url)
     matches = event_filter(types=args.types, trace_id=args.trace)
+    names = RunNames()
     shown = 0
     try:
         for item in follow(
@@ -40,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(item, EventDecodeError):
                 print(f"undecodable: {item}", file=sys.stderr)
                 continue
+            name = names.of(item)
             if matches(item):
-                print(describe(item), flush=True)
+                print(describe(item, name), flush=True)
                 shown += 1
                 if args.limit and shown >= args.limit:
                     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -53,13 +54,30 @@ def follow(
                     yield EventDecodeError(f"entry {positions[name]} on {name}: {exc!r}")
 
 
-def describe(event: ev.Event) -> str:
-    """One readable line per event."""
+class RunNames:
+    """Run names seen on start events: token events do not repeat their run's name."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._names: OrderedDict[str, str] = OrderedDict()
+        self._size = size
+
+    def of(self, event: ev.Event) -> str:
+        if event.name:
+            self._names[event.run_id] = event.name
+            if len(self._names) > self._size:
+                self._names.popitem(last=False)
+            return event.name
+        return self._names.get(event.run_id, "")
+
+
+def describe(event: ev.Event, name: str | None = None) -> str:
+    """One readable line per event (``name``: its run's, when the event lacks it)."""
     clock = datetime.fromtimestamp(event.time, UTC).strftime("%H:%M:%S.%f")[:-3]
     detail = _detail(event)
+    shown = (name if name is not None else event.name)[:28]
     return (
         f"{clock} {event.trace_id[:8]} #{event.seq:<4} {ev.event_type(event):<22} "
-        f"{event.name[:28]:<28} {detail}"
+        f"{shown:<28} {detail}"
     ).rstrip()
 
 

@@ -107,10 +107,15 @@ def format_trace(trace: Trace) -> str:
 
 
 def _lines(node: RunNode, depth: int, out: list[str]) -> None:
-    parts = [f"{'  ' * depth}{node.name} [{node.run_type}] {node.status}", _ms(node.duration_ms)]
+    kind = f"{node.run_type} {node.model_type}" if node.model_type else node.run_type
+    parts = [f"{'  ' * depth}{node.name} [{kind}] {node.status}", _ms(node.duration_ms)]
     if node.usage is not None:
         usage = node.usage
-        parts.append(f"tokens {usage.input_tokens}+{usage.output_tokens}={usage.total_tokens}")
+        counts = (usage.input_tokens, usage.output_tokens, usage.total_tokens)
+        given, taken, total = (_unknown_as_mark(count) for count in counts)
+        parts.append(f"tokens {given}+{taken}={total}")
+    elif node.model_type and node.end_time is not None:
+        parts.append("tokens unknown")
     if node.token_count:
         parts.append(f"streamed {node.token_count}")
     if node.error:
@@ -121,12 +126,17 @@ def _lines(node: RunNode, depth: int, out: list[str]) -> None:
 
 
 def format_summary(summary: TraceSummary) -> str:
-    usage = summary.usage
+    total = summary.usage.total_tokens if summary.usage is not None else None
     return (
         f"{summary.trace_id}  {summary.name}  {summary.status}  {_ms(summary.latency_ms)}  "
         f"runs {summary.run_count}  model calls {summary.model_calls}  "
-        f"tokens {usage.total_tokens}  errors {summary.errors}"
+        f"tokens {_unknown_as_mark(total)}  errors {summary.errors}"
     ).replace("    ", "  ")
+
+
+def _unknown_as_mark(count: int | None) -> str:
+    """A token count, or ``?`` where the provider did not report it."""
+    return "?" if count is None else str(count)
 
 
 def _ms(value: float | None) -> str:

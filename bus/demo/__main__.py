@@ -251,9 +251,10 @@ def print_summary(
     print(f"  webhooks verified {len(verified)} ({kinds})")
     if trace:
         usage = trace.get("usage") or {}
+        total = usage.get("total_tokens")  # None: the model did not report usage
         print(
             f"  trace             {trace.get('status')}, {count_runs(trace.get('root'))} runs, "
-            f"{trace.get('model_calls')} model calls, {usage.get('total_tokens', 0)} tokens, "
+            f"{trace.get('model_calls')} model calls, {'?' if total is None else total} tokens, "
             f"{trace.get('latency_ms') or 0:.1f} ms"
         )
     for name, passed in checks.items():

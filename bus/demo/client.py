@@ -146,7 +146,8 @@ def render_tree(trace: dict[str, Any] | None) -> str:
         parts = [f"{duration:8.1f} ms" if duration is not None else "  running  "]
         usage = node.get("usage")
         if usage:
-            parts.append(f"{usage['total_tokens']} tok")
+            total = usage.get("total_tokens")
+            parts.append(f"{'?' if total is None else total} tok")
         if node.get("token_count"):
             parts.append(f"{node['token_count']} streamed")
         if node.get("error"):

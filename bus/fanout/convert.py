@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bus import events as ev
-from bus.fanout.messages import MessageConverter
+from bus.fanout.messages import MessageConverter, message_meta
 from bus.fanout.protocol import CUSTOM, LIFECYCLE, TASKS, TOOLS, ProtoEvent
 from bus.fanout.state import RunStream, StreamState
 
@@ -120,6 +120,8 @@ def _start(state: StreamState, event: ev.BaseEvent, out: list[ProtoEvent]) -> Ru
     parent = state.runs.get(event.parent_run_id or "")
     if parent is not None:
         run.cause = parent.tool_call_id
+    if isinstance(event, ev.LLMStart | ev.ChatModelStart):
+        run.message_meta = message_meta(event)
     if run.chain:
         data: dict[str, Any] = {"event": "started", "graph_name": event.name}
         if event.run_id == event.trace_id:

@@ -8,8 +8,10 @@ to Redis in one pipelined round trip: one guarded script run per trace
 (:class:`bus.history.GuardedWriter`), which also publishes each event live.
 
 At-least-once delivery meets exactly-once history here: each trace's state
-records the id of the last entry applied, written atomically with the
-history, so a redelivered entry is skipped. State is cached in memory for
+records the identity (``source``, ``seq``) of every event applied, written
+atomically with the history under a version guard, so an event that arrives
+again is skipped: a redelivered entry, or a second entry of a batch the
+publisher re-sent after a timeout (it lands under a new entry id). State is cached in memory for
 the traces this replica is working on, and reloaded when the guard reports
 that another replica wrote in between (a lease moved and came back).
 """
@@ -122,12 +124,11 @@ class FanoutHandler:
 
     def _queue(self, pipe: aioredis.client.Pipeline, trace: str, group: list[Delivery]) -> bool:
         state = self._cache[trace]
-        fresh = [d for d in group if not state.applied(d.entry_id)]
+        fresh = [d for d in group if state.take(d.entry_id, d.event)]
         self.stats.duplicates += len(group) - len(fresh)
         if not fresh:
             return False
         events = coalesce(convert_all(state, [d.event for d in fresh]), self._window_s)
-        state.last = fresh[-1].entry_id
         topics = [Topic("trace", trace)]
         if state.thread:
             topics.append(Topic("thread", state.thread))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bus import events as ev
+from bus.errors import EventRejected
 from bus.fanout.protocol import APPENDABLE_DELTAS, MESSAGES, ProtoEvent
 from bus.fanout.state import Block, RunStream
 
@@ -26,6 +27,11 @@ Emit = Callable[[ProtoEvent], None]
 
 LC_ID_PREFIX = "lc_run-"
 """langchain-core names a streamed message ``lc_run--<run id>``; so do we."""
+MAX_BLOCKS = 256
+"""Content blocks per message. An index from an event is trusted only below it: the
+state keeps one entry per block up to the highest index seen."""
+MAX_TOOL_ARGS = 1_000_000
+"""Characters of tool-call arguments one block may accumulate from token chunks."""
 _USAGE_KEYS = ("input_tokens", "output_tokens", "total_tokens")
 _USAGE_ALIASES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"}
 _DETAIL_KEYS = {
@@ -37,6 +43,20 @@ _DETAIL_KEYS = {
 def streamed_message_id(run_id: str) -> str:
     """The protocol message id of a model run's message (not a webhook's ``webhook-id``)."""
     return f"{LC_ID_PREFIX}-{run_id}"
+
+
+def message_meta(event: ev.BaseEvent) -> dict[str, str]:
+    """What a message's ``metadata`` takes from its run's metadata."""
+    meta: dict[str, str] = {}
+    for source, target in (("ls_provider", "provider"), ("ls_model_name", "model")):
+        value = event.metadata.get(source)
+        if isinstance(value, str):
+            meta[target] = value
+    for key in ("thread_id", "langgraph_node"):
+        value = event.metadata.get(key)
+        if isinstance(value, str):
+            meta[key] = value
+    return meta
 
 
 class MessageConverter:
@@ -56,16 +76,11 @@ class MessageConverter:
     def _start_message(self) -> None:
         data: dict[str, Any] = {"event": "message-start", "role": "ai"}
         data["id"] = streamed_message_id(self.event.run_id)
-        meta = {"run_id": self.event.run_id}
-        for source, target in (("ls_provider", "provider"), ("ls_model_name", "model")):
-            value = self.event.metadata.get(source)
-            if isinstance(value, str):
-                meta[target] = value
-        for key in ("thread_id", "langgraph_node"):
-            value = self.event.metadata.get(key)
-            if isinstance(value, str):
-                meta[key] = value
-        data["metadata"] = meta
+        # Kept from the run's start; an event of an older producer carries it itself.
+        data["metadata"] = {
+            "run_id": self.event.run_id,
+            **(self.run.message_meta or message_meta(self.event)),
+        }
         self._out(data)
 
     # -- on_llm_new_token ---------------------------------------------------------
@@ -86,6 +101,8 @@ class MessageConverter:
         for index, block in enumerate(self.run.blocks):
             if block.key == key:
                 return index, block
+        if len(self.run.blocks) >= MAX_BLOCKS:
+            raise EventRejected(f"a message with more than {MAX_BLOCKS} content blocks")
         block = Block(key=key, kind=str(skeleton["type"]))
         self.run.blocks.append(block)
         index = len(self.run.blocks) - 1
@@ -111,6 +128,8 @@ class MessageConverter:
         block.name = name or block.name
         args = chunk.get("args")
         if isinstance(args, str) and args:
+            if len(block.args) + len(args) > MAX_TOOL_ARGS:
+                raise EventRejected(f"tool-call arguments over {MAX_TOOL_ARGS} characters")
             block.args += args
             self._delta(at, "tool-call-delta", args)
 
@@ -129,6 +148,7 @@ class MessageConverter:
         elif kind == "content-block-start":
             index = data.get("index")
             if isinstance(index, int) and index >= len(self.run.blocks):
+                _check_index(index)
                 while len(self.run.blocks) <= index:
                     self.run.blocks.append(Block(key=f"w{len(self.run.blocks)}", kind="?"))
                 content = data.get("content")
@@ -148,6 +168,7 @@ class MessageConverter:
         if not isinstance(index, int) or field is None or not isinstance(delta, dict):
             self._out(data)  # data or block deltas: nothing the tokens could have sent
             return
+        _check_index(index)
         while len(self.run.blocks) <= index:
             self.run.blocks.append(Block(key=f"w{len(self.run.blocks)}", kind="?"))
         block = self.run.blocks[index]
@@ -204,6 +225,11 @@ class MessageConverter:
                 data["code"] = event.error_type
             self._out(data)
         self.run.mode = "done"
+
+
+def _check_index(index: int) -> None:
+    if not 0 <= index < MAX_BLOCKS:
+        raise EventRejected(f"content block index {index} outside 0..{MAX_BLOCKS - 1}")
 
 
 def _text(text: str) -> dict[str, Any]:

@@ -6,8 +6,10 @@ how much of each was already sent. The worker keeps it per trace in one
 msgpack blob that it writes in the same script run as the trace's history
 entries (see :mod:`bus.history`), together with the id of the last bus entry
 applied. That makes a batch's effect atomic per trace: a replica taking over
-mid-trace loads the blob and continues exactly where the history stops, and a
-redelivered entry is recognised by its id and skipped.
+mid-trace loads the blob and continues exactly where the history stops, and an
+event already applied is recognised by its identity (producer and sequence)
+and skipped, whether it comes back as a redelivered entry or as a second entry
+of a batch the publisher re-sent.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import Literal
 
 import msgspec
 
+from bus.events import BaseEvent
 from bus.parsing import entry_order
+from bus.seqranges import SeqRanges, add_seq
+
+MAX_SEQ_RANGES = 1_000
+"""Ranges of applied seqs kept per source. Each gap in a source's numbering (events
+the publisher dropped) costs one; past the bound the two oldest merge, taking the
+oldest gap for applied, so a hostile or broken producer cannot grow the state."""
 
 MessageMode = Literal["", "token", "stream", "done"]
 """Where a model run's message comes from: ``""`` (no message yet), ``"token"``
@@ -57,6 +66,9 @@ class RunStream(msgspec.Struct, omit_defaults=True):
     """The ``tool_call_id`` of the tool run that called this run, if one did."""
     owns: list[str] = []
     """The LangGraph subgraph namespace this (graph) run opened; its end closes it."""
+    message_meta: dict[str, str] = {}
+    """A model run's ``provider``, ``model`` and ``thread_id``, from its start event's
+    metadata: its token events do not repeat the run's metadata."""
 
 
 class StreamState(msgspec.Struct, omit_defaults=True):
@@ -65,13 +77,30 @@ class StreamState(msgspec.Struct, omit_defaults=True):
     version: int = 0
     """Bumped on every write; a writer whose expected version is stale is refused."""
     last: str = ""
-    """Stream entry id of the last bus event applied (entries at or before it are skipped)."""
+    """Stream entry id of the last bus event applied: an event without a ``source``
+    (an older producer) is recognised by its entry id, at or before this one."""
     thread: str = ""
     """The ``thread_id`` this trace is also published to, once known."""
     runs: dict[str, RunStream] = {}
+    applied: dict[str, SeqRanges] = {}
+    """Per producing process (event ``source``), the ``seq`` of every event applied."""
 
-    def applied(self, entry_id: str) -> bool:
-        return bool(self.last) and entry_order(entry_id) <= entry_order(self.last)
+    def take(self, entry_id: str, event: BaseEvent) -> bool:
+        """Record the event as applied; False when it already was (a duplicate)."""
+        if not event.source:
+            if self.last and entry_order(entry_id) <= entry_order(self.last):
+                return False
+            self.last = entry_id
+            return True
+        ranges = self.applied.get(event.source)
+        if ranges is None:
+            ranges = self.applied[event.source] = []
+        if not add_seq(ranges, event.seq):
+            return False
+        if len(ranges) > MAX_SEQ_RANGES:
+            ranges[0][1] = ranges[1][1]
+            del ranges[1]
+        return True
 
 
 _encoder = msgspec.msgpack.Encoder()

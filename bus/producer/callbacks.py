@@ -105,6 +105,11 @@ class BusCallbackHandler(BaseCallbackHandler):
         """A handler publishing to the Redis at ``url`` (other settings by keyword)."""
         return cls(settings=Settings(redis_url=url, **settings))
 
+    def trace_id_of(self, run_id: UUID) -> str | None:
+        """The trace of a run this handler has seen start and not yet end."""
+        run = self._events.runs.get(run_id)
+        return run.trace.trace_id if run is not None else None
+
     def close(self, timeout: float | None = None) -> None:
         """Flush what is buffered (within ``timeout``) and stop the publisher."""
         self.publisher.close(timeout)
@@ -200,7 +205,7 @@ class BusCallbackHandler(BaseCallbackHandler):
                 fields = {"token": text, "tool_call_chunks": self._safe(tool_chunks)}
             else:
                 fields = {"token": text}
-            events.emit(ev.LLMNewToken, run, fields)
+            events.emit_token(ev.LLMNewToken, run, fields)
         except Exception as exc:
             self._failed("on_llm_new_token", exc)
 
@@ -215,7 +220,7 @@ class BusCallbackHandler(BaseCallbackHandler):
     ) -> None:
         runs = self._events.runs
         run = runs.get(run_id) or runs.lookup(run_id, parent_run_id)
-        self._events.emit(ev.StreamEvent, run, {"data": self._safe(event)})
+        self._events.emit_token(ev.StreamEvent, run, {"data": self._safe(event)})
 
     @guarded
     def on_llm_end(

@@ -2,8 +2,13 @@
 
 The handler (:mod:`bus.producer.callbacks`) speaks LangChain's callback API;
 this speaks the bus's: a run's start registers it with its trace, every event
-gets the run's fields and the trace's next sequence number, and the encoded
-event goes to the run's partition.
+gets the run's identity and the trace's next sequence number, and the encoded
+event goes to the run's partition. The run's name, tags and metadata ride on
+its start and end events and on the events in between, but not on per-token
+events (consumers that need them keep them per run), so a run's 50 KB of
+metadata costs 50 KB per run, not per token. Events go through
+:func:`~bus.producer.sanitize.encode_event`: a string that cannot be encoded
+(a lone surrogate) is repaired, and a run's end always goes out.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from bus import events as ev
 from bus.producer import payloads
 from bus.producer.publisher import Publisher
 from bus.producer.runs import Run, RunRegistry
-from bus.producer.sanitize import safe
+from bus.producer.sanitize import encode_event, safe
 from bus.settings import Settings
 
 
@@ -47,7 +52,24 @@ class RunEmitter:
             source=self.publisher.source,
             **fields,
         )
-        self.publisher.publish(trace.partition, ev.encode(event))
+        self.publisher.publish(trace.partition, encode_event(event))
+
+    def emit_token(self, cls: type[ev.BaseEvent], run: Run, fields: dict[str, Any]) -> None:
+        """Publish one per-token event of ``run``: its identity, without its name, tags
+        and metadata."""
+        trace = run.trace
+        event = cls(
+            id=ev.new_event_id(),
+            time=time.time(),
+            run_id=run.run_id,
+            trace_id=trace.trace_id,
+            seq=next(trace.seq),
+            parent_run_id=run.parent_run_id,
+            run_type=run.run_type,
+            source=self.publisher.source,
+            **fields,
+        )
+        self.publisher.publish(trace.partition, encode_event(event))
 
     def start(
         self,
@@ -85,10 +107,20 @@ class RunEmitter:
         parent_run_id: UUID | None,
         fields: dict[str, Any],
     ) -> None:
-        """Publish the run's end or error event, then forget the run."""
+        """Publish the run's end or error event, then forget the run.
+
+        The end goes out even when its payload cannot be encoded (without the
+        payload then): consumers wait for it to finish the run, its trace and
+        its streams. The failure still reaches the caller, to be counted.
+        """
         run = self.runs.lookup(run_id, parent_run_id)
-        self.emit(cls, run, fields)
-        self.runs.end(run)
+        try:
+            self.emit(cls, run, fields)
+        except Exception:
+            self.emit(cls, run, {})
+            raise
+        finally:
+            self.runs.end(run)
 
     def during(
         self,

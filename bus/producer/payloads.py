@@ -10,7 +10,7 @@ from typing import Any
 
 from langchain_core.outputs import ChatGeneration, LLMResult
 
-from bus.producer.sanitize import safe, safe_str
+from bus.producer.sanitize import redact_text, safe, safe_str
 
 
 def run_name(serialized: dict[str, Any] | None, callback_kwargs: dict[str, Any]) -> str:
@@ -34,7 +34,8 @@ def blocks_text(blocks: list[str | dict[str, Any]]) -> str:
 
 
 def error_text(exc: BaseException | None) -> str:
-    return f"{type(exc).__name__}: {exc}" if exc is not None else ""
+    """``"ExcType: message"``, with the credentials the message quotes redacted."""
+    return redact_text(f"{type(exc).__name__}: {exc}") if exc is not None else ""
 
 
 def error(exc: BaseException, max_bytes: int) -> dict[str, Any]:
@@ -51,10 +52,11 @@ def tool_start(
     callback_kwargs: dict[str, Any],
     max_bytes: int,
 ) -> dict[str, Any]:
-    fields = {
-        "input_str": safe_str(str(input_str), max_bytes=max_bytes),
-        "inputs": safe(inputs, max_bytes=max_bytes),
-    }
+    structured = safe(inputs, max_bytes=max_bytes)
+    # The argument string repeats the arguments: derived from the sanitized ones
+    # when LangChain passes them, else with the credentials it quotes redacted.
+    text = str(structured) if isinstance(inputs, dict) else redact_text(str(input_str))
+    fields = {"input_str": safe_str(text, max_bytes=max_bytes), "inputs": structured}
     if callback_kwargs.get("tool_call_id"):
         fields["tool_call_id"] = str(callback_kwargs["tool_call_id"])
     return fields
@@ -82,14 +84,14 @@ def agent_action(action: Any, max_bytes: int) -> dict[str, Any]:
     return {
         "tool": str(getattr(action, "tool", "")),
         "tool_input": safe(getattr(action, "tool_input", None), max_bytes=max_bytes),
-        "log": safe_str(str(getattr(action, "log", "")), max_bytes=max_bytes),
+        "log": safe_str(redact_text(str(getattr(action, "log", ""))), max_bytes=max_bytes),
     }
 
 
 def agent_finish(finish: Any, max_bytes: int) -> dict[str, Any]:
     return {
         "return_values": safe(getattr(finish, "return_values", {}) or {}, max_bytes=max_bytes),
-        "log": safe_str(str(getattr(finish, "log", "")), max_bytes=max_bytes),
+        "log": safe_str(redact_text(str(getattr(finish, "log", ""))), max_bytes=max_bytes),
     }
 
 

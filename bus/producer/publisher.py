@@ -5,8 +5,9 @@ It never blocks on the network and never raises. A daemon thread, with its own
 Redis client, drains the buffer in batches (by size, or after a short linger)
 with one pipelined ``XADD ... MAXLEN ~`` round trip per batch.
 
-When Redis is slow or down the buffer fills up to ``buffer_size`` and then the
-drop policy applies: ``oldest`` (default) discards the oldest buffered event so
+When Redis is slow or down the buffer fills up to ``buffer_size`` events or
+``buffer_bytes`` encoded bytes, whichever comes first, and then the drop
+policy applies: ``oldest`` (default) discards the oldest buffered event so
 that what is published when Redis returns is the most recent state; ``newest``
 refuses the incoming event. Drops are counted. The flusher backs off while
 Redis is unreachable and resumes by itself.
@@ -48,6 +49,8 @@ class PublisherStats:
     dropped: int
     errors: int
     buffer_depth: int
+    buffer_bytes: int
+    """Encoded bytes of the buffered events."""
     reconnects: int
     batches: int
     connected: bool
@@ -94,19 +97,34 @@ class Publisher:
     def publish(self, partition: int, payload: bytes) -> None:
         """Queue one encoded event for ``partition``. Never blocks, never raises."""
         buffer = self._buffer
-        if len(buffer) >= self.settings.buffer_size:
-            self._dropped += 1
-            if self._drop_oldest:
-                try:  # noqa: SIM105 (hot path: cheaper than contextlib.suppress)
-                    buffer.popleft()
-                except IndexError:  # drained meanwhile by the flusher
-                    pass
-            else:
+        size = len(payload)
+        # Held for a few list operations only, never across I/O: the byte count
+        # is shared with the flusher thread.
+        with self._lock:
+            if (
+                len(buffer) >= self.settings.buffer_size
+                or self._buffered_bytes + size > self.settings.buffer_bytes
+            ) and not self._make_room(size):
+                self._dropped += 1
                 return
-        buffer.append((self._heads[partition], payload))
-        depth = len(buffer)
+            buffer.append((self._heads[partition], payload))
+            self._buffered_bytes += size
+            depth = len(buffer)
         if (depth == 1 or depth >= self.settings.batch_size) and not self._wakeup.is_set():
             self._wakeup.set()
+
+    def _make_room(self, size: int) -> bool:
+        """Drop the oldest events until one of ``size`` bytes fits (drop policy ``oldest``)."""
+        if not self._drop_oldest or size > self.settings.buffer_bytes:
+            return False
+        buffer = self._buffer
+        while buffer and (
+            len(buffer) >= self.settings.buffer_size
+            or self._buffered_bytes + size > self.settings.buffer_bytes
+        ):
+            self._buffered_bytes -= len(buffer.popleft()[1])
+            self._dropped += 1
+        return True
 
     # -- control ------------------------------------------------------------
 
@@ -148,6 +166,7 @@ class Publisher:
             dropped=self._dropped + self._dropped_by_flusher,
             errors=self._errors,
             buffer_depth=len(self._buffer),
+            buffer_bytes=self._buffered_bytes,
             reconnects=self._reconnects,
             batches=self._batches,
             connected=self._connected,
@@ -164,6 +183,8 @@ class Publisher:
     def _reset(self) -> None:
         """(Re)create all per-process state; runs at init and in a forked child."""
         self._buffer: deque[tuple[bytes, bytes]] = deque()
+        self._buffered_bytes = 0
+        self._lock = threading.Lock()
         self._drop_oldest = self.settings.drop_policy == "oldest"
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -197,13 +218,10 @@ class Publisher:
 
     def _take_batch(self) -> list[tuple[bytes, bytes]]:
         buffer = self._buffer
-        batch: list[tuple[bytes, bytes]] = []
-        popleft = buffer.popleft
-        try:
-            for _ in range(self.settings.batch_size):
-                batch.append(popleft())
-        except IndexError:
-            pass
+        with self._lock:
+            count = min(len(buffer), self.settings.batch_size)
+            batch = [buffer.popleft() for _ in range(count)]
+            self._buffered_bytes -= sum(len(payload) for _, payload in batch)
         return batch
 
     def _drain_once(self) -> bool:
@@ -276,14 +294,16 @@ class Publisher:
         # Put the batch back in front, in order, then apply the drop policy to
         # whatever exceeds the bound: the same outcome as if publish() had dropped.
         buffer = self._buffer
-        buffer.extendleft(reversed(batch))
-        trim = buffer.popleft if self._drop_oldest else buffer.pop
-        try:
-            while len(buffer) > self.settings.buffer_size:
-                trim()
+        with self._lock:
+            buffer.extendleft(reversed(batch))
+            self._buffered_bytes += sum(len(payload) for _, payload in batch)
+            trim = buffer.popleft if self._drop_oldest else buffer.pop
+            while buffer and (
+                len(buffer) > self.settings.buffer_size
+                or self._buffered_bytes > self.settings.buffer_bytes
+            ):
+                self._buffered_bytes -= len(trim()[1])
                 self._dropped_by_flusher += 1
-        except IndexError:
-            pass
 
     def _backoff(self) -> float:
         return min(_MAX_BACKOFF_S, 0.05 * 2.0 ** min(self._errors, 5))

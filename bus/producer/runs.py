@@ -5,17 +5,26 @@ trace id (the root run) and the per-trace sequence number are ours to keep.
 State lives from a run's start to its end, and a trace's from its first run's
 start until none of its runs is open, so memory stays bounded by the runs in
 flight (plus a hard cap against runs that never end).
+
+Consumers recognise an event by ``(source, seq)``, so a trace that opens
+again in this process (a later run joins it through ``lcbus_trace_id``, or an
+event arrives after its runs ended) must not number its events from 1 again:
+it continues where it stopped. The next seq of recently closed traces is
+kept; a trace no longer remembered starts above every seq ever forgotten.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from typing import Any
 from uuid import UUID
 
 from bus.keys import partition_of
 
 MAX_OPEN_RUNS = 100_000
+RECENT_TRACES = 10_000
+"""Closed traces whose next seq is remembered, should they open again."""
 TRACE_ID_METADATA_KEY = "lcbus_trace_id"
 """Metadata key that names the trace of a run whose parent lives in another process."""
 THREAD_ID_METADATA_KEY = "thread_id"
@@ -40,10 +49,12 @@ class LiveTrace:
 
     __slots__ = ("open_runs", "partition", "seq", "trace_id")
 
-    def __init__(self, trace_id: str, partitions: int, *, key: str | None = None) -> None:
+    def __init__(
+        self, trace_id: str, partitions: int, first_seq: int = 1, *, key: str | None = None
+    ) -> None:
         self.trace_id = trace_id
         self.partition = partition_of(key or trace_id, partitions)
-        self.seq = itertools.count(1)
+        self.seq = itertools.count(first_seq)
         self.open_runs = 0
 
 
@@ -79,6 +90,9 @@ class RunRegistry:
         self._partitions = partitions
         self._runs: dict[UUID, Run] = {}
         self._traces: dict[str, LiveTrace] = {}
+        self._closed: OrderedDict[str, int] = OrderedDict()
+        self._forgotten_seq = 0
+        """The highest next seq of a closed trace no longer in ``_closed``."""
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -139,12 +153,16 @@ class RunRegistry:
             return
         trace = run.trace
         trace.open_runs -= 1
-        if trace.open_runs <= 0:
-            self._traces.pop(trace.trace_id, None)
+        if trace.open_runs <= 0 and self._traces.pop(trace.trace_id, None) is not None:
+            self._closed[trace.trace_id] = next(trace.seq)
+            if len(self._closed) > RECENT_TRACES:
+                _, next_seq = self._closed.popitem(last=False)
+                self._forgotten_seq = max(self._forgotten_seq, next_seq)
 
     def _new_trace(self, trace_id: str, metadata: dict[str, Any]) -> LiveTrace:
+        first_seq = self._closed.pop(trace_id, None) or self._forgotten_seq + 1
         key = partition_key(trace_id, metadata)
-        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions, key=key)
+        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions, first_seq, key=key)
         return trace
 
     def _evict_oldest(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import msgspec
 import redis.asyncio as aioredis
 
-from bus.errors import EventDecodeError
+from bus.errors import EventDecodeError, EventRejected
 from bus.events import Event, UnknownEvent, decode
 from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime import deadletter
@@ -94,9 +94,13 @@ class BatchProcessor:
                 payloads = {
                     i.decode(): f.get(ENTRY_FIELD, b"") for i, f in entries if f is not None
                 }
-                reason = deadletter.REASON_HANDLER_FAILED
                 for delivery, error in failures:
                     payload = payloads[delivery.entry_id]
+                    reason = (
+                        deadletter.REASON_REJECTED
+                        if isinstance(error, EventRejected)
+                        else deadletter.REASON_HANDLER_FAILED
+                    )
                     dead.append(self._dead(reason, error, part, delivery.entry_id, payload))
                 # Dead letters keep stream order, whichever way each one failed.
                 dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
@@ -189,6 +193,10 @@ class BatchProcessor:
                 # Redis trouble inside the handler is an outage, not poison:
                 # the reader backs off and re-reads the batch from pending.
                 raise
+            except EventRejected as exc:
+                # The same input is refused the same way: no retry.
+                self._stats.failed += 1
+                return exc
             except Exception as exc:
                 self._stats.failed += 1
                 error = exc

@@ -22,6 +22,8 @@ from bus.settings import Settings
 
 REASON_UNDECODABLE = "undecodable"
 REASON_HANDLER_FAILED = "handler_failed"
+REASON_REJECTED = "rejected"
+"""The handler refused the event (:class:`bus.errors.EventRejected`): it breaks a bound."""
 
 
 @dataclass(frozen=True, slots=True)

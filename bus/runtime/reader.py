@@ -114,27 +114,29 @@ class PartitionReader:
             return False
         part.next_pending_check = now + self._settings.lease_ttl_ms / 1000
         summary: Any = await self._redis.xpending(stream, self._group)
-        for row in summary.get("consumers") or []:
-            if text(row["name"]) == consumer and int(row["pending"]) > len(part.unacked):
-                log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
-                return True
+        if _pending_of(summary, consumer) > len(part.unacked):
+            log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
+            return True
         return False
 
     async def _read(
         self, part: HeldPartition, stream: str, consumer: str, cursor: str
     ) -> tuple[Entries, str]:
         if cursor != ">":
-            entries = _entries(await self._xread(part, stream, consumer, cursor, None))
+            reply, _ = await self._xread(part, stream, consumer, cursor, None)
+            entries = _entries(reply)
             if not entries:
                 return [], ">"
             return entries, text(entries[-1][0])
         if self._settings.read_block_ms <= 0:
             # Polling mode, for servers whose blocking XREADGROUP misbehaves
             # (fakeredis 2.40 moves entries to the pending list but answers empty).
-            entries = _entries(await self._xread(part, stream, consumer, ">", None))
-            if not entries:
+            new = await self._read_new(part, stream, consumer, None)
+            if new is None:
+                return [], "0"
+            if not new:
                 await asyncio.sleep(IDLE_SLEEP_S)
-            return entries, ">"
+            return new, ">"
         # Never block past the lease deadline: a read served after the lease
         # moved would park new entries in a name another replica now owns.
         budget_ms = int((part.remaining_s() - self._margin_s) * 1000)
@@ -143,27 +145,62 @@ class PartitionReader:
             await asyncio.sleep(max(block_ms, MIN_BLOCK_MS) / 1000)
             return [], ">"
         started = time.monotonic()
-        entries = _entries(await self._xread(part, stream, consumer, ">", block_ms))
-        if not entries and time.monotonic() - started < block_ms / 2000:
+        new = await self._read_new(part, stream, consumer, block_ms)
+        if new is None:
+            return [], "0"
+        if not new and time.monotonic() - started < block_ms / 2000:
             await asyncio.sleep(IDLE_SLEEP_S)
-        return entries, ">"
+        return new, ">"
+
+    async def _read_new(
+        self, part: HeldPartition, stream: str, consumer: str, block: int | None
+    ) -> Entries | None:
+        """New entries, or None when older ones wait, parked, in this name's pending list.
+
+        A read whose reply was lost (a socket timeout, a broken connection:
+        Redis stalled, or this process did) can still be served after the
+        next read, parking the entries it took while later ones are handed
+        out. The pending count read right after every read tells: if this
+        name holds more than it just received, the caller re-reads the whole
+        pending list, which returns the parked entries first, in stream order.
+        """
+        reply, pending = await self._xread(part, stream, consumer, ">", block, check=True)
+        entries = _entries(reply)
+        if entries and pending > len(entries):
+            log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
+            return None
+        return entries
 
     async def _xread(
-        self, part: HeldPartition, stream: str, consumer: str, cursor: str, block: int | None
-    ) -> Any:
+        self,
+        part: HeldPartition,
+        stream: str,
+        consumer: str,
+        cursor: str,
+        block: int | None,
+        *,
+        check: bool = False,
+    ) -> tuple[Any, int]:
+        """One read, with the pending acks before it and, if ``check``, the count of
+        this name's pending entries right after it (else -1), in one round trip."""
         count = self._settings.read_count
-        if not part.unacked:
-            return await self._redis.xreadgroup(
+        if not part.unacked and not check:
+            reply = await self._redis.xreadgroup(
                 self._group, consumer, {stream: cursor}, count=count, block=block
             )
+            return reply, -1
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(stream, self._group, *part.unacked)
+            if part.unacked:
+                pipe.xack(stream, self._group, *part.unacked)
             pipe.xreadgroup(self._group, consumer, {stream: cursor}, count=count, block=block)
-            _acked, reply = await pipe.execute()
+            if check:
+                pipe.xpending(stream, self._group)
+            replies = await pipe.execute()
+        pending = _pending_of(replies.pop(), consumer) if check else -1
         # Kept until here on purpose: XACK is idempotent, so after an error
         # the same ids simply go out again with the next read.
         part.unacked = []
-        return reply
+        return replies[-1], pending
 
 
 def _entries(reply: Any) -> Entries:
@@ -171,3 +208,11 @@ def _entries(reply: Any) -> Entries:
     if not reply:
         return []
     return list(reply[0][1])
+
+
+def _pending_of(summary: Any, consumer: str) -> int:
+    """The pending count of ``consumer`` in an XPENDING summary."""
+    for row in summary.get("consumers") or []:
+        if text(row["name"]) == consumer:
+            return int(row["pending"])
+    return 0

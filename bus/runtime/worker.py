@@ -31,6 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from bus.keys import Keys
+from bus.runtime.arqpool import arq_pool
 from bus.runtime.consumer import BatchHandler, GroupConsumer
 from bus.runtime.metrics import MetricsExporter
 from bus.settings import Settings
@@ -210,11 +211,15 @@ def consumer_worker_settings(
         await _start_consumer(wctx, group, build_handler)
 
     jobs = list(functions) or [func(consumer_stats, name="consumer_stats")]
+    queue = Keys(cfg.prefix).arq_queue(worker)
     options = {"max_jobs": max_jobs, "poll_delay": poll_delay, "job_timeout": job_timeout}
     attrs: dict[str, Any] = {
         # arq reads these from the class __dict__, not through inheritance.
         "redis_settings": RedisSettings.from_dsn(cfg.redis_url),
-        "queue_name": Keys(cfg.prefix).arq_queue(worker),
+        # arq's own job and result keys under the prefix (see bus.runtime.arqpool);
+        # connections open on first use, inside the worker's event loop.
+        "redis_pool": arq_pool(cfg, queue=queue, for_worker=True, socket_connect_timeout=2),
+        "queue_name": queue,
         "functions": jobs,
         "on_startup": startup,
         "on_shutdown": _shutdown,

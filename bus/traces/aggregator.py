@@ -81,10 +81,11 @@ class TraceAggregator:
             loaded = await self.store.load(pending, fresh=fresh, new=new)
             now = time.time()
             for trace_id in pending:
-                state = loaded[trace_id].state
+                item = loaded[trace_id]
                 for event in by_trace[trace_id]:
-                    apply(state, event)
-                state.updated_at = now
+                    apply(item.state, event)
+                    item.touched(event.run_id)
+                item.state.updated_at = now
             conflicts = await self._save(loaded, now)
             if not conflicts:
                 return
@@ -178,6 +179,7 @@ def completed_event(state: TreeState) -> ev.TraceCompleted:
     summary = summarize(state)
     rollup = {
         "usage": msgspec.to_builtins(summary.usage),
+        "unreported_usage": summary.unreported_usage,
         "latency_ms": summary.latency_ms,
         "start_time": summary.start_time,
         "end_time": summary.end_time,

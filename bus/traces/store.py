@@ -1,10 +1,16 @@
 """Run trees in Redis: the trace worker's writes and the read API.
 
 Each trace is one hash ``keys.tree(trace_id, partition)`` with fields
-``STATE_VERSION`` (a version counter), ``STATE_BLOB`` (the msgpack
-:class:`~bus.traces.tree.TreeState`) and ``TREE_SUMMARY`` (the JSON
-:class:`~bus.traces.tree.TraceSummary` the list filters read), expiring
-``trace_ttl_s`` after its last write. A write is a compare-and-set on ``v``:
+``STATE_VERSION`` (a version counter), ``TREE_TRACE`` (the msgpack
+:class:`~bus.traces.tree.TreeState` without its runs), ``TREE_RUN_PREFIX`` +
+run id (each run's msgpack :class:`~bus.traces.tree.RunFacts`) and
+``TREE_SUMMARY`` (the JSON :class:`~bus.traces.tree.TraceSummary` the list
+filters read), expiring ``trace_ttl_s`` after its last write. A save writes
+only the runs the batch changed, the summary and the trace's own fields: a
+trace of a thousand large tool runs costs each run's bytes about once, not the
+whole tree per batch. (A tree an older version stored as one state blob,
+``STATE_BLOB``, still loads; its next save writes every run and drops the
+blob.) A write is a compare-and-set on ``v``:
 leases make one worker replica the writer of a trace's partition, but a
 replica that lost its lease mid-batch, or the timeout sweep of another replica,
 may write too; the loser reloads and re-applies (applying is idempotent).
@@ -29,11 +35,28 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus.errors import InvalidQuery
-from bus.keys import STATE_BLOB, STATE_VERSION, TREE_SUMMARY, Keys, lua_fields, partition_of
+from bus.keys import (
+    STATE_BLOB,
+    STATE_VERSION,
+    TREE_RUN_PREFIX,
+    TREE_SUMMARY,
+    TREE_TRACE,
+    Keys,
+    lua_fields,
+    partition_of,
+)
 from bus.parsing import text
 from bus.scripts import LuaScript, execute
 from bus.settings import Settings
-from bus.traces.tree import Trace, TraceSummary, TreeState, build_trace, is_complete, summarize
+from bus.traces.tree import (
+    RunFacts,
+    Trace,
+    TraceSummary,
+    TreeState,
+    build_trace,
+    is_complete,
+    summarize,
+)
 
 __all__ = ["Loaded", "Saved", "TracePage", "TraceStore", "get_trace", "list_traces"]
 
@@ -48,15 +71,23 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(TreeState)
 _summary_decoder = msgspec.json.Decoder(TraceSummary)
 
-# KEYS: tree, done flag, event stream. ARGV: expected version, state, summary, ttl,
-# completed event ('' for none), stream maxlen.
+_run_encoder = msgspec.msgpack.Encoder()
+_run_decoder = msgspec.msgpack.Decoder(RunFacts)
+
+# KEYS: tree, done flag, event stream. ARGV: expected version, trace fields, summary, ttl,
+# completed event ('' for none), stream maxlen, '1' to drop a legacy state blob, then
+# (run field, run) pairs.
 # -> {new version, 1 if the event was published}, or -1 when the version moved on.
 _SAVE = LuaScript(
     lua_fields("""
 local v = redis.call('HGET', KEYS[1], '$VERSION') or '0'
 if v ~= ARGV[1] then return -1 end
 local new = tonumber(v) + 1
-redis.call('HSET', KEYS[1], '$VERSION', new, '$BLOB', ARGV[2], '$SUMMARY', ARGV[3])
+redis.call('HSET', KEYS[1], '$VERSION', new, '$TREE_TRACE', ARGV[2], '$SUMMARY', ARGV[3])
+for i = 8, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if ARGV[7] == '1' then redis.call('HDEL', KEYS[1], '$BLOB') end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', '$ENTRY', ARGV[5])
@@ -87,6 +118,13 @@ class Saved:
 class Loaded:
     version: int
     state: TreeState
+    changed: set[str] | None = None
+    """Ids of the runs changed since the last save (the caller adds them); None: all,
+    as for a tree stored in the older one-blob form."""
+
+    def touched(self, run_id: str) -> None:
+        if self.changed is not None:
+            self.changed.add(run_id)
 
 
 class TraceStore:
@@ -116,7 +154,7 @@ class TraceStore:
         for trace_id in trace_ids:
             cached = None if fresh else self._cache.get(trace_id)
             if cached is None and not fresh and trace_id in new:
-                found[trace_id] = Loaded(0, TreeState(trace_id=trace_id))
+                found[trace_id] = Loaded(0, TreeState(trace_id=trace_id), set())
             elif cached is None:
                 missing.append(trace_id)
             else:
@@ -125,10 +163,10 @@ class TraceStore:
         if missing:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for trace_id in missing:
-                    pipe.hmget(self._tree(trace_id), [STATE_VERSION, STATE_BLOB])
+                    pipe.hgetall(self._tree(trace_id))
                 replies = await pipe.execute()
-            for trace_id, (version, blob) in zip(missing, replies, strict=True):
-                found[trace_id] = _loaded(trace_id, version, blob)
+            for trace_id, fields in zip(missing, replies, strict=True):
+                found[trace_id] = _loaded(trace_id, fields)
         return found
 
     async def save(
@@ -141,20 +179,19 @@ class TraceStore:
         """
         keys, ttl, partitions = self.keys, self.settings.trace_ttl_s, self.settings.partitions
         items = list(loaded.items())
-        writes = [
-            (trace_id, item.version, _state_encoder.encode(item.state), summarize(item.state))
-            for trace_id, item in items
-        ]
-        done = [trace_id for trace_id, _, _, summary in writes if summary.completed]
-        still_open = {trace_id: now for trace_id, _, _, summary in writes if not summary.completed}
+        writes = [(trace_id, item, summarize(item.state)) for trace_id, item in items]
+        done = [trace_id for trace_id, _, summary in writes if summary.completed]
+        still_open = {trace_id: now for trace_id, _, summary in writes if not summary.completed}
         maxlen = self.settings.stream_maxlen
 
         def queue_saves(pipe: Any) -> None:
-            for trace_id, version, blob, summary in writes:
+            for trace_id, item, summary in writes:
                 p = partition_of(trace_id, partitions)
                 script_keys = [keys.tree(trace_id, p), keys.trace_done(trace_id, p), keys.events(p)]
                 event = announce.get(trace_id, b"")
-                args = [version, blob, msgspec.json.encode(summary), ttl, event, maxlen]
+                args = [item.version, _trace_fields(item.state), msgspec.json.encode(summary)]
+                args += [ttl, event, maxlen, b"1" if item.changed is None else b"0"]
+                args += _run_fields(item)
                 _SAVE.queue(pipe, script_keys, args)
             pipe.zadd(keys.trace_index(), {trace_id: now for trace_id, _ in items})
             if still_open:
@@ -176,6 +213,7 @@ class TraceStore:
                 self._cache.pop(trace_id, None)
                 continue
             item.version = int(reply[0])
+            item.changed = set()
             if reply[1] == 1:
                 saved.published.append(trace_id)
             self._remember(trace_id, item)
@@ -197,10 +235,43 @@ class TraceStore:
             self._cache.popitem(last=False)
 
 
-def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
-    if version is None or blob is None:
-        return Loaded(0, TreeState(trace_id=trace_id))
-    return Loaded(int(version), _state_decoder.decode(blob))
+def _trace_fields(state: TreeState) -> bytes:
+    return _state_encoder.encode(
+        TreeState(trace_id=state.trace_id, timed_out=state.timed_out, updated_at=state.updated_at)
+    )
+
+
+def _run_fields(item: Loaded) -> list[bytes]:
+    runs = item.state.runs
+    ids = runs if item.changed is None else [r for r in item.changed if r in runs]
+    fields: list[bytes] = []
+    for run_id in ids:
+        fields += (TREE_RUN_PREFIX + run_id.encode(), _run_encoder.encode(runs[run_id]))
+    return fields
+
+
+def _state_of(trace_id: str, fields: Mapping[bytes, bytes]) -> TreeState | None:
+    """A stored tree's state (either form), or None when nothing is stored."""
+    if TREE_TRACE in fields:
+        state = _state_decoder.decode(fields[TREE_TRACE])
+        start = len(TREE_RUN_PREFIX)
+        state.runs = {
+            name[start:].decode(): _run_decoder.decode(value)
+            for name, value in fields.items()
+            if name.startswith(TREE_RUN_PREFIX)
+        }
+        return state
+    if STATE_BLOB in fields:
+        return _state_decoder.decode(fields[STATE_BLOB])
+    return None
+
+
+def _loaded(trace_id: str, fields: Mapping[bytes, bytes]) -> Loaded:
+    state = _state_of(trace_id, fields)
+    if state is None or STATE_VERSION not in fields:
+        return Loaded(0, TreeState(trace_id=trace_id), set())
+    legacy = TREE_TRACE not in fields
+    return Loaded(int(fields[STATE_VERSION]), state, None if legacy else set())
 
 
 # -- read API ----------------------------------------------------------------------
@@ -208,10 +279,9 @@ def _loaded(trace_id: str, version: bytes | None, blob: bytes | None) -> Loaded:
 
 async def get_trace(redis: aioredis.Redis, settings: Settings, trace_id: str) -> Trace | None:
     """The run tree of ``trace_id`` (live or finished), or None when unknown or expired."""
-    blob: Any = await redis.hget(_tree_key(settings, trace_id), STATE_BLOB)
-    if blob is None:
-        return None
-    return build_trace(_state_decoder.decode(blob))
+    fields: Any = await redis.hgetall(_tree_key(settings, trace_id))
+    state = _state_of(trace_id, fields)
+    return None if state is None else build_trace(state)
 
 
 async def list_traces(

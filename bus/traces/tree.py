@@ -21,13 +21,14 @@ are milliseconds.
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 from typing import Any, Literal
 
 import msgspec
 
 from bus import events as ev
+from bus.seqranges import add_seq
+from bus.traces.usage import TokenUsage, usage_of
 
 LLM_RUN_TYPES = frozenset({"llm", "chat_model"})
 
@@ -36,19 +37,17 @@ TraceStatus = Literal["running", "success", "error", "timeout"]
 """A trace's status in the view: its root's, or ``timeout`` (see :class:`TraceSummary`)."""
 EndKind = Literal["", "end", "error"]
 """How a run ended, in the state: ``""`` while it has not."""
+ModelType = Literal["chat", "llm"]
+"""What kind of model a model run was: LangChain's ``ls_model_type``."""
+MODEL_TYPES: dict[str, ModelType] = {"chat_model": "chat", "llm": "llm"}
+"""A model run's event ``run_type`` -> the tree's ``model_type``."""
 
 
 # -- view: the public schema ------------------------------------------------------
 
 
-# gc=False on the state and usage Structs: they hold acyclic, JSON-like data, and the
-# trace worker allocates many; untracked, they do not slow the cyclic collector.
-class TokenUsage(msgspec.Struct, kw_only=True, gc=False):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    total_tokens: int = 0
-
-
+# gc=False on the state Structs (and TokenUsage): they hold acyclic, JSON-like data,
+# and the trace worker allocates many; untracked, they do not slow the cyclic collector.
 class RunNode(msgspec.Struct, kw_only=True):
     """One run of the tree (a chain, model call, tool, retriever, prompt, parser…)."""
 
@@ -59,6 +58,9 @@ class RunNode(msgspec.Struct, kw_only=True):
     """``<start %Y%m%dT%H%M%S%fZ><run id>`` of each ancestor and itself, joined by ``.``."""
     name: str
     run_type: str
+    """As LangChain's tracer and LangSmith record it: a chat model's run is an ``llm`` run."""
+    model_type: ModelType | None
+    """``chat`` or ``llm`` (a completion model) for model runs; None for other runs."""
     status: RunStatus
     start_time: float | None
     end_time: float | None
@@ -71,7 +73,8 @@ class RunNode(msgspec.Struct, kw_only=True):
     tags: list[str]
     metadata: dict[str, Any]
     usage: TokenUsage | None
-    """Token usage the model reported (model runs only)."""
+    """Token usage the model reported (model runs only); None when it reported none
+    (``ChatOpenAI`` streams without usage unless ``stream_usage=True``)."""
     first_token_time: float | None
     """When the first streamed token arrived (streaming model runs only)."""
     token_count: int
@@ -92,8 +95,10 @@ class TraceSummary(msgspec.Struct, kw_only=True):
     start_time: float | None
     end_time: float | None
     latency_ms: float | None
-    usage: TokenUsage
-    """Sum over every run that reported usage."""
+    usage: TokenUsage | None
+    """Sum over every run that reported usage; None when no run did."""
+    unreported_usage: int
+    """Model runs that ended without reporting usage (not counted in ``usage``)."""
     model_calls: int
     errors: int
     """Runs that ended with an error (the root included)."""
@@ -198,7 +203,9 @@ def apply(state: TreeState, event: ev.BaseEvent) -> None:
     run = state.runs.get(event.run_id)
     if run is None:
         run = state.runs[event.run_id] = RunFacts(id=event.run_id)
-    if not run.started and not isinstance(event, ev.RunStart):
+    # An end or error carries the run's fields too; a token does not (they ride on
+    # the run's start and end only), so it never supplies them.
+    if not run.started and not isinstance(event, ev.RunStart | ev.LLMNewToken):
         rank = (1, event.source, event.seq)
         if rank < run.info_rank:
             _take_fields(run, event, rank)
@@ -230,53 +237,15 @@ def _count_token(run: RunFacts, event: ev.LLMNewToken) -> None:
     ranges = run.tokens.get(event.source)
     if ranges is None:
         ranges = run.tokens[event.source] = []
-    seq = event.seq
-    if ranges and ranges[-1][1] == seq - 1:  # the usual case: tokens in order
-        ranges[-1][1] = seq
-    elif not add_seq(ranges, seq):
+    if not add_seq(ranges, event.seq):
         return
     first = run.first_token_time
     if first is None or event.time < first:
         run.first_token_time = event.time
 
 
-def add_seq(ranges: list[list[int]], seq: int) -> bool:
-    """Add ``seq`` to sorted, disjoint ``[lo, hi]`` ranges; False if already there."""
-    index = bisect.bisect_right(ranges, [seq, float("inf")])
-    if index and ranges[index - 1][1] >= seq:
-        return False
-    joins_left = index > 0 and ranges[index - 1][1] == seq - 1
-    joins_right = index < len(ranges) and ranges[index][0] == seq + 1
-    if joins_left and joins_right:
-        ranges[index - 1][1] = ranges[index][1]
-        del ranges[index]
-    elif joins_left:
-        ranges[index - 1][1] = seq
-    elif joins_right:
-        ranges[index][0] = seq
-    else:
-        ranges.insert(index, [seq, seq])
-    return True
-
-
 def token_count(run: RunFacts) -> int:
     return sum(hi - lo + 1 for ranges in run.tokens.values() for lo, hi in ranges)
-
-
-def usage_of(event: ev.LLMEnd) -> TokenUsage | None:
-    """Token usage from ``usage_metadata`` or the provider's ``llm_output`` usage."""
-    output = event.llm_output or {}
-    for found in (event.usage, output.get("token_usage"), output.get("usage")):
-        if isinstance(found, dict) and found:
-            given = _int(found.get("input_tokens", found.get("prompt_tokens")))
-            taken = _int(found.get("output_tokens", found.get("completion_tokens")))
-            total = _int(found.get("total_tokens")) or given + taken
-            return TokenUsage(input_tokens=given, output_tokens=taken, total_tokens=total)
-    return None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 # -- from state to view ---------------------------------------------------------------
@@ -301,12 +270,11 @@ def summarize(state: TreeState) -> TraceSummary:
         status = "error" if root.end_kind == "error" else "success"
     else:
         status = "timeout" if state.timed_out else "running"
-    usage = TokenUsage()
+    usage: TokenUsage | None = None
     for run in runs:
         if run.usage is not None:
-            usage.input_tokens += run.usage.input_tokens
-            usage.output_tokens += run.usage.output_tokens
-            usage.total_tokens += run.usage.total_tokens
+            usage = usage or TokenUsage()
+            usage.add(run.usage)
     start = top.start_time if top is not None else None
     end = root.end_time if complete and root is not None else None
     first_tokens = [r.first_token_time for r in runs if r.first_token_time is not None]
@@ -319,6 +287,9 @@ def summarize(state: TreeState) -> TraceSummary:
         end_time=end,
         latency_ms=_ms(start, end),
         usage=usage,
+        unreported_usage=sum(
+            1 for r in runs if r.run_type in LLM_RUN_TYPES and r.end_kind and r.usage is None
+        ),
         model_calls=sum(1 for r in runs if r.run_type in LLM_RUN_TYPES),
         errors=sum(1 for r in runs if r.end_kind == "error"),
         run_count=len(state.runs),
@@ -360,7 +331,8 @@ def _node(trace_id: str, run: RunFacts, dotted: str, children: list[RunNode]) ->
         parent_run_id=run.parent_run_id,
         dotted_order=dotted,
         name=run.name,
-        run_type=run.run_type,
+        run_type="llm" if run.run_type in LLM_RUN_TYPES else run.run_type,
+        model_type=MODEL_TYPES.get(run.run_type),
         status=_RUN_STATUS[run.end_kind],
         start_time=run.start_time,
         end_time=run.end_time,

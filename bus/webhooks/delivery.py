@@ -28,6 +28,7 @@ import logging
 import random
 import secrets
 import time
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 SLOW_DOWN_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_WAIT_S = 2.0
 _REDIS_RETRY_S = 2.0
+_MAX_UNSETTLED = 10_000
+"""Sent attempts remembered while Redis cannot record their outcome."""
 _json = msgspec.json.encode
 
 
@@ -98,8 +101,22 @@ def jittered(delay: float, jitter: float) -> float:
     return delay * random.uniform(1 - jitter, 1 + jitter)
 
 
+@dataclass(frozen=True, slots=True)
+class _Posted:
+    """An attempt sent whose outcome is not recorded yet."""
+
+    endpoint: Endpoint
+    body: bytes
+    result: Result
+    token: str
+
+
 class Deliverer:
     """Makes attempts; one per worker process, kept in arq's ctx.
+
+    An attempt that was sent but whose outcome Redis failed to record (Redis
+    went away right after the POST) is re-run by arq; the same process then
+    records the remembered outcome instead of sending the message again.
 
     ``transport`` is the httpx transport the POSTs go through (see
     :class:`bus.webhooks.sender.Sender`); by default the SSRF guard.
@@ -126,6 +143,8 @@ class Deliverer:
             wait_s=settings.webhook_local_wait_ms / 1000,
         )
         self._sizes: dict[str, int] = {}
+        self._unsettled: dict[str, _Posted] = {}
+        """By job id: attempts sent whose outcome Redis did not take."""
         self.sender = Sender(settings=settings, allow=self.endpoints.allow, transport=transport)
 
     async def aclose(self) -> None:
@@ -176,6 +195,11 @@ class Deliverer:
             return code, raw, body
 
     async def _attempt(self, job: AttemptJob) -> Outcome:
+        posted = self._unsettled.pop(job.job_id, None)
+        if posted is not None:
+            # This process already sent this attempt; Redis failed while it
+            # recorded the outcome. Record it now rather than POST again.
+            return await self._settle_posted(job, posted)
         token = secrets.token_hex(8)
         code, raw, body = await self._begin(job, token)
         if code == GONE:
@@ -206,7 +230,19 @@ class Deliverer:
         except BaseException:
             await self.limits.release(job.endpoint_id, token)
             raise
-        return await self._settle(job, endpoint, body, result, token)
+        return await self._settle_posted(job, _Posted(endpoint, body, result, token))
+
+    async def _settle_posted(self, job: AttemptJob, posted: _Posted) -> Outcome:
+        """Record a sent attempt; if Redis fails meanwhile, remember it for arq's re-run."""
+        try:
+            return await self._settle(
+                job, posted.endpoint, posted.body, posted.result, posted.token
+            )
+        except RedisError:
+            self._unsettled[job.job_id] = posted
+            while len(self._unsettled) > _MAX_UNSETTLED:
+                del self._unsettled[next(iter(self._unsettled))]
+            raise
 
     async def _wait(self, job: AttemptJob, wait_ms: int) -> None:
         # BUSY has no natural end: back off exponentially so a queue of waiting

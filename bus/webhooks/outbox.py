@@ -124,7 +124,8 @@ async def enqueue_attempts(
     """
     if not jobs:
         return []
-    queue = Keys(settings.prefix).arq_queue(WORKER)
+    keys = Keys(settings.prefix)
+    queue = keys.arq_queue(WORKER)
     now_ms = int(time.time() * 1000)
     defer_ms = round(defer_s * 1000) if defer_s > 0 else 0
 
@@ -139,9 +140,9 @@ async def enqueue_attempts(
                 now_ms,
                 serializer=arq.job_serializer,
             )
-            keys = [job_key_prefix + jid, result_key_prefix + jid, queue]
+            job_keys = [keys.arq(job_key_prefix + jid), keys.arq(result_key_prefix + jid), queue]
             _ENQUEUE.queue(
-                pipe, keys, [jid, now_ms + defer_ms, defer_ms + arq.expires_extra_ms, payload]
+                pipe, job_keys, [jid, now_ms + defer_ms, defer_ms + arq.expires_extra_ms, payload]
             )
 
     return [bool(r) for r in await execute(arq, (_ENQUEUE,), build)]

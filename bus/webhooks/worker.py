@@ -15,10 +15,10 @@ stops one slow endpoint from taking all of them.
 
 from __future__ import annotations
 
-from arq.connections import ArqRedis
 from arq.worker import func
 from redis.asyncio import BlockingConnectionPool
 
+from bus.runtime.arqpool import PrefixedArqRedis
 from bus.runtime.consumer import BatchHandler
 from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
@@ -50,7 +50,7 @@ async def build_router(ctx: WorkerContext) -> BatchHandler:
     pool = BlockingConnectionPool.from_url(
         ctx.settings.redis_url, max_connections=ctx.settings.webhook_redis_connections, timeout=30
     )
-    client = ArqRedis(connection_pool=pool)
+    client = PrefixedArqRedis(pool, prefix=ctx.settings.prefix)
     ctx.cleanup.push_async_callback(client.aclose, close_connection_pool=True)
     deliverer = Deliverer(redis=client, arq=client, settings=ctx.settings)
     ctx.cleanup.push_async_callback(deliverer.aclose)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import uuid
 from collections.abc import Iterator
@@ -9,13 +11,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_openai import ChatOpenAI
 
 from bus import BusCallbackHandler, Settings
 from bus import events as ev
 from bus.demo.app import build_tool_chain, openai_model
 from bus.demo.openai_server import DEFAULT_ANSWER
+from bus.traces.aggregator import TraceAggregator
+from bus.webhooks.outbox import build_body
+from tests.support.frontend import frontend
 from tests.support.processes import free_port, spawn, stop, wait_http
-from tests.support.published import by_trace, check_trace, read_all
+from tests.support.published import bus_deliveries, by_trace, check_trace, read_all
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +69,52 @@ def test_chat_openai_streams_a_tool_call_then_the_answer(
     )
     assert text == DEFAULT_ANSWER
     handler.close()
+
+
+@pytest.mark.parametrize("stream_usage", [False, True], ids=["usage-off", "stream-usage"])
+def test_usage_the_provider_did_not_report_is_unknown_not_zero(
+    stream_usage: bool, openai_url: str, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """``ChatOpenAI`` with a custom ``base_url`` streams no usage unless ``stream_usage=True``:
+    the tree, the trace API and the ``trace.completed`` webhook then say null, never 0."""
+    model = ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=openai_url,
+        api_key="local",  # type: ignore[arg-type]
+        streaming=True,
+        max_retries=0,
+        **({"stream_usage": True} if stream_usage else {}),
+    )
+    handler = BusCallbackHandler(settings=settings)
+    root = uuid.uuid4()
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
+    assert chain.invoke({"q": "hi"}, config={"callbacks": [handler], "run_id": root}) == (
+        DEFAULT_ANSWER
+    )
+    assert handler.publisher.flush(5)
+    handler.close()
+    asyncio.run(_aggregate(settings, sync_redis))
+
+    # The prompt "hi" is 1 token and the answer 23 words, as the scripted server counts.
+    reported = {"input_tokens": 1, "output_tokens": 23, "total_tokens": 24}
+    usage = reported if stream_usage else None
+    env = {"LCBUS_OPEN_ACCESS": "true", "LCBUS_PARTITIONS": str(settings.partitions)}
+    with frontend(settings.redis_url, settings.prefix, **env) as server:
+        answer = httpx.get(f"{server.url}/traces/{root}", timeout=10)
+    assert answer.status_code == 200, answer.text
+    tree = answer.json()
+    [llm] = [run for run in tree["root"]["children"] if run["run_type"] == "llm"]
+    assert (llm["name"], llm["model_type"], llm["usage"]) == ("ChatOpenAI", "chat", usage)
+    assert (tree["usage"], tree["unreported_usage"]) == (usage, 0 if stream_usage else 1)
+    [done] = [e for e in read_all(sync_redis, settings) if isinstance(e, ev.TraceCompleted)]
+    webhook = json.loads(build_body(done, "trace.completed"))
+    assert webhook["data"]["rollup"]["usage"] == usage
+    assert webhook["data"]["rollup"]["unreported_usage"] == (0 if stream_usage else 1)
+
+
+async def _aggregate(settings: Settings, sync_redis: redis.Redis) -> None:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await TraceAggregator(redis=client, settings=settings)(bus_deliveries(sync_redis, settings))
+    finally:
+        await client.aclose()

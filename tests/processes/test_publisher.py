@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
 
-from bus import Keys, Publisher, Settings
+from bus import BusCallbackHandler, Keys, Publisher, Settings
 from tests.support.redis_server import OwnedRedis
 from tests.support.waiting import wait_until
 
@@ -195,3 +198,44 @@ def test_refused_entries_are_counted_and_the_rest_flow(server: OwnedRedis) -> No
     assert client.xlen(Keys(settings.prefix).events(1)) == 4
     client.close()
     publisher.close()
+
+
+class RecordingPublisher(Publisher):
+    """A publisher that also remembers every payload handed to it, in order."""
+
+    def __init__(self, *, settings: Settings) -> None:
+        self.recorded: list[bytes] = []
+        super().__init__(settings=settings)
+
+    def publish(self, partition: int, payload: bytes) -> None:
+        self.recorded.append(payload)
+        super().publish(partition, payload)
+
+
+def test_large_metadata_runs_during_an_outage_stay_within_the_byte_bound(
+    server: OwnedRedis,
+) -> None:
+    bound, batch = 1_000_000, 8
+    settings = settings_for(server, buffer_bytes=bound, batch_size=batch)
+    publisher = RecordingPublisher(settings=settings)  # Redis is down: nothing is running yet
+    handler = BusCallbackHandler(publisher=publisher)
+    metadata = {"blob": "m" * 50_000}
+    text = " ".join(f"t{i}" for i in range(150))
+    try:
+        for _ in range(30):
+            model = GenericFakeChatModel(messages=iter([AIMessage(content=text)]))
+            config: RunnableConfig = {"callbacks": [handler], "metadata": metadata}
+            assert "".join(str(c.content) for c in model.stream("q", config=config)) == text
+            assert publisher.stats.buffer_bytes <= bound
+        published = sum(len(p) for p in publisher.recorded)
+        assert published > 2 * bound and publisher.stats.dropped > 0
+        server.start()
+        assert publisher.flush(timeout=10)
+    finally:
+        handler.close()
+    landed = payloads_on(server, settings)
+    # The newest events, in order: what the oldest-first drops left.
+    assert landed == publisher.recorded[-len(landed) :]
+    largest = max(len(p) for p in publisher.recorded)
+    assert sum(len(p) for p in landed) <= bound + batch * largest  # a batch may be in flight
+    assert publisher.stats.dropped == len(publisher.recorded) - len(landed)

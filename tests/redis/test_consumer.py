@@ -245,3 +245,37 @@ async def test_entries_parked_by_a_late_read_are_picked_up(
         await wait_until_async(lambda: no_pending(async_redis, settings))
     finally:
         await consumer.aclose()
+
+
+async def test_entries_parked_before_newer_ones_are_handled_first(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    """A read whose reply was lost (Redis stalled past the socket timeout) is served
+    after the holder's next read: it parks a trace's earlier entries while later ones
+    arrive. The holder notices on its very next read and handles them in stream
+    order, instead of the later ones first."""
+    # A long lease: the idle reader's own look at its pending list comes too late.
+    settings = settings.replace(partitions=1, lease_ttl_ms=60_000, read_block_ms=200, read_count=50)
+    recorder = Recorder()
+    consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
+    await consumer.start()
+    try:
+        await wait_until_async(lambda: consumer.owned_partitions == {0})
+        await asyncio.sleep(0.3)  # the holder is past its pending re-read, reading new entries
+        stream = Keys(settings.prefix).events(0)
+        early = [make_event("t-order", seq) for seq in range(1, 4)]
+        late = [make_event("t-order", seq) for seq in range(4, 7)]
+        with sync_redis.pipeline(transaction=True) as pipe:
+            for event in early:
+                pipe.xadd(stream, {ENTRY_FIELD: encode(event)})
+            pipe.xreadgroup(GROUP, "p0", {stream: ">"}, count=10)  # the lost read
+            for event in late:
+                pipe.xadd(stream, {ENTRY_FIELD: encode(event)})
+            pipe.execute()
+        await wait_until_async(lambda: len(recorder.seen) >= 3, within=10)
+        assert [d.event.seq for d in recorder.seen[:3]] == [1, 2, 3]
+        await wait_until_async(lambda: len(recorder.seen) >= 6, within=10)
+        assert [d.event.seq for d in recorder.seen] == [1, 2, 3, 4, 5, 6]
+        await wait_until_async(lambda: no_pending(async_redis, settings))
+    finally:
+        await consumer.aclose()

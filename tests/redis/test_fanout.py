@@ -287,3 +287,62 @@ async def test_a_lost_script_cache_is_reloaded_without_duplicates(settings: Sett
     assert handler.stats.duplicates == 0
     await async_client.aclose()
     sync_client.close()
+
+
+def _resent(items: list[Delivery], start: int, stop: int, at: int) -> list[Delivery]:
+    """Entries ``start:stop`` again under new entry ids (a batch the publisher re-sent)."""
+    return [
+        Delivery(entry_id=f"{at}-{n}", partition=d.partition, event=d.event)
+        for n, d in enumerate(items[start:stop])
+    ]
+
+
+async def test_a_resent_batch_under_new_entry_ids_is_applied_once_across_replicas(
+    sync_redis: redis.Redis, async_redis: aioredis.Redis, settings: Settings
+) -> None:
+    _publish(sync_redis, settings, _chain_run())
+    items = await deliveries(async_redis, settings)
+    trace = _trace_of(items)
+    quiet = settings.replace(fanout_coalesce_ms=0.0)
+    first, second = (
+        FanoutHandler(redis=async_redis, settings=quiet),
+        FanoutHandler(redis=async_redis, settings=quiet),
+    )
+    third = len(items) // 3
+    late = int(items[-1].entry_id.split("-")[0]) + 1
+    # The stream as a timed-out send leaves it: a batch, the same batch again, then on.
+    await first([*items[:third], *_resent(items, 0, third, late)])
+    # The lease moves: the other replica reads the next copy of a re-sent batch.
+    await second([*_resent(items, third - 5, 2 * third, late + 1), *items[2 * third :]])
+    await first(_resent(items, 2 * third, len(items), late + 2))
+    events = await history(async_redis, settings, Topic("trace", trace))
+    assert text_of(events) == TEXT
+    assert [e["final"] for e in events].count(True) == 1 and events[-1]["final"]
+    assert first.stats.duplicates == third + len(items) - 2 * third
+    assert second.stats.duplicates == 5
+
+
+async def test_a_trace_joined_twice_from_one_process_keeps_both_runs(
+    sync_redis: redis.Redis, async_redis: aioredis.Redis, settings: Settings
+) -> None:
+    """Two runs of one process join a trace rooted elsewhere, one after the other:
+    the second one's events are new events, not copies of the first one's."""
+    texts = ["first child run says hi", "second child run says bye"]
+
+    def run(bus_handler: BusCallbackHandler) -> None:
+        for text in texts:
+            model = GenericFakeChatModel(messages=iter([AIMessage(content=text)]))
+            config: RunnableConfig = {
+                "callbacks": [bus_handler],
+                "metadata": {"lcbus_trace_id": "remote-root"},
+            }
+            list(model.stream("q", config=config))
+
+    _publish(sync_redis, settings, run)
+    items = await deliveries(async_redis, settings)
+    assert _trace_of(items) == "remote-root"
+    handler = FanoutHandler(redis=async_redis, settings=settings)
+    await handler(items)
+    events = await history(async_redis, settings, Topic("trace", "remote-root"))
+    assert text_of(events) == "".join(texts)
+    assert handler.stats.duplicates == 0

@@ -6,6 +6,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from langchain_core.runnables import RunnableLambda
@@ -132,23 +133,50 @@ def test_handler_attached_to_the_chain(settings: Settings, sync_redis: redis.Red
     handler.close()
 
 
-def test_metadata_and_tags_travel_with_every_event(
+def test_run_fields_ride_on_run_events_and_not_on_tokens(
     settings: Settings, sync_redis: redis.Redis
 ) -> None:
     handler = BusCallbackHandler(settings=settings)
-    config: Any = {
-        "callbacks": [handler],
-        "tags": ["demo"],
-        "metadata": {"thread_id": "t-1", "openai_api_key": "sk-live-123"},
-    }
-    build_chain().invoke("q", config=config)
+    metadata = {"thread_id": "t-1", "openai_api_key": "sk-live-123", "blob": "m" * 50_000}
+    config: Any = {"callbacks": [handler], "tags": ["demo"], "metadata": metadata}
+    assert list(build_chain().stream("q", config=config))
     assert handler.publisher.flush(5)
     events = read_all(sync_redis, settings)
-    assert events
-    assert all("demo" in e.tags for e in events)
-    assert all(e.metadata.get("thread_id") == "t-1" for e in events)
-    assert all(e.metadata.get("openai_api_key") == "[redacted]" for e in events)
+    tokens = [e for e in events if isinstance(e, ev.LLMNewToken)]
+    others = [e for e in events if not isinstance(e, ev.LLMNewToken)]
+    assert len(tokens) > 10 and others
+    assert all("demo" in e.tags for e in others)
+    assert all(e.metadata.get("thread_id") == "t-1" for e in others)
+    assert all(e.metadata.get("openai_api_key") == "[redacted]" for e in others)
+    # A token carries its run's identity, not the run's name, tags and 50 KB of metadata.
+    assert all((e.name, e.tags, e.metadata) == ("", [], {}) for e in tokens)
+    assert all(e.run_type == "chat_model" and e.run_id for e in tokens)
+    assert max(len(ev.encode(e)) for e in tokens) < 300
     handler.close()
+
+
+def test_a_token_event_of_an_older_producer_still_decodes() -> None:
+    """Older producers repeated the run's fields on every token: those still decode."""
+    old = {
+        "type": "on_llm_new_token",
+        "id": "e1",
+        "time": 1.0,
+        "run_id": "r",
+        "trace_id": "r",
+        "seq": 3,
+        "name": "model",
+        "tags": ["demo"],
+        "metadata": {"thread_id": "t-1"},
+        "token": "hi",
+    }
+    event = decode(msgspec.msgpack.encode(old))
+    assert isinstance(event, ev.LLMNewToken)
+    assert (event.name, event.tags, event.metadata, event.token) == (
+        "model",
+        ["demo"],
+        {"thread_id": "t-1"},
+        "hi",
+    )
 
 
 class Unprintable:

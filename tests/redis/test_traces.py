@@ -180,3 +180,53 @@ async def test_idle_trace_completes_by_timeout_once(
     assert {e.status for e in completed_events(sync_redis, cfg)} == {"timeout"}
     stream = Keys(cfg.prefix).events(partition_of("idle", cfg.partitions))
     assert sync_redis.xlen(stream) >= 1
+
+
+class CountingConnection(aioredis.Connection):
+    """Counts the bytes each connection sends to Redis (commands and their arguments)."""
+
+    sent = 0
+
+    async def send_packed_command(self, command: object, check_health: bool = True) -> None:
+        if isinstance(command, bytes | str):
+            CountingConnection.sent += len(command)
+        else:
+            CountingConnection.sent += sum(len(part) for part in command)  # type: ignore[attr-defined]
+        await super().send_packed_command(command, check_health)  # type: ignore[arg-type]
+
+
+async def test_a_trace_of_many_large_tool_runs_writes_each_run_about_once(
+    settings: Settings,
+) -> None:
+    """1,000 tool runs of 20 KB in one trace, arriving a few runs per batch as from a
+    live agent: the trace worker writes what changed, not the whole tree per batch."""
+    trace, runs, size = "big-trace", 1000, 20_000
+    common = {"trace_id": trace, "source": "app", "time": time.time()}
+    events: list[ev.BaseEvent] = [
+        ev.ChainStart(id="root-s", run_id=trace, seq=1, name="agent", run_type="chain", **common)
+    ]
+    for n in range(runs):
+        run_id, output = f"tool-{n}", f"{n:05d}" + "x" * (size - 5)
+        tool = {"run_id": run_id, "parent_run_id": trace, "name": "fetch", **common}
+        events.append(ev.ToolStart(id=f"s{n}", seq=2 + 2 * n, input_str=str(n), **tool))
+        events.append(ev.ToolEnd(id=f"e{n}", seq=3 + 2 * n, output=output, **tool))
+    events.append(ev.ChainEnd(id="root-e", run_id=trace, seq=2 + 2 * runs, **common))
+    pool = aioredis.ConnectionPool.from_url(settings.redis_url, connection_class=CountingConnection)
+    client = aioredis.Redis(connection_pool=pool)
+    CountingConnection.sent = 0
+    try:
+        aggregator = TraceAggregator(redis=client, settings=settings)
+        for start in range(0, len(events), 10):  # five tool runs per batch
+            batch = [Delivery(f"1-{i}", 0, e) for i, e in enumerate(events[start : start + 10])]
+            await aggregator(batch)
+        written = CountingConnection.sent
+        stored = await get_trace(client, settings, trace)
+    finally:
+        await client.aclose()
+        await pool.aclose()
+    assert stored is not None and stored.status == "success" and stored.root is not None
+    outputs = [child.outputs for child in stored.root.children]
+    assert outputs == [{"output": f"{n:05d}" + "x" * (size - 5)} for n in range(runs)]
+    # The runs' own bytes, and a little per batch: 20 MB, where rewriting the whole
+    # tree per batch would send about 2 GB.
+    assert runs * size < written < 1.2 * runs * size

@@ -83,7 +83,7 @@ class Rig:
         queue = self.keys.arq_queue(WORKER)
         found = []
         for raw_id, score in await self.redis.zrange(queue, 0, -1, withscores=True):
-            job_key = job_key_prefix + raw_id.decode()
+            job_key = self.keys.arq(job_key_prefix + raw_id.decode())
             payload = await self.redis.get(job_key)
             function, args, kwargs, _, enqueued_ms = deserialize_job_raw(
                 payload, deserializer=self.arq.job_deserializer

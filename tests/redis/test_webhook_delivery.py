@@ -16,8 +16,9 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from standardwebhooks.webhooks import Webhook
 
-from bus.events import BaseEvent, WebhookEndpointDisabled, decode
+from bus.events import BaseEvent, ChatModelStart, WebhookEndpointDisabled, decode, new_event_id
 from bus.keys import ENTRY_FIELD, Keys
+from bus.runtime.arqpool import arq_pool as make_arq_pool
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.webhooks.endpoints import Endpoint, Endpoints
@@ -56,7 +57,7 @@ def wh_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def arq_pool(wh_settings: Settings) -> AsyncIterator[ArqRedis]:
-    pool = ArqRedis.from_url(wh_settings.redis_url)
+    pool = make_arq_pool(wh_settings)
     yield pool
     await pool.aclose()
 
@@ -257,21 +258,59 @@ async def test_max_concurrency_holds_deliveries_back(setup: Setup) -> None:
 async def test_an_attempt_job_is_refused_while_its_job_or_result_exists(
     wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis
 ) -> None:
-    # arq's job and result keys are not under our prefix: an endpoint id of
-    # this test's own keeps concurrent runs on one server apart.
-    endpoint_id = f"ep_{wh_settings.prefix}"
-    job = AttemptJob(endpoint_id, "msg_1", 1)
-    jid = job_id(endpoint_id, "msg_1", 1)
-    try:
-        assert await enqueue_attempts(arq_pool, wh_settings, [job, job]) == [True, False]
-        queue = Keys(wh_settings.prefix).arq_queue(WORKER)
-        (queued,) = await arq_pool.queued_jobs(queue_name=queue)
-        assert (queued.function, queued.args) == (JOB_FUNCTION, (endpoint_id, "msg_1", 1, 0, ""))
-        # What arq leaves once the job has run: no job key, a result key.
-        await async_redis.delete(job_key_prefix + jid)
-        await async_redis.zrem(queue, jid)
-        await async_redis.set(result_key_prefix + jid, b"r", px=60_000)
-        assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
-        assert await async_redis.zcard(queue) == 0
-    finally:
-        await async_redis.delete(job_key_prefix + jid, result_key_prefix + jid)
+    job = AttemptJob("ep_x", "msg_1", 1)
+    assert await enqueue_attempts(arq_pool, wh_settings, [job, job]) == [True, False]
+    queue = Keys(wh_settings.prefix).arq_queue(WORKER)
+    (queued,) = await arq_pool.queued_jobs(queue_name=queue)
+    assert (queued.function, queued.args) == (JOB_FUNCTION, ("ep_x", "msg_1", 1, 0, ""))
+    jid = job_id("ep_x", "msg_1", 1)
+    # What arq leaves once the job has run: no job key, a result key.
+    keys = Keys(wh_settings.prefix)
+    await async_redis.delete(keys.arq(job_key_prefix + jid))
+    await async_redis.zrem(queue, jid)
+    await async_redis.set(keys.arq(result_key_prefix + jid), b"r", px=60_000)
+    assert await enqueue_attempts(arq_pool, wh_settings, [job]) == [False]
+    assert await async_redis.zcard(queue) == 0
+
+
+async def test_arq_keeps_every_key_of_its_jobs_under_the_prefix(
+    setup: Setup, async_redis: aioredis.Redis
+) -> None:
+    endpoint, _name = await setup.endpoint(behaviour={"statuses": [500, 200]})
+    event = chain_end()
+    await setup.send(event)
+    await setup.run()
+    # Every job id names the endpoint, so this finds whatever arq wrote for them.
+    found = sorted([k.decode() async for k in async_redis.scan_iter(match=f"*{endpoint.id}*")])
+    keys = Keys(setup.settings.prefix)
+    first, second = (job_id(endpoint.id, "msg_" + event.id, n) for n in (1, 2))
+    assert found == sorted(
+        [
+            f"{setup.settings.prefix}:arq:result:{first}",
+            f"{setup.settings.prefix}:arq:result:{second}",
+            keys.attempts(endpoint.id),
+            keys.endpoint(endpoint.id),
+        ]
+    )
+
+
+async def test_token_webhooks_filtered_on_tags_match_the_runs_start(
+    setup: Setup, wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis
+) -> None:
+    """Token events do not repeat their run's tags: a tag filter matches them through
+    the run's start, also on a replica that did not see that start."""
+    _endpoint, name = await setup.endpoint(events=["llm.new_token"], tags=["prod"])
+
+    def start(run: str, tags: list[str]) -> ChatModelStart:
+        return ChatModelStart(
+            id=new_event_id(), time=time.time(), run_id=run, trace_id=run, seq=1, tags=tags
+        )
+
+    prod, dev = [token("run-prod") for _ in range(3)], token("run-dev")
+    await setup.send(start("run-prod", ["prod"]), prod[0], start("run-dev", ["dev"]), dev)
+    # The partition moves to another replica mid-run: it never saw the run start.
+    other = Router(redis=async_redis, arq=arq_pool, settings=wh_settings)
+    await other([Delivery(entry_id="0-2", partition=0, event=e) for e in prod[1:]])
+    await setup.run()
+    got = sorted(r["headers"]["webhook-id"] for r in setup.rx.received(name))
+    assert got == sorted("msg_" + e.id for e in prod)

@@ -29,16 +29,13 @@ from bus.traces.tree import RunNode, _stamp
 
 
 class Recorder(BaseTracer):
-    """langchain-core's tracer, keeping finished root runs in memory.
-
-    ``original+chat`` makes it record chat models as ``chat_model`` runs (the
-    plain format folds them into ``llm``), as the bus does.
-    """
+    """langchain-core's tracer in its default format (the one LangSmith records:
+    a chat model's run is an ``llm`` run), keeping finished root runs in memory."""
 
     run_inline = True
 
     def __init__(self) -> None:
-        super().__init__(_schema_format="original+chat")
+        super().__init__()
         self.roots: list[Run] = []
 
     def _persist_run(self, run: Run) -> None:
@@ -140,6 +137,8 @@ def assert_same_tree(expected: Run, node: RunNode, path: str = "") -> None:
     assert node.parent_run_id == (str(expected.parent_run_id) if expected.parent_run_id else None)
     assert node.name == expected.name, where
     assert node.run_type == expected.run_type, where
+    model_type = expected.metadata.get("ls_model_type") if expected.run_type == "llm" else None
+    assert node.model_type == model_type, where
     assert node.tags == (expected.tags or []), where
     assert node.metadata == expected.metadata, where
     # dotted_order: the same chain of run ids; each stamp is that run's own start time

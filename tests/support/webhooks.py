@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 from arq import Worker
-from arq.connections import ArqRedis
 from arq.worker import func
 
 from bus.events import ChainEnd, CustomEvent, LLMNewToken, ToolEnd, new_event_id
 from bus.keys import Keys
+from bus.runtime.arqpool import arq_pool
 from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, deliver_webhook
@@ -115,7 +115,7 @@ def webhook_settings(settings: Settings, **changes: Any) -> Settings:
 
 async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
     """Run the webhook queue in this process until it is empty (deferred jobs included)."""
-    arq = ArqRedis.from_url(settings.redis_url)
+    arq = arq_pool(settings)
     async with Deliverer(redis=redis, arq=arq, settings=settings) as deliverer:
         ctx: dict[str, Any] = {}
         WorkerContext(settings=settings, redis=redis, arq=ctx).provide(deliverer)

@@ -23,12 +23,12 @@ _seq = count(1)
 
 def make(cls: type[ev.BaseEvent], run_id: str = ROOT, parent: str | None = None, **fields: Any):
     fields.setdefault("name", "Step")
+    fields.setdefault("seq", next(_seq))
     return cls(
         id=f"e{next(_seq)}",
         time=time.time(),
         run_id=run_id,
         trace_id=ROOT,
-        seq=next(_seq),
         parent_run_id=parent,
         **fields,
     )
@@ -232,12 +232,8 @@ def test_messages_from_tokens_with_usage_from_llm_end() -> None:
     state = StreamState()
     _model_run(state)
     out = []
-    meta = {"ls_provider": "openai", "ls_model_name": "gpt"}  # every event of a run carries it
-    for token in ["Hel", "lo", "!"]:
-        out += convert(
-            state,
-            make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token=token, metadata=meta),
-        )
+    for token in ["Hel", "lo", "!"]:  # tokens do not repeat the run's metadata
+        out += convert(state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token=token))
     out += convert(
         state,
         make(
@@ -504,15 +500,33 @@ def test_model_as_trace_root_gets_lifecycle() -> None:
 def test_state_survives_a_round_trip_mid_message() -> None:
     state = StreamState()
     _model_run(state)
-    convert(state, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="ab"))
-    state.last = "5-1"
+    first = make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="ab", source="app")
+    assert state.take("5-1", first)
+    convert(state, first)
+    assert state.take("5-2", make(ev.Text, source="app", seq=first.seq + 2))
+    assert state.take("4-9", make(ev.Text))  # no source: recognised by its entry id
     reloaded = fanstate.load(fanstate.dump(state), b"7")
     assert reloaded.version == 7 and reloaded.runs == state.runs
     out = convert(reloaded, make(ev.LLMNewToken, "m", ROOT, run_type="chat_model", token="c"))
     assert datas(out) == [
         {"event": "content-block-delta", "index": 0, "delta": {"type": "text-delta", "text": "c"}}
     ]
-    assert reloaded.applied("5-1") and reloaded.applied("4-9") and not reloaded.applied("5-2")
+    # The same event under another entry id (a re-sent batch) is recognised by its identity.
+    assert not reloaded.take("9-1", first)
+    assert reloaded.take("9-2", make(ev.Text, source="app", seq=first.seq + 1))
+    assert reloaded.applied == {"app": [[first.seq, first.seq + 2]]}
+    assert not reloaded.take("3-1", make(ev.Text)) and reloaded.take("5-0", make(ev.Text))
+
+
+def test_applied_seqs_stay_bounded_whatever_the_producer_numbers() -> None:
+    state = StreamState()
+    for seq in range(1, 2 * fanstate.MAX_SEQ_RANGES + 10, 2):  # every other seq: all gaps
+        assert state.take("1-1", make(ev.Text, source="odd", seq=seq))
+    ranges = state.applied["odd"]
+    assert len(ranges) == fanstate.MAX_SEQ_RANGES
+    assert ranges[-1] == [2 * fanstate.MAX_SEQ_RANGES + 9, 2 * fanstate.MAX_SEQ_RANGES + 9]
+    assert not state.take("1-1", make(ev.Text, source="odd", seq=7))  # merged away: old
+    assert state.take("1-1", make(ev.Text, source="odd", seq=2 * fanstate.MAX_SEQ_RANGES + 8))
 
 
 def _delta(text: str, at: float, index: int = 0, run: str = "m") -> ProtoEvent:

@@ -12,7 +12,7 @@ from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage
 from pydantic import BaseModel, SecretStr
 
-from bus.producer.sanitize import REDACTED, safe, safe_str
+from bus.producer.sanitize import REDACTED, redact_text, safe, safe_str
 
 LIMIT = 64 * 1024
 
@@ -112,3 +112,51 @@ def test_secrets_are_redacted() -> None:
     assert value["config"]["api_key"] == REDACTED
     assert value["headers"] == {"Authorization": REDACTED, "Accept": "json"}
     assert value["max_tokens"] == 5 and value["usage"] == {"total_tokens": 7}
+
+
+def test_keys_named_like_credentials_and_header_pairs_are_redacted() -> None:
+    value = safe(
+        {
+            "github_token": "ghp-1",
+            "openai_key": "ok-2",
+            "x-api-key": "xk-3",
+            "hfToken": "hf-4",
+            "client_secret": "cs-5",
+            "token": "t-6",
+            "headers": [("Authorization", "Bearer b-7"), ("Accept", "json")],
+            "raw_headers": [[b"Cookie", b"c-8"]],
+            "max_tokens": 5,
+            "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+            "token_count": 4,
+            "key": "a dictionary key, not a credential",
+        },
+        max_bytes=LIMIT,
+    )
+    assert value == {
+        "github_token": REDACTED,
+        "openai_key": REDACTED,
+        "x-api-key": REDACTED,
+        "hfToken": REDACTED,
+        "client_secret": REDACTED,
+        "token": REDACTED,
+        "headers": [["Authorization", REDACTED], ["Accept", "json"]],
+        "raw_headers": [["Cookie", REDACTED]],
+        "max_tokens": 5,
+        "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+        "token_count": 4,
+        "key": "a dictionary key, not a credential",
+    }
+
+
+def test_credentials_quoted_in_free_text_are_redacted() -> None:
+    assert (
+        redact_text("{'query': 'q', 'api_key': 'sk-1'}")
+        == f"{{'query': 'q', 'api_key': '{REDACTED}'}}"
+    )
+    assert redact_text('{"password": "hunter2", "n": 1}') == f'{{"password": "{REDACTED}", "n": 1}}'
+    assert redact_text("github_token=abc max_tokens=5") == f"github_token={REDACTED} max_tokens=5"
+    assert redact_text("Authorization: Bearer abc.def") == f"Authorization: {REDACTED}"
+    assert redact_text("sent Bearer abcdefgh to it") == f"sent Bearer {REDACTED} to it"
+    leaked = "Incorrect API key provided: sk-proj-abcdefghijklmnop1234."
+    assert redact_text(leaked) == f"Incorrect API key provided: {REDACTED}."
+    assert redact_text("nothing here: x=1, y: two") == "nothing here: x=1, y: two"

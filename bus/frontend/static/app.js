@@ -78,10 +78,12 @@ function flatten(node, depth, rows) {
 
 function drawWaterfall(trace) {
   const box = $("waterfall");
-  if (!trace || !trace.root) return;
-  const rows = flatten(trace.root, 0, []);
-  const start = trace.root.start_time;
+  if (!trace || !(trace.root || trace.orphans.length)) return;
+  // Runs whose parent has not reached the bus yet are drawn after the root's tree.
+  const tops = (trace.root ? [trace.root] : []).concat(trace.orphans);
+  const rows = tops.flatMap((top) => flatten(top, 0, []));
   const now = Date.now() / 1000;
+  const start = Math.min(...tops.map((top) => top.start_time ?? now));
   const end = Math.max(...rows.map((r) => r.node.end_time || now), start + 0.001);
   box.replaceChildren(...rows.map(({ node, depth }) => {
     const row = document.createElement("div");
@@ -100,7 +102,9 @@ function drawWaterfall(trace) {
     bar.style.left = `${(left * 100).toFixed(2)}%`;
     bar.style.width = `${Math.max((right - left) * 100, 0.3).toFixed(2)}%`;
     const note = document.createElement("span");
-    const tokens = node.usage ? ` · ${node.usage.total_tokens} tok` : "";
+    // null: the provider did not report usage (unknown, which is not 0).
+    const unknown = node.model_type && node.end_time != null ? " · tokens unknown" : "";
+    const tokens = node.usage ? ` · ${node.usage.total_tokens ?? "?"} tok` : unknown;
     const ms = node.duration_ms == null ? "running" : `${node.duration_ms.toFixed(1)} ms`;
     note.textContent = ms + tokens;
     bar.append(note);
