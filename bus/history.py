@@ -3,7 +3,7 @@
 A *topic* is one trace or one thread. The fan-out worker appends protocol
 events to the topic's history stream and publishes each on the topic's
 channel in the same server-side step (one script), so the live message
-carries the history entry id: that id is the protocol ``eventId`` and the SSE
+carries the history entry id: that id is the protocol ``event_id`` and the SSE
 ``id:``, which is what makes resume exact. Frontends subscribe first, then read
 history after the client's position, and merge the two by id.
 
@@ -78,12 +78,12 @@ class StreamItem:
     payload: bytes
 
     def envelope(self) -> bytes:
-        """The protocol envelope ``{type, eventId, seq, method, params}`` as JSON.
+        """The protocol envelope ``{type, event_id, seq, method, params}`` as JSON.
 
         Built by splicing bytes, not by re-encoding: this runs once per event
         per client.
         """
-        head = b'{"type":"event","eventId":"%s","seq":%d,' % (self.event_id.encode(), self.seq)
+        head = b'{"type":"event","event_id":"%s","seq":%d,' % (self.event_id.encode(), self.seq)
         return head + self.payload[1:]
 
 

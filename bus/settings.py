@@ -99,6 +99,8 @@ class Settings:
     ``unavailable`` error instead of hanging them."""
     drain_s: float = 10.0
     """On SIGTERM a frontend tells its clients to reconnect and exits within this bound."""
+    cors_origins: str = ""
+    """Comma-separated origins whose browser pages may read streams (``*``: any); empty: none."""
 
     # Run trees kept by the trace worker.
     trace_ttl_s: int = 7 * 24 * 3600
@@ -170,6 +172,10 @@ class Settings:
     def heartbeat_interval_s(self) -> float:
         ms = self.heartbeat_ms or min(self.lease_ttl_ms / 3, 1000)
         return ms / 1000
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def webhook_delays(self) -> tuple[float, ...]:

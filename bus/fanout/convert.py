@@ -1,14 +1,23 @@
 """Bus events -> agent streaming protocol events, for one trace at a time.
 
 Namespaces follow the protocol's convention of one ``name:id`` segment per
-nested agent: the trace's root run is ``[]``; every nested *chain* run adds a
-segment ``"<run name>:<run id>"`` below its parent's namespace; leaf runs
-(models, tools, retrievers, prompts, parsers) open none, so their messages
-and tool calls appear in the namespace of the chain that called them, the way
-a LangGraph node's model call appears in its graph's namespace.
+nested agent, and the trace's root run is ``[]``.
+
+- Runs inside a LangGraph graph carry their task's checkpoint namespace in
+  their metadata (``langgraph_checkpoint_ns``: ``node:task_id`` segments
+  joined by ``|``). Their namespace is that path without its last segment,
+  exactly the namespace LangGraph itself streams them under: the root graph's
+  nodes (and the model and tool calls inside them) are at ``[]``, a subgraph's
+  at ``["<node>:<task id>"]``. A subgraph is opened by the graph run whose task
+  runs are one level deeper than the graph run itself; that run's end closes
+  it, with a lifecycle event and a ``tasks`` result for the task that ran it.
+- Other runs (plain LangChain): every nested *chain* run adds a segment
+  ``"<run name>:<run id>"`` below its parent's namespace; leaf runs (models,
+  tools, retrievers, prompts, parsers) open none, so their messages and tool
+  calls appear in the namespace of the chain that called them.
 
 Lifecycle events (``started`` / ``completed`` / ``failed``) are sent for the
-root run and for every run that opened a namespace; the root's
+root run (with its ``run_id``) and for every namespace opened; the root's
 ``completed`` or ``failed`` is the trace's final event.
 """
 
@@ -19,12 +28,14 @@ from typing import Any
 
 from bus import events as ev
 from bus.fanout.messages import MessageConverter, message_meta
-from bus.fanout.protocol import CUSTOM, LIFECYCLE, TOOLS, ProtoEvent
+from bus.fanout.protocol import CUSTOM, LIFECYCLE, TASKS, TOOLS, ProtoEvent
 from bus.fanout.state import RunStream, StreamState
 
 LEAF_RUN_TYPES = frozenset(
     {"llm", "chat_model", "tool", "retriever", "prompt", "parser", "embedding"}
 )
+GRAPH_NAMESPACE_KEY = "langgraph_checkpoint_ns"
+"""Metadata key under which LangGraph names the task a run belongs to."""
 
 
 def convert(state: StreamState, event: ev.Event) -> list[ProtoEvent]:
@@ -75,9 +86,20 @@ def convert_all(state: StreamState, events: Sequence[ev.Event]) -> list[ProtoEve
     return out
 
 
+def _graph_namespace(event: ev.BaseEvent) -> list[str] | None:
+    """The LangGraph namespace of a run inside a graph task; None outside LangGraph."""
+    value = event.metadata.get(GRAPH_NAMESPACE_KEY)
+    if not isinstance(value, str) or not value:
+        return None
+    return value.split("|")[:-1]
+
+
 def _new_run(state: StreamState, event: ev.BaseEvent) -> RunStream:
     if event.run_id == event.trace_id:
-        return RunStream(ns=[], chain=True)
+        return RunStream(ns=[], chain=True, name=event.name)
+    graph_ns = _graph_namespace(event)
+    if graph_ns is not None:
+        return RunStream(ns=graph_ns, name=event.name)
     parent = state.runs.get(event.parent_run_id or "")
     base = parent.ns if parent is not None else []
     if event.run_type in LEAF_RUN_TYPES:
@@ -95,27 +117,56 @@ def _run(state: StreamState, event: ev.BaseEvent) -> RunStream:
 
 def _start(state: StreamState, event: ev.BaseEvent, out: list[ProtoEvent]) -> RunStream:
     run = state.runs[event.run_id] = _new_run(state, event)
+    parent = state.runs.get(event.parent_run_id or "")
+    if parent is not None:
+        run.cause = parent.tool_call_id
     if isinstance(event, ev.LLMStart | ev.ChatModelStart):
         run.message_meta = message_meta(event)
     if run.chain:
         data: dict[str, Any] = {"event": "started", "graph_name": event.name}
-        parent = state.runs.get(event.parent_run_id or "")
-        if parent is not None and parent.tool_call_id:
-            data["cause"] = {"type": "toolCall", "tool_call_id": parent.tool_call_id}
+        if event.run_id == event.trace_id:
+            data["run_id"] = event.run_id
+        if run.cause:
+            data["cause"] = {"type": "toolCall", "tool_call_id": run.cause}
+        out.append(ProtoEvent(LIFECYCLE, run.ns, event.time, data))
+    elif parent is not None and not parent.owns and len(run.ns) > len(parent.ns):
+        # The first task of a graph run one level down: that graph run is a subgraph.
+        parent.owns = run.ns
+        data = {"event": "started", "graph_name": parent.name}
+        if parent.cause:
+            data["cause"] = {"type": "toolCall", "tool_call_id": parent.cause}
         out.append(ProtoEvent(LIFECYCLE, run.ns, event.time, data))
     return run
 
 
 def _end(state: StreamState, event: ev.RunEnd | ev.RunError, out: list[ProtoEvent]) -> None:
     run = state.runs.pop(event.run_id, None) or _new_run(state, event)
+    if run.owns:
+        _close_subgraph(run, event, out)
     if not run.chain:
         return
-    if isinstance(event, ev.RunError):
-        data = {"event": "failed", "graph_name": event.name, "error": event.error or "failed"}
-    else:
-        data = {"event": "completed", "graph_name": event.name}
+    data = _ending(event, event.name)
+    if event.run_id == event.trace_id:
+        data["run_id"] = event.run_id
     final = event.run_id == event.trace_id
     out.append(ProtoEvent(LIFECYCLE, run.ns, event.time, data, final=final))
+
+
+def _ending(event: ev.RunEnd | ev.RunError, graph_name: str) -> dict[str, Any]:
+    if isinstance(event, ev.RunError):
+        return {"event": "failed", "graph_name": graph_name, "error": event.error or "failed"}
+    return {"event": "completed", "graph_name": graph_name}
+
+
+def _close_subgraph(run: RunStream, event: ev.RunEnd | ev.RunError, out: list[ProtoEvent]) -> None:
+    """The subgraph's lifecycle end, and the ``tasks`` result of the task that ran it
+    (the Python SDK ends a subgraph's handle on that result)."""
+    out.append(ProtoEvent(LIFECYCLE, run.owns, event.time, _ending(event, run.name)))
+    node, _, task_id = run.owns[-1].partition(":")
+    error = (event.error or "failed") if isinstance(event, ev.RunError) else None
+    task: dict[str, Any] = {"id": task_id, "name": node, "error": error, "interrupts": []}
+    task["result"] = event.outputs if isinstance(event, ev.ChainEnd) else None
+    out.append(ProtoEvent(TASKS, run.owns[:-1], event.time, task))
 
 
 def _tool_end(state: StreamState, event: ev.ToolEnd | ev.ToolError, out: list[ProtoEvent]) -> None:

@@ -52,9 +52,10 @@ def message_meta(event: ev.BaseEvent) -> dict[str, str]:
         value = event.metadata.get(source)
         if isinstance(value, str):
             meta[target] = value
-    thread = event.metadata.get("thread_id")
-    if isinstance(thread, str):
-        meta["thread_id"] = thread
+    for key in ("thread_id", "langgraph_node"):
+        value = event.metadata.get(key)
+        if isinstance(value, str):
+            meta[key] = value
     return meta
 
 

@@ -3,7 +3,7 @@
 The wire shape is LangChain's agent streaming protocol (``langchain-protocol``):
 ``{"method": <channel>, "params": {"namespace": [...], "timestamp": <ms>,
 "data": {...}}}``. The history layer (:mod:`bus.history`) splices ``type``,
-``eventId`` and ``seq`` in front when it frames an event for a client.
+``event_id`` and ``seq`` in front when it frames an event for a client.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ MESSAGES = "messages"
 TOOLS = "tools"
 LIFECYCLE = "lifecycle"
 CUSTOM = "custom"
+TASKS = "tasks"
 
 # Delta types whose payload is a string that clients append: consecutive ones of
 # one block can be merged into one event without changing what clients build.

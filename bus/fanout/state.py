@@ -60,6 +60,12 @@ class RunStream(msgspec.Struct, omit_defaults=True):
     mode: MessageMode = ""
     blocks: list[Block] = []
     tool_call_id: str = ""
+    name: str = ""
+    """The run's name (kept for graph runs: it names the subgraph they open)."""
+    cause: str = ""
+    """The ``tool_call_id`` of the tool run that called this run, if one did."""
+    owns: list[str] = []
+    """The LangGraph subgraph namespace this (graph) run opened; its end closes it."""
     message_meta: dict[str, str] = {}
     """A model run's ``provider``, ``model`` and ``thread_id``, from its start event's
     metadata: its token events do not repeat the run's metadata."""

@@ -11,6 +11,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
@@ -18,9 +20,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from bus.connect import async_client, is_cluster
+from bus.frontend.commands import commands
 from bus.frontend.hub import Hub, hub_name
 from bus.frontend.sse import TRANSPORT_SCOPE_KEY, thread_stream, trace_stream
 from bus.frontend.state import AppState
+from bus.frontend.thread_socket import thread_events_socket
+from bus.frontend.threads import stream_events
 from bus.frontend.ws import thread_socket
 from bus.keys import Keys
 from bus.settings import Settings
@@ -90,13 +95,17 @@ def create_app(
         Route("/traces/{trace_id}/stream", trace_stream, methods=["GET"]),
         Route("/threads/{thread_id}/stream", thread_stream, methods=["POST"]),
         WebSocketRoute("/threads/{thread_id}/stream", thread_socket),
+        # LangGraph's thread streams, as its SDKs read them.
+        Route("/threads/{thread_id}/stream/events", stream_events, methods=["POST"]),
+        WebSocketRoute("/threads/{thread_id}/stream/events", thread_events_socket),
+        Route("/threads/{thread_id}/commands", commands, methods=["POST"]),
         Route("/", index, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         *trace_routes(settings, client),
         Mount("/admin", routes=admin_routes(settings, client)),
         *extra_routes,
     ]
-    return FrontendApp(routes=routes, lifespan=lifespan)
+    return FrontendApp(routes=routes, lifespan=lifespan, middleware=_middleware(settings))
 
 
 def frontend_redis(settings: Settings) -> aioredis.Redis:
@@ -138,3 +147,23 @@ class FrontendApp(Starlette):
         if isinstance(transport, asyncio.WriteTransport):
             scope[TRANSPORT_SCOPE_KEY] = transport
         await super().__call__(scope, receive, send)
+
+
+def _middleware(settings: Settings) -> list[Middleware]:
+    """CORS for browser pages on the listed origins (none unless configured).
+
+    The stream token travels in ``?token=`` or ``Authorization``, never in a
+    cookie, so credentials mode stays off; ``Last-Event-ID`` is allowed so that a
+    page on another origin can resume a thread stream with ``fetch``.
+    """
+    origins = settings.cors_origin_list
+    if not origins:
+        return []
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept"],
+        max_age=600,
+    )
+    return [cors]

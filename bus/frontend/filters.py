@@ -4,6 +4,9 @@ The semantics are the protocol's ``EventStreamRequest``/``SubscribeParams``:
 ``channels`` match the event ``method``; an event matches a namespace prefix
 when its ``params.namespace`` starts with it, and ``depth`` bounds how many
 segments it may go below the prefix (``depth`` alone applies to the root).
+A prefix segment without ``:`` also matches a segment of that name with any
+id (``"research"`` matches ``"research:<task id>"``), as LangGraph's SDKs and
+server match them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ CHANNELS = frozenset(
     {"values", "updates", "messages", "tools", "lifecycle", "input", "checkpoints", "tasks"}
     | {"custom"}
 )
+CUSTOM = "custom"
 _CUSTOM = re.compile(r"^custom:.+$")
 
 
@@ -34,7 +38,20 @@ class _Envelope(msgspec.Struct):
     params: _Params = msgspec.field(default_factory=_Params)
 
 
+class _CustomData(msgspec.Struct):
+    name: str | None = None
+
+
+class _CustomParams(_Params):
+    data: _CustomData = msgspec.field(default_factory=_CustomData)
+
+
+class _CustomEnvelope(msgspec.Struct):
+    params: _CustomParams = msgspec.field(default_factory=_CustomParams)
+
+
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_decode_custom = msgspec.json.Decoder(_CustomEnvelope).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,19 +83,34 @@ class Filter:
         return self.channels is None and self.namespaces is None
 
     def matches(self, item: StreamItem) -> bool:
+        named_custom = False
         if self.channels is not None and item.method not in self.channels:
+            if item.method != CUSTOM:
+                return False
+            named_custom = True  # ``custom:<name>`` asks for custom events of that name
+        if self.namespaces is None and not named_custom:
+            return True
+        try:
+            if named_custom:
+                custom = _decode_custom(item.payload).params
+                if self.channels is None or f"{CUSTOM}:{custom.data.name}" not in self.channels:
+                    return False
+                params: _Params = custom
+            else:
+                params = _decode_envelope(item.payload).params
+        except msgspec.DecodeError:
             return False
         if self.namespaces is None:
             return True
-        try:
-            namespace = tuple(_decode_envelope(item.payload).params.namespace)
-        except msgspec.DecodeError:
-            return False
+        namespace = tuple(params.namespace)
         return any(self._under(namespace, prefix) for prefix in self.namespaces)
 
     def _under(self, namespace: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
-        if namespace[: len(prefix)] != prefix:
+        if len(namespace) < len(prefix):
             return False
+        for want, have in zip(prefix, namespace, strict=False):
+            if have != want and (":" in want or have.partition(":")[0] != want):
+                return False
         return self.depth is None or len(namespace) - len(prefix) <= self.depth
 
 

@@ -1,6 +1,6 @@
 """Server-Sent Events endpoints: a trace's stream (EventSource) and a thread's stream.
 
-Each protocol event is one SSE frame whose ``id:`` is the eventId and whose
+Each protocol event is one SSE frame whose ``id:`` is the event_id and whose
 ``data:`` is the protocol envelope; the default event type (``message``) is
 kept so that ``EventSource.onmessage`` sees them. Two more frame types:
 
@@ -12,6 +12,7 @@ kept so that ``EventSource.onmessage`` sees them. Two more frame types:
 - ``event: reconnect`` with ``{"reason": "server_shutdown", "lastEventId"}``
   and a ``retry:`` hint when the frontend shuts down: the stream ends cleanly
   and the client reconnects (to any frontend) with ``Last-Event-ID``.
+- The first frame also carries ``retry:``, so that a browser reconnects within a second.
 - ``event: end`` after the topic's final event, then the stream closes. A
   browser's EventSource reconnects whenever a stream closes, so clients
   should call ``close()`` on ``end`` and on a non-retryable ``error``; a
@@ -44,15 +45,13 @@ from bus.errors import AccessDenied, ServerDraining, StreamError
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
+from bus.frontend.threads import RETRY_MS
 from bus.history import Topic, is_event_id
 
 log = logging.getLogger(__name__)
 
 # The uvicorn transport of the connection, when the app found it (see FrontendApp).
 TRANSPORT_SCOPE_KEY = "lcbus.transport"
-
-# How long a client should wait before reconnecting after ``unavailable`` or a shutdown.
-RETRY_MS = 1000
 
 
 class StreamRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -72,7 +71,23 @@ def _frame(event: str, body: Mapping[str, object], *, retry_ms: int | None = Non
     return f"{retry}event: {event}\ndata: {json.dumps(body)}\n\n".encode()
 
 
-async def _frames(
+def _frames(
+    state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
+) -> AsyncIterator[bytes]:
+    return _with_retry_hint(_stream_frames(state, topic, start, flt, watch))
+
+
+async def _with_retry_hint(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The first frame carries ``retry:`` (how soon a browser's EventSource reconnects,
+    say after a frontend restart) as a field of its own, not as a data-less frame
+    that a client parsing every frame's data would trip over."""
+    hint = b"retry: %d\n" % RETRY_MS
+    async for chunk in frames:
+        yield hint + chunk
+        hint = b""
+
+
+async def _stream_frames(
     state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
 ) -> AsyncIterator[bytes]:
     last = start.event_id

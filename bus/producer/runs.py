@@ -27,6 +27,21 @@ RECENT_TRACES = 10_000
 """Closed traces whose next seq is remembered, should they open again."""
 TRACE_ID_METADATA_KEY = "lcbus_trace_id"
 """Metadata key that names the trace of a run whose parent lives in another process."""
+THREAD_ID_METADATA_KEY = "thread_id"
+"""Metadata key of the conversation a run belongs to (LangChain copies it from
+``configurable``; LangGraph's ``thread_id``)."""
+
+
+def partition_key(trace_id: str, metadata: dict[str, Any]) -> str:
+    """What a trace's partition is chosen by: its thread when it has one, else itself.
+
+    Every trace of a thread then shares one partition, so the fan-out worker (one
+    lease holder per partition) appends a thread's runs in the order the app ran them.
+    """
+    thread = metadata.get(THREAD_ID_METADATA_KEY)
+    if isinstance(thread, str | int) and not isinstance(thread, bool) and str(thread):
+        return str(thread)
+    return trace_id
 
 
 class LiveTrace:
@@ -34,9 +49,11 @@ class LiveTrace:
 
     __slots__ = ("open_runs", "partition", "seq", "trace_id")
 
-    def __init__(self, trace_id: str, partitions: int, first_seq: int = 1) -> None:
+    def __init__(
+        self, trace_id: str, partitions: int, first_seq: int = 1, *, key: str | None = None
+    ) -> None:
         self.trace_id = trace_id
-        self.partition = partition_of(trace_id, partitions)
+        self.partition = partition_of(key or trace_id, partitions)
         self.seq = itertools.count(first_seq)
         self.open_runs = 0
 
@@ -102,7 +119,7 @@ class RunRegistry:
             trace = parent.trace
         else:
             trace_id = metadata.get(TRACE_ID_METADATA_KEY) or str(parent_run_id or run_id)
-            trace = self._traces.get(str(trace_id)) or self._new_trace(str(trace_id))
+            trace = self._traces.get(str(trace_id)) or self._new_trace(str(trace_id), metadata)
         if len(self._runs) >= MAX_OPEN_RUNS:
             self._evict_oldest()
         trace.open_runs += 1
@@ -142,9 +159,10 @@ class RunRegistry:
                 _, next_seq = self._closed.popitem(last=False)
                 self._forgotten_seq = max(self._forgotten_seq, next_seq)
 
-    def _new_trace(self, trace_id: str) -> LiveTrace:
+    def _new_trace(self, trace_id: str, metadata: dict[str, Any]) -> LiveTrace:
         first_seq = self._closed.pop(trace_id, None) or self._forgotten_seq + 1
-        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions, first_seq)
+        key = partition_key(trace_id, metadata)
+        trace = self._traces[trace_id] = LiveTrace(trace_id, self._partitions, first_seq, key=key)
         return trace
 
     def _evict_oldest(self) -> None:

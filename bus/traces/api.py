@@ -19,6 +19,8 @@ development). No token is 401; a forged, expired or other-scope token is 403.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import redis.asyncio as aioredis
 from starlette.requests import Request
@@ -30,6 +32,7 @@ from bus.access import error_response as _error
 from bus.errors import AccessDenied, InvalidQuery
 from bus.parsing import key_values
 from bus.settings import Settings
+from bus.traces.agents import agent_tree
 from bus.traces.store import get_trace, list_traces
 
 _JSON = "application/json"
@@ -89,3 +92,16 @@ def _denied(request: Request, settings: Settings, *, trace_id: str | None) -> Re
     except AccessDenied as exc:
         return _error(exc.status, exc.reason)
     return None
+
+
+async def thread_agent_tree(
+    redis: aioredis.Redis, settings: Settings, run_id: str, *, thread_id: str | None
+) -> dict[str, Any] | None:
+    """The protocol's agent tree (``agent.getTree``) of run ``run_id``, or None when its
+    run tree is unknown or the run is not on ``thread_id`` (None: ``run_id``'s own trace)."""
+    trace = await get_trace(redis, settings, run_id)
+    if trace is None:
+        return None
+    if thread_id is not None and str(trace.metadata.get("thread_id")) != thread_id:
+        return None
+    return agent_tree(trace)

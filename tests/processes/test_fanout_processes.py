@@ -204,7 +204,7 @@ def _assert_whole(got: Received, text: str) -> None:
     assert got.error is None and got.ended
     assert got.seqs == list(range(1, len(got.seqs) + 1))  # ordered, no gap, no duplicate
     assert len(set(got.ids)) == len(got.ids)
-    assert [e["eventId"] for e in got.envelopes] == got.ids
+    assert [e["event_id"] for e in got.envelopes] == got.ids
     assert got.text() == text
     assert got.envelopes[-1]["method"] == "lifecycle"
     assert got.envelopes[-1]["params"]["data"]["event"] == "completed"

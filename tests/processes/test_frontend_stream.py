@@ -358,7 +358,7 @@ async def test_websocket_filters_and_reconnect_on_another_frontend(
     async with websockets.connect(_ws_url(frontends[1], thread_id)) as ws:
         params = {
             "run_id": thread_id,
-            "last_event_id": first[-1]["eventId"],
+            "last_event_id": first[-1]["event_id"],
             "subscriptions": [sub_id],
         }
         await ws.send(json.dumps({"id": 2, "method": "subscription.reconnect", "params": params}))

@@ -205,7 +205,7 @@ def test_redis_stalled_then_killed_mid_stream_loses_and_doubles_nothing(
     assert [e["final"] for e in stored].count(True) == 1 and stored[-1]["final"]
     assert sse.error is None and sse.ended and sse.text() == TEXT
     assert sse.seqs == list(range(1, len(sse.seqs) + 1))
-    assert [e["eventId"] for e in stored] == sse.ids
+    assert [e["event_id"] for e in stored] == sse.ids
     requests = receiver.received("outage")
     assert sorted(r["headers"]["webhook-id"] for r in requests) == sorted(expected)
     for request in requests:

@@ -242,7 +242,7 @@ async def test_a_stale_replica_is_refused_and_catches_up_without_duplicates(
     events = await history(async_redis, settings, Topic("trace", trace))
     assert text_of(events) == TEXT
     assert [e["final"] for e in events].count(True) == 1 and events[-1]["final"]
-    ids = [e["eventId"] for e in events]
+    ids = [e["event_id"] for e in events]
     assert len(ids) == len(set(ids))
 
 

@@ -21,6 +21,7 @@ from bus.history import SCRIPTS, HistoryWriter, Outgoing, Topic
 from bus.keys import Keys
 from bus.scripts import execute
 from tests.support.processes import ROOT, free_port
+from tests.support.protocol import check_keys
 from tests.support.waiting import wait_until
 
 SECRET = "test-secret"
@@ -41,9 +42,10 @@ class Frontend:
 
 
 @contextlib.contextmanager
-def frontend(redis_url: str, prefix: str, **env: str) -> Iterator[Frontend]:
-    """A frontend started from its command line (``python -m bus.cli serve``)."""
-    port = free_port()
+def frontend(redis_url: str, prefix: str, port: int = 0, **env: str) -> Iterator[Frontend]:
+    """A frontend started from its command line (``python -m bus.cli serve``), on
+    ``port`` (a free one when 0)."""
+    port = port or free_port()
     child_env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -143,6 +145,8 @@ class Received:
     ids: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     ended: bool = False
+    retry: int | None = None
+    """The ``retry:`` hint the stream gave."""
 
     @property
     def seqs(self) -> list[int]:
@@ -160,12 +164,13 @@ class Received:
 def validate(envelope: dict[str, Any]) -> None:
     """Raise unless ``envelope`` is a protocol event whose data fits its channel."""
     EVENT.validate_python(envelope)
+    check_keys(envelope)
     data = envelope["params"]["data"]
     if envelope["method"] == "messages":
         MESSAGES_DATA.validate_python(data)
     elif envelope["method"] == "lifecycle":
         LIFECYCLE_DATA.validate_python(data)
-    assert isinstance(envelope["eventId"], str)
+    assert isinstance(envelope["event_id"], str)
     assert isinstance(envelope["params"]["namespace"], list)
 
 
@@ -187,6 +192,10 @@ async def collect(
         if started is not None:
             started.set()
         async for sse in source.aiter_sse():
+            if sse.retry is not None:
+                got.retry = sse.retry
+            if not sse.data:
+                continue  # a frame with only a retry hint
             if sse.event == "error":
                 got.error = json.loads(sse.data)
                 break

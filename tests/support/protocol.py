@@ -34,11 +34,22 @@ _DATA: dict[str, dict[str, TypeAdapter[Any]]] = {
 }
 _LIFECYCLE = TypeAdapter(lp.LifecycleData)
 _CUSTOM = TypeAdapter(lp.CustomData)
+# The TypedDicts let unknown keys through; the envelope's keys are checked by name.
+ENVELOPE_KEYS = {"type", "event_id", "seq", "method", "params"}
+PARAMS_KEYS = {"namespace", "timestamp", "data"}
+
+
+def check_keys(envelope: dict[str, Any]) -> None:
+    """Raise unless the envelope has exactly the protocol's keys (``event_id``, not ``eventId``)."""
+    assert set(envelope) == ENVELOPE_KEYS, sorted(envelope)
+    assert set(envelope["params"]) == PARAMS_KEYS, sorted(envelope["params"])
+    assert isinstance(envelope["event_id"], str) and isinstance(envelope["seq"], int)
 
 
 def validate(envelope: dict[str, Any]) -> None:
     """Raise unless ``envelope`` is a protocol event whose data fits its channel's type."""
     _ENVELOPE.validate_python(envelope, strict=True)
+    check_keys(envelope)
     params = envelope["params"]
     assert isinstance(params["namespace"], list)
     assert all(isinstance(part, str) for part in params["namespace"])
@@ -48,6 +59,8 @@ def validate(envelope: dict[str, Any]) -> None:
         _LIFECYCLE.validate_python(data, strict=True)
     elif method == "custom":
         _CUSTOM.validate_python(data, strict=True)
+    elif method == "tasks":
+        assert isinstance(data["id"], str) and isinstance(data["name"], str)
     else:
         _DATA[method][data["event"]].validate_python(data, strict=True)
 
@@ -61,7 +74,7 @@ async def history(redis: aioredis.Redis, settings: Settings, topic: Topic) -> li
     for item in items:
         envelope = json.loads(item.envelope())
         validate(envelope)
-        assert envelope["eventId"] == item.event_id
+        assert envelope["event_id"] == item.event_id
         envelope["final"] = item.final
         envelopes.append(envelope)
     return envelopes

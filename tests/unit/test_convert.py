@@ -14,6 +14,7 @@ from bus.fanout import state as fanstate
 from bus.fanout.convert import convert, convert_all
 from bus.fanout.protocol import ProtoEvent, coalesce
 from bus.fanout.state import StreamState
+from bus.history import StreamItem
 from tests.support.protocol import validate
 
 ROOT = "root-run"
@@ -37,9 +38,8 @@ def frames(events: list[ProtoEvent]) -> list[dict[str, Any]]:
     """Each event as the client sees it, validated against the protocol types."""
     result = []
     for seq, event in enumerate(events, 1):
-        envelope = json.loads(
-            b'{"type":"event","eventId":"1-0","seq":%d,' % seq + event.payload()[1:]
-        )
+        item = StreamItem("1-0", seq, event.method, event.final, event.payload())
+        envelope = json.loads(item.envelope())
         validate(envelope)
         result.append(envelope)
     return result
@@ -64,10 +64,10 @@ def test_lifecycle_of_root_and_nested_chains_with_namespaces() -> None:
     )
     got = [(f["params"]["namespace"], f["params"]["data"]) for f in frames(out)]
     assert got == [
-        ([], {"event": "started", "graph_name": "Agent"}),
+        ([], {"event": "started", "graph_name": "Agent", "run_id": ROOT}),
         (["Sub:sub"], {"event": "started", "graph_name": "Sub"}),
         (["Sub:sub"], {"event": "failed", "graph_name": "Sub", "error": "boom"}),
-        ([], {"event": "completed", "graph_name": "Agent"}),
+        ([], {"event": "completed", "graph_name": "Agent", "run_id": ROOT}),
     ]
     assert [e.final for e in out] == [False, False, False, True]
     assert state.runs == {}
@@ -76,7 +76,73 @@ def test_lifecycle_of_root_and_nested_chains_with_namespaces() -> None:
 def test_root_failure_is_final() -> None:
     out = convert_all(StreamState(), [make(ev.ChainStart), make(ev.ChainError, error="x: y")])
     assert out[-1].final
-    assert datas(out)[-1] == {"event": "failed", "graph_name": "Step", "error": "x: y"}
+    assert datas(out)[-1] == {
+        "event": "failed",
+        "graph_name": "Step",
+        "error": "x: y",
+        "run_id": ROOT,
+    }
+
+
+def _task(ns: str) -> dict[str, Any]:
+    return {"metadata": {"langgraph_checkpoint_ns": ns}}
+
+
+def test_langgraph_runs_take_the_namespaces_langgraph_streams_them_under() -> None:
+    """Nodes of the root graph (and the model and tools inside them) are at [], a
+    subgraph's runs under its task's segment; nested chains open no namespace."""
+    sub_ns = "research:t1"
+    state = StreamState()
+    out = convert_all(
+        state,
+        [
+            make(ev.ChainStart, name="agent", run_type="chain"),
+            make(ev.ChainStart, "node", ROOT, name="research", **_task(sub_ns)),
+            make(ev.ChainStart, "graph", "node", name="researcher", **_task(sub_ns)),
+            make(
+                ev.ChainStart, "inner", "graph", name="research", **_task(f"{sub_ns}|research:t2")
+            ),
+            make(
+                ev.ChainStart,
+                "seq",
+                "inner",
+                name="RunnableSequence",
+                **_task(f"{sub_ns}|research:t2"),
+            ),
+            make(ev.CustomEvent, "seq", "inner", event_name="note", data={"n": 1}),
+            make(
+                ev.ChainEnd,
+                "seq",
+                "inner",
+                name="RunnableSequence",
+                **_task(f"{sub_ns}|research:t2"),
+            ),
+            make(ev.ChainEnd, "inner", "graph", name="research", **_task(f"{sub_ns}|research:t2")),
+            make(
+                ev.ChainEnd, "graph", "node", name="researcher", outputs={"ok": 1}, **_task(sub_ns)
+            ),
+            make(ev.ChainEnd, "node", ROOT, name="research", **_task(sub_ns)),
+            make(ev.ChainStart, "model-node", ROOT, name="model", **_task("model:t3")),
+            make(ev.CustomEvent, "model-node", ROOT, event_name="note", data={"n": 2}),
+            make(ev.ChainEnd, "model-node", ROOT, name="model", **_task("model:t3")),
+            make(ev.ChainEnd, name="agent", run_type="chain"),
+        ],
+    )
+    got = [(f["method"], f["params"]["namespace"], f["params"]["data"]) for f in frames(out)]
+    assert got == [
+        ("lifecycle", [], {"event": "started", "graph_name": "agent", "run_id": ROOT}),
+        ("lifecycle", [sub_ns], {"event": "started", "graph_name": "researcher"}),
+        ("custom", [sub_ns], {"name": "note", "payload": {"n": 1}}),
+        ("lifecycle", [sub_ns], {"event": "completed", "graph_name": "researcher"}),
+        (
+            "tasks",
+            [],
+            {"id": "t1", "name": "research", "error": None, "interrupts": [], "result": {"ok": 1}},
+        ),
+        ("custom", [], {"name": "note", "payload": {"n": 2}}),
+        ("lifecycle", [], {"event": "completed", "graph_name": "agent", "run_id": ROOT}),
+    ]
+    assert state.runs == {}
 
 
 def test_tools_channel_in_the_callers_namespace() -> None:

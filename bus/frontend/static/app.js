@@ -24,7 +24,7 @@ function onEnvelope(message) {
   const envelope = JSON.parse(message.data);
   if (run.seen.has(envelope.seq)) { run.duplicates += 1; return; }
   run.seen.add(envelope.seq);
-  run.lastEventId = message.lastEventId || envelope.eventId;
+  run.lastEventId = message.lastEventId || envelope.event_id;
   run.events += 1;
   const data = envelope.params.data || {};
   if (envelope.method === "messages" && data.event === "content-block-delta"
