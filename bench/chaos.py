@@ -67,7 +67,7 @@ from bus.keys import Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.producer.publisher import Publisher
 from bus.settings import Settings
-from bus.traces.store import get_trace
+from bus.traces.queries import get_trace
 from bus.webhooks.endpoints import Endpoints
 from bus.webhooks.outbox import webhook_id
 from bus.webhooks.types import webhook_type

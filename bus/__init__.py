@@ -37,7 +37,7 @@ from bus.producer.callbacks import BusCallbackHandler
 from bus.producer.propagation import continue_trace, trace_headers
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token, verify_token
-from bus.traces.store import TracePage, get_trace, list_traces
+from bus.traces.queries import TracePage, get_trace, list_traces
 from bus.traces.tree import RunNode, Trace, TraceSummary
 
 if TYPE_CHECKING:

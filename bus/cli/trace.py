@@ -15,7 +15,7 @@ from bus.connect import async_client
 from bus.errors import InvalidQuery
 from bus.parsing import key_values
 from bus.settings import Settings
-from bus.traces.store import TracePage, get_trace, list_traces
+from bus.traces.queries import TracePage, get_trace, list_traces
 from bus.traces.tree import RunNode, Trace, TraceSummary
 
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """HTTP read API of run trees: ``GET /traces`` and ``GET /traces/{trace_id}``.
 
 Bodies are the JSON of the :mod:`bus.traces.tree` schema (:class:`~bus.traces.tree.Trace`
-for one trace, :class:`~bus.traces.store.TracePage` of
+for one trace, :class:`~bus.traces.queries.TracePage` of
 :class:`~bus.traces.tree.TraceSummary` for the list), the same Structs the Python
 API returns.
 
@@ -33,7 +33,7 @@ from bus.errors import AccessDenied, InvalidQuery
 from bus.parsing import key_values
 from bus.settings import Settings
 from bus.traces.agents import agent_tree
-from bus.traces.store import get_trace, list_traces
+from bus.traces.queries import get_trace, list_traces
 
 _JSON = "application/json"
 

@@ -12,7 +12,7 @@ Two layers, both msgspec Structs:
   same state.
 - the *view* (:class:`Trace`, :class:`RunNode`, :class:`TraceSummary`) is the
   one documented schema served by ``GET /traces/{id}``, ``GET /traces`` and
-  :func:`bus.traces.store.get_trace`: the nested tree with LangSmith-style
+  :func:`bus.traces.queries.get_trace`: the nested tree with LangSmith-style
   ``dotted_order``, per-run token usage and per-trace rollups.
 
 Times are Unix seconds (floats) as the producing process saw them; durations

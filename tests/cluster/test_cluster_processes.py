@@ -25,7 +25,7 @@ from bus.connect import async_client
 from bus.keys import Keys
 from bus.settings import Settings
 from bus.tokens import stream_token
-from bus.traces.store import get_trace
+from bus.traces.queries import get_trace
 from bus.webhooks.endpoints import Endpoints
 from tests.conftest import REDIS_URL, require_redis
 from tests.processes.test_fanout_processes import _app, _assert_whole, _text

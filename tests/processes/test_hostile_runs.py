@@ -33,7 +33,7 @@ from bus.runtime.arqpool import arq_pool
 from bus.settings import Settings
 from bus.tokens import stream_token
 from bus.traces.aggregator import TraceAggregator
-from bus.traces.store import get_trace
+from bus.traces.queries import get_trace
 from bus.webhooks.endpoints import Endpoints
 from bus.webhooks.router import Router
 from tests.support.frontend import SECRET, Received, collect, frontend

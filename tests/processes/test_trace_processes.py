@@ -14,7 +14,7 @@ from bus import events as ev
 from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
-from bus.traces.store import get_trace
+from bus.traces.queries import get_trace
 from bus.traces.tree import Trace
 from tests.support.processes import start_worker, stop
 from tests.support.runs import assert_same_tree, run_scenario

@@ -15,7 +15,7 @@ from bus.errors import InvalidQuery
 from bus.settings import Settings
 from bus.tokens import issue_token, stream_token
 from bus.traces.aggregator import TraceAggregator
-from bus.traces.store import list_traces
+from bus.traces.queries import list_traces
 from tests.support.publishing import run_event
 
 SECRET = "s3cret"

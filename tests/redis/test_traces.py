@@ -17,7 +17,7 @@ from bus.producer.callbacks import BusCallbackHandler
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.aggregator import TraceAggregator
-from bus.traces.store import get_trace, list_traces
+from bus.traces.queries import get_trace, list_traces
 from bus.traces.tree import Trace
 from tests.support.published import bus_deliveries
 from tests.support.runs import arun_scenario, assert_same_tree, count_runs, run_scenario
