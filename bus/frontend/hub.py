@@ -308,7 +308,9 @@ class _Link:
             self._pending[channel] = self._pending.get(channel, 0) + 1
         try:
             await conn.send_command(command, channel)
-        except (RedisError, OSError) as exc:
+        # redis-py raises AttributeError when the reader tore the connection down
+        # under this send (its writer is gone): the same lost connection.
+        except (RedisError, OSError, AttributeError) as exc:
             log.warning(
                 "pub/sub %s %s failed (%s); the reader will reconnect", command, channel, exc
             )
