@@ -98,7 +98,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         while not self.server.stopping.is_set():
             if not self._send_replies():
                 return
-            readable, _, _ = select.select([sock, self._wake_read], [], [], IDLE_WAIT_S)
+            readable, _, _ = select.select([sock, self._wake_read], [], [], self.server.idle_wait_s)
             if self._wake_read in readable:
                 self._drain_wakes()
             if sock not in readable:
@@ -166,15 +166,21 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 class FakeRedisServer(TcpFakeServer):
     """``start()`` serves on ``url`` from threads of this process; ``stop()`` ends it."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, idle_wait_s: float = IDLE_WAIT_S
+    ) -> None:
         super().__init__((host, port), server_version=(7, 4))
+        self.idle_wait_s = idle_wait_s
         self.RequestHandlerClass = _RequestHandler
         # Client threads may sit in blocking reads; they must not keep the process alive.
         self.daemon_threads = True
         self.stopping = threading.Event()
         self.handlers: set[_RequestHandler] = set()
         self._thread = threading.Thread(
-            target=self.serve_forever, name="lcbus-fakeredis", daemon=True
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.1},  # how soon stop() returns
+            name="lcbus-fakeredis",
+            daemon=True,
         )
 
     def start(self) -> str:

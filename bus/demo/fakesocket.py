@@ -176,6 +176,7 @@ class BusSocket(FakeSocket):
         deadline = time.monotonic() + timeout if timeout else None
         waiters.add(keys, waiter)
         self._blocked = True
+        self._client_info["flags"] = "b"  # CLIENT LIST shows it blocked, as on Redis
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -194,3 +195,4 @@ class BusSocket(FakeSocket):
             waiters.discard(keys, waiter)
             self._blocked = False
             self._unblock_reason = None
+            self._update_client_flags()
