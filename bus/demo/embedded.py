@@ -51,8 +51,14 @@ class EmbeddedRedis:
     def start(self) -> str:
         stderr = self._log.open("ab") if self._log else None
         try:
+            # A session of its own: a Ctrl-C at the terminal reaches the demo and its
+            # workers, and the server outlives them until close() stops it, last.
             self._process = process = subprocess.Popen(
-                self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+                self._args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
             )
         finally:
             if stderr:

@@ -61,7 +61,12 @@ class _Connection(FakeRedisConnection):
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
-    """One client connection: bytes in to fakeredis' parser, replies out in one write."""
+    """One client connection: bytes in to fakeredis' parser, replies out in one write.
+
+    The commands of one read run in order on this thread, so the replies to the
+    commands a pipeline sent before a blocking one go out when it returns (Redis
+    sends them first); the bus's clients read a pipeline's replies all at once.
+    """
 
     server: FakeRedisServer
 
