@@ -82,8 +82,8 @@ def convert(state: StreamState, event: ev.Event) -> list[ProtoEvent]:
 def convert_all(
     state: StreamState, events: Sequence[ev.Event], window_s: float = 0.0
 ) -> list[ProtoEvent]:
-    """The protocol events of ``events``, text deltas merged as :func:`coalesce` does
-    with ``window_s`` (0: none merged)."""
+    """The protocol events of ``events``, their deltas merged as
+    :func:`~bus.fanout.protocol.coalesce` merges them with ``window_s`` (0: none)."""
     merged = Coalescer(window_s)
     for event in events:
         if type(event) is ev.LLMNewToken and _merge_token(state, event, merged):
