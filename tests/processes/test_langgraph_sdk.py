@@ -212,6 +212,17 @@ def _answer_started(client: redis.Redis, settings: Settings, thread_id: str) -> 
     return any(b'"text-delta","text":"The' in fields[HISTORY_PAYLOAD] for _, fields in entries)
 
 
+def _sdk_read_answer_start(seen: Seen) -> bool:
+    """Whether the SDK's stream has given the first words of the answer."""
+    return any(
+        e["method"] == "messages"
+        and not e["params"]["namespace"]
+        and e["params"]["data"].get("event") == "content-block-delta"
+        and e["params"]["data"]["delta"].get("text") == "The"
+        for e in seen.events
+    )
+
+
 def _history_tail(client: redis.Redis, settings: Settings, thread_id: str) -> list[Any]:
     """The last entries of the thread's history: (seq, channel) (for failure messages)."""
     entries: Any = client.xrevrange(
@@ -264,9 +275,12 @@ async def test_the_python_sdk_reads_an_agent_run_across_a_frontend_restart(
         tail = lambda: _history_tail(sync_redis, settings, thread_id)  # noqa: E731
         async with reading(balancer.url, thread_id, token, transport, tail) as seen:
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
-            # Mid-answer: its first words are in the thread's history, the rest held back.
-            answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
-            await wait_until_async(answer_started, within=30, what="the answer's first words")
+            # Mid-answer: the SDK has read the answer's first words, the rest is held back.
+            # Waiting for the SDK (not for Redis) matters: a projection whose subscription
+            # is still being opened when its frontend dies fails for good (the SDK retries
+            # only a stream that had been open), which is not the drop this test is about.
+            read_answer = lambda: _sdk_read_answer_start(seen)  # noqa: E731
+            await wait_until_async(read_answer, within=30, what="the SDK read the first words")
             before = len(balancer.connections)
             await asyncio.to_thread(stack.restart, 0)
             hold.set()
