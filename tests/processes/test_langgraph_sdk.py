@@ -243,10 +243,13 @@ def _assert_read_everything(seen: Seen, run_id: str) -> None:
     _assert_events(seen.events, run_id)
 
 
-def _assert_events(events: list[dict[str, Any]], run_id: str) -> None:
-    """Every event valid, once, in order; the root lifecycle names the run."""
+def _assert_events(events: list[dict[str, Any]], run_id: str, *, ordered: bool = True) -> None:
+    """Every event valid, once, in order (unless not ``ordered``); the root lifecycle
+    names the run."""
     ids = [event["event_id"] for event in events]
     assert len(ids) == len(set(ids)), "an event arrived twice"
+    if not ordered:
+        events = sorted(events, key=lambda event: event["seq"])
     seqs = [event["seq"] for event in events]
     assert seqs == sorted(seqs)
     for event in events:
@@ -407,6 +410,7 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
         assert reader.returncode == 0, log
         out = await reader.stdout.read()
         got = json.loads(out.decode().strip().splitlines()[-1])
+    print(log)  # the reader's progress: pytest shows it when an assertion below fails
     assert len(balancer.connections) > before, "the SDK did not reconnect"
     [[sub_ns, sub_name, sub_texts]] = got["subgraphs"]
     assert len(sub_ns) == 1 and sub_ns[0].startswith("research:")
@@ -417,7 +421,14 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
     # unwraps the ToolMessage to the tool's return value.
     assert got["tool_calls"] == [[TOOL_CALL_ID, "word_count", TOOL_INPUT, "7"]] * 2
     assert got["progress"] == [{"step": "researched"}]
-    _assert_events(got["events"], run_id)
+    # After a WebSocket reconnect the JavaScript SDK re-sends every subscription.subscribe
+    # at once, and hands each event that arrives to every subscription it matches. The
+    # first re-subscription's live events (say seq 21, lifecycle) thus reach the raw
+    # subscription before its own replay brings what only it asked for (seq 20, custom).
+    # No server can prevent that (it cannot send 20 for a subscription it has not yet
+    # been asked for), so over WebSocket that subscription is checked for every event
+    # once, not for its order; the projections above are exact either way.
+    _assert_events(got["events"], run_id, ordered=transport == "sse")
 
 
 async def test_consecutive_runs_of_a_thread_reach_its_stream_in_order(stack: Stack) -> None:
