@@ -48,12 +48,7 @@ from bus.keys import (
 )
 from bus.scripts import LuaScript, execute, send
 from bus.settings import Settings
-from bus.traces.tree import (
-    RunFacts,
-    TreeState,
-    is_complete,
-    summarize,
-)
+from bus.traces.tree import RunFacts, TraceSummary, TreeState, summarize
 
 __all__ = ["Loaded", "Saved", "TraceStore", "state_of"]
 
@@ -64,34 +59,51 @@ _state_decoder = msgspec.msgpack.Decoder(TreeState)
 _run_encoder = msgspec.msgpack.Encoder()
 _run_decoder = msgspec.msgpack.Decoder(RunFacts)
 
-# KEYS: tree, done flag, event stream, trace index, open set (one partition's slot).
-# ARGV: expected version, trace fields, summary, ttl, completed event ('' for none),
-# stream maxlen, '1' to drop a legacy state blob, trace id, now, '1' if the trace is
-# complete, then (run field, run) pairs.
-# -> {new version, 1 if the event was published}, or -1 when the version moved on.
+# One call saves every trace of a batch that lives on one partition: all its keys
+# share the partition's slot, and the per-call costs (the call itself on both sides,
+# the index trim) are paid once per batch, not once per trace.
+# KEYS: event stream, trace index, open set, then per trace: tree, done flag.
+# ARGV: ttl, stream maxlen, now, then per trace: expected version, trace fields,
+# summary, completed event ('' for none), '1' to drop a legacy state blob, trace id,
+# '1' if the trace is complete, n, then n (run field, run) pairs.
+# -> per trace {new version, 1 if the event was published}, or -1 when the version
+# moved on (that trace is not written).
 _SAVE = LuaScript(
     lua_fields("""
-local v = redis.call('HGET', KEYS[1], '$VERSION') or '0'
-if v ~= ARGV[1] then return -1 end
-local new = tonumber(v) + 1
-redis.call('HSET', KEYS[1], '$VERSION', new, '$TREE_TRACE', ARGV[2], '$SUMMARY', ARGV[3])
-for i = 11, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+local ttl, maxlen, now = ARGV[1], ARGV[2], ARGV[3]
+local results = {}
+local a = 4
+for k = 4, #KEYS, 2 do
+  local tree, done, id = KEYS[k], KEYS[k + 1], ARGV[a + 5]
+  local runs_from, runs_to = a + 8, a + 7 + 2 * tonumber(ARGV[a + 7])
+  local v = redis.call('HGET', tree, '$VERSION') or '0'
+  if v ~= ARGV[a] then
+    results[#results + 1] = -1
+  else
+    local new = tonumber(v) + 1
+    redis.call('HSET', tree, '$VERSION', new, '$TREE_TRACE', ARGV[a + 1], '$SUMMARY', ARGV[a + 2])
+    for i = runs_from, runs_to, 2 do
+      redis.call('HSET', tree, ARGV[i], ARGV[i + 1])
+    end
+    if ARGV[a + 4] == '1' then redis.call('HDEL', tree, '$BLOB') end
+    redis.call('EXPIRE', tree, ttl)
+    redis.call('ZADD', KEYS[2], now, id)
+    if ARGV[a + 6] == '1' then
+      redis.call('ZREM', KEYS[3], id)
+    else
+      redis.call('ZADD', KEYS[3], now, id)
+    end
+    local published = 0
+    if ARGV[a + 3] ~= '' and redis.call('SET', done, '1', 'NX', 'EX', ttl) then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', '$ENTRY', ARGV[a + 3])
+      published = 1
+    end
+    results[#results + 1] = {new, published}
+  end
+  a = runs_to + 1
 end
-if ARGV[7] == '1' then redis.call('HDEL', KEYS[1], '$BLOB') end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[9], ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[9]) - tonumber(ARGV[4]))
-if ARGV[10] == '1' then
-  redis.call('ZREM', KEYS[5], ARGV[8])
-else
-  redis.call('ZADD', KEYS[5], ARGV[9], ARGV[8])
-end
-if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', '$ENTRY', ARGV[5])
-  return {new, 1}
-end
-return {new, 0}
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(now) - tonumber(ttl))
+return results
 """)
 )
 
@@ -162,52 +174,54 @@ class TraceStore:
         return found
 
     async def save(
-        self, loaded: Mapping[str, Loaded], *, now: float, announce: Mapping[str, bytes] = {}
+        self,
+        loaded: Mapping[str, Loaded],
+        *,
+        now: float,
+        announce: Mapping[str, bytes] = {},
+        summaries: Mapping[str, TraceSummary] = {},
     ) -> Saved:
         """Write each state if its version is unchanged; publish the ``announce`` events
         (encoded ``trace_completed``, by trace id) of those written, once per trace.
+        ``summaries`` may hold the traces' summaries when the caller made them already.
 
         The save script updates the trace's partition index and open-trace set too.
         """
-        keys, ttl, partitions = self.keys, self.settings.trace_ttl_s, self.settings.partitions
-        items = list(loaded.items())
-        writes = [(trace_id, item, summarize(item.state)) for trace_id, item in items]
-        maxlen = self.settings.stream_maxlen
+        keys, partitions = self.keys, self.settings.partitions
+        by_partition: dict[int, list[tuple[str, Loaded]]] = {}
+        for trace_id, item in loaded.items():
+            by_partition.setdefault(partition_of(trace_id, partitions), []).append((trace_id, item))
+        head = [self.settings.trace_ttl_s, self.settings.stream_maxlen, repr(now)]
+        summary_of = {t: summaries.get(t) or summarize(item.state) for t, item in loaded.items()}
 
         def queue_saves(pipe: Any) -> None:
-            for trace_id, item, summary in writes:
-                p = partition_of(trace_id, partitions)
-                script_keys = [
-                    keys.tree(trace_id, p),
-                    keys.trace_done(trace_id, p),
-                    keys.events(p),
-                    keys.trace_index(p),
-                    keys.trace_open(p),
-                ]
-                event = announce.get(trace_id, b"")
-                args = [item.version, _trace_fields(item.state), msgspec.json.encode(summary)]
-                args += [ttl, event, maxlen, b"1" if item.changed is None else b"0"]
-                args += [trace_id, repr(now), b"1" if summary.completed else b"0"]
-                args += _run_fields(item)
+            for p, items in by_partition.items():
+                script_keys = [keys.events(p), keys.trace_index(p), keys.trace_open(p)]
+                args: list[Any] = list(head)
+                for trace_id, item in items:
+                    script_keys += (keys.tree(trace_id, p), keys.trace_done(trace_id, p))
+                    event = announce.get(trace_id, b"")
+                    args += _save_args(trace_id, item, summary_of[trace_id], event)
                 _SAVE.queue(pipe, script_keys, args)
 
         try:
             replies = await execute(self.redis, [_SAVE], queue_saves)
         except BaseException:
-            for trace_id, _ in items:
+            for trace_id in loaded:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
             raise
         saved = Saved(conflicts=[], published=[])
-        for (trace_id, item), reply in zip(items, replies[: len(items)], strict=True):
-            if reply == -1:
-                saved.conflicts.append(trace_id)
-                self._cache.pop(trace_id, None)
-                continue
-            item.version = int(reply[0])
-            item.changed = set()
-            if reply[1] == 1:
-                saved.published.append(trace_id)
-            self._remember(trace_id, item)
+        for items, results in zip(by_partition.values(), replies, strict=True):
+            for (trace_id, item), result in zip(items, results, strict=True):
+                if result == -1:
+                    saved.conflicts.append(trace_id)
+                    self._cache.pop(trace_id, None)
+                    continue
+                item.version = int(result[0])
+                item.changed = set()
+                if result[1] == 1:
+                    saved.published.append(trace_id)
+                self._remember(trace_id, item, summary_of[trace_id].completed)
         return saved
 
     def _tree(self, trace_id: str) -> str:
@@ -216,8 +230,8 @@ class TraceStore:
     def forget(self, trace_id: str) -> None:
         self._cache.pop(trace_id, None)
 
-    def _remember(self, trace_id: str, item: Loaded) -> None:
-        if is_complete(item.state) or item.state.timed_out:
+    def _remember(self, trace_id: str, item: Loaded, completed: bool) -> None:
+        if completed:
             self._cache.pop(trace_id, None)  # complete traces rarely change again
             return
         self._cache[trace_id] = item
@@ -230,6 +244,22 @@ def _trace_fields(state: TreeState) -> bytes:
     return _state_encoder.encode(
         TreeState(trace_id=state.trace_id, timed_out=state.timed_out, updated_at=state.updated_at)
     )
+
+
+def _save_args(trace_id: str, item: Loaded, summary: TraceSummary, event: bytes) -> list[Any]:
+    """One trace's part of the save script's ARGV."""
+    runs = _run_fields(item)
+    return [
+        item.version,
+        _trace_fields(item.state),
+        msgspec.json.encode(summary),
+        event,
+        b"1" if item.changed is None else b"0",
+        trace_id,
+        b"1" if summary.completed else b"0",
+        len(runs) // 2,
+        *runs,
+    ]
 
 
 def _run_fields(item: Loaded) -> list[bytes]:
