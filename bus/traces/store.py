@@ -63,44 +63,56 @@ _run_decoder = msgspec.msgpack.Decoder(RunFacts)
 # share the partition's slot, and the per-call costs (the call itself on both sides,
 # the index trim) are paid once per batch, not once per trace.
 # KEYS: event stream, trace index, open set, then per trace: tree, done flag.
-# ARGV: ttl, stream maxlen, now, then per trace: expected version, trace fields,
-# summary, completed event ('' for none), '1' to drop a legacy state blob, trace id,
-# '1' if the trace is complete, n, then n (run field, run) pairs.
+# ARGV: ttl, stream maxlen, now, the values' sizes ("12,0,345,..."), the values
+# end to end. Per trace the values are: expected version, trace fields, summary,
+# completed event ('' for none), '1' to drop a legacy state blob, trace id, '1' if
+# the trace is complete, n, then n (run field, run) pairs. (Two arguments rather
+# than one per value: redis-py packs each argument in Python, slowly, where one
+# long argument is passed through as it is; the script cuts it up in C.)
 # -> per trace {new version, 1 if the event was published}, or -1 when the version
 # moved on (that trace is not written).
 _SAVE = LuaScript(
     lua_fields("""
-local ttl, maxlen, now = ARGV[1], ARGV[2], ARGV[3]
+local ttl, maxlen, now, values = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+local sizes, at, pos = {}, 0, 1
+for size in string.gmatch(ARGV[4], '%d+') do sizes[#sizes + 1] = tonumber(size) end
+local function take()
+  at = at + 1
+  local value = string.sub(values, pos, pos + sizes[at] - 1)
+  pos = pos + sizes[at]
+  return value
+end
 local results = {}
-local a = 4
 for k = 4, #KEYS, 2 do
-  local tree, done, id = KEYS[k], KEYS[k + 1], ARGV[a + 5]
-  local runs_from, runs_to = a + 8, a + 7 + 2 * tonumber(ARGV[a + 7])
+  local tree, done = KEYS[k], KEYS[k + 1]
+  local expected, fields, summary, event = take(), take(), take(), take()
+  local drop_blob, id, complete, runs = take(), take(), take(), tonumber(take())
   local v = redis.call('HGET', tree, '$VERSION') or '0'
-  if v ~= ARGV[a] then
+  if v ~= expected then
+    at = at + 2 * runs
+    for i = at - 2 * runs + 1, at do pos = pos + sizes[i] end
     results[#results + 1] = -1
   else
     local new = tonumber(v) + 1
-    redis.call('HSET', tree, '$VERSION', new, '$TREE_TRACE', ARGV[a + 1], '$SUMMARY', ARGV[a + 2])
-    for i = runs_from, runs_to, 2 do
-      redis.call('HSET', tree, ARGV[i], ARGV[i + 1])
+    redis.call('HSET', tree, '$VERSION', new, '$TREE_TRACE', fields, '$SUMMARY', summary)
+    for _ = 1, runs do
+      redis.call('HSET', tree, take(), take())
     end
-    if ARGV[a + 4] == '1' then redis.call('HDEL', tree, '$BLOB') end
+    if drop_blob == '1' then redis.call('HDEL', tree, '$BLOB') end
     redis.call('EXPIRE', tree, ttl)
     redis.call('ZADD', KEYS[2], now, id)
-    if ARGV[a + 6] == '1' then
+    if complete == '1' then
       redis.call('ZREM', KEYS[3], id)
     else
       redis.call('ZADD', KEYS[3], now, id)
     end
     local published = 0
-    if ARGV[a + 3] ~= '' and redis.call('SET', done, '1', 'NX', 'EX', ttl) then
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', '$ENTRY', ARGV[a + 3])
+    if event ~= '' and redis.call('SET', done, '1', 'NX', 'EX', ttl) then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', '$ENTRY', event)
       published = 1
     end
     results[#results + 1] = {new, published}
   end
-  a = runs_to + 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(now) - tonumber(ttl))
 return results
@@ -197,12 +209,13 @@ class TraceStore:
         def queue_saves(pipe: Any) -> None:
             for p, items in by_partition.items():
                 script_keys = [keys.events(p), keys.trace_index(p), keys.trace_open(p)]
-                args: list[Any] = list(head)
+                values: list[bytes] = []
                 for trace_id, item in items:
                     script_keys += (keys.tree(trace_id, p), keys.trace_done(trace_id, p))
                     event = announce.get(trace_id, b"")
-                    args += _save_args(trace_id, item, summary_of[trace_id], event)
-                _SAVE.queue(pipe, script_keys, args)
+                    values += _save_values(trace_id, item, summary_of[trace_id], event)
+                sizes = ",".join(map(str, map(len, values)))
+                _SAVE.queue(pipe, script_keys, [*head, sizes, b"".join(values)])
 
         try:
             replies = await execute(self.redis, [_SAVE], queue_saves)
@@ -246,18 +259,18 @@ def _trace_fields(state: TreeState) -> bytes:
     )
 
 
-def _save_args(trace_id: str, item: Loaded, summary: TraceSummary, event: bytes) -> list[Any]:
-    """One trace's part of the save script's ARGV."""
+def _save_values(trace_id: str, item: Loaded, summary: TraceSummary, event: bytes) -> list[bytes]:
+    """One trace's values for the save script."""
     runs = _run_fields(item)
     return [
-        item.version,
+        str(item.version).encode(),
         _trace_fields(item.state),
         msgspec.json.encode(summary),
         event,
         b"1" if item.changed is None else b"0",
-        trace_id,
+        trace_id.encode(),
         b"1" if summary.completed else b"0",
-        len(runs) // 2,
+        str(len(runs) // 2).encode(),
         *runs,
     ]
 
