@@ -94,10 +94,17 @@ for k = 4, #KEYS, 2 do
     results[#results + 1] = -1
   else
     local new = tonumber(v) + 1
-    redis.call('HSET', tree, '$VERSION', new, '$TREE_TRACE', fields, '$SUMMARY', summary)
+    -- One HSET for the trace (in chunks: unpack() is bounded by Lua's C stack).
+    local hset = {'$VERSION', new, '$TREE_TRACE', fields, '$SUMMARY', summary}
     for _ = 1, runs do
-      redis.call('HSET', tree, take(), take())
+      hset[#hset + 1] = take()
+      hset[#hset + 1] = take()
+      if #hset >= 1000 then
+        redis.call('HSET', tree, unpack(hset))
+        hset = {}
+      end
     end
+    if #hset > 0 then redis.call('HSET', tree, unpack(hset)) end
     if drop_blob == '1' then redis.call('HDEL', tree, '$BLOB') end
     redis.call('EXPIRE', tree, ttl)
     redis.call('ZADD', KEYS[2], now, id)

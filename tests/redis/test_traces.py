@@ -276,3 +276,24 @@ async def test_one_save_call_writes_the_traces_whose_version_held(
     stored = await get_trace(async_redis, settings, raced)
     assert stored is not None and stored.root is not None
     assert [child.id for child in stored.root.children] == [f"{raced}-theirs"]
+
+
+async def test_a_save_of_more_runs_than_one_hset_takes(
+    settings: Settings, async_redis: aioredis.Redis
+) -> None:
+    """The script writes a trace's fields in chunks of HSETs: a batch that changed
+    5,000 runs (a legacy tree's first save rewrites every run) stores all of them."""
+    trace, runs = "wide-trace", 5000
+    common = {"trace_id": trace, "source": "app", "time": 1000.0, "run_type": "tool"}
+    store = TraceStore(redis=async_redis, settings=settings)
+    loaded = await store.load([trace])
+    for n in range(runs + 1):
+        run = trace if n == 0 else f"tool-{n}"
+        parent = None if n == 0 else trace
+        event = ev.ToolStart(id=f"s{n}", run_id=run, parent_run_id=parent, seq=n, **common)
+        apply(loaded[trace].state, event)
+        loaded[trace].touched(run)
+    assert (await store.save(loaded, now=1000.0)).conflicts == []
+    stored = await get_trace(async_redis, settings, trace)
+    assert stored is not None and stored.root is not None
+    assert len(stored.root.children) == runs
