@@ -207,8 +207,9 @@ class LoopFlusher:
                 self.loop.add_writer(link, self._on_writable)
             else:
                 self.loop.remove_writer(link)
-        if publisher._buffer:
-            self._armed = 2  # the next reply (or the writer) drains again
+        # Left in the buffer means too many batches in flight or a full socket: the
+        # next reply (or the writer) drains again, so no wake-up needs scheduling.
+        self._armed = 2 if publisher._buffer else 0
 
     def _read(self) -> None:
         assert self.link is not None

@@ -96,6 +96,27 @@ def test_the_loop_drains_and_what_it_left_lands_after_it_closes(server: OwnedRed
     publisher.close()
 
 
+def test_bursts_past_the_batches_in_flight_keep_flowing_on_the_loop(server: OwnedRedis) -> None:
+    settings = settings_for(server, batch_size=16)
+    publisher = Publisher(settings=settings)
+    sent = numbered("b", 3000)
+
+    async def app() -> bool:
+        for start in range(0, len(sent), 300):  # each burst is many batches at once
+            for payload in sent[start : start + 300]:
+                publisher.publish(0, payload)
+            for _ in range(2000):  # the loop alone drains: no flush() to kick it
+                if publisher.stats.published == start + 300:
+                    break
+                await asyncio.sleep(0.005)
+        return loop_drains(publisher)
+
+    assert asyncio.run(app())
+    assert publisher.stats.published == 3000
+    assert landed(server, settings) == sent
+    publisher.close()
+
+
 def test_flush_called_on_the_loop_returns_with_everything_sent(server: OwnedRedis) -> None:
     settings = settings_for(server)
     publisher = Publisher(settings=settings)
