@@ -79,7 +79,7 @@ async def sample(
 async def measure(
     base_url: str, levels: list[int], repeats: int, handler: BusCallbackHandler
 ) -> dict[str, Any]:
-    model = ChatOpenAI(base_url=base_url, api_key="unused", model="scripted", max_retries=0)
+    model = ChatOpenAI(base_url=base_url, api_key="unused", model="scripted", max_retries=3)
     for case in (None, handler):  # warm up the HTTP pool, the imports and the publisher
         await sample(model, 2, 1, case)
     figures: dict[str, Any] = {}

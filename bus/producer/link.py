@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import hiredis
 from redis.connection import parse_url
 
+from bus.producer.resp import command
+
 Reply = Any
 """A hiredis reply: bytes, int, list, or a ``hiredis.ReplyError`` for an error reply."""
 
@@ -32,10 +34,6 @@ _READ_SIZE = 65536
 def loop_capable(url: str) -> bool:
     """Whether a :class:`Link` can talk to ``url`` (plain TCP or a Unix socket)."""
     return urlsplit(url).scheme in ("redis", "unix")
-
-
-def _command(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 class LinkError(ConnectionError):
@@ -138,9 +136,9 @@ def _handshake(sock: socket.socket, options: dict[str, Any]) -> None:
     if password is not None:
         user = options.get("username")
         credentials = (user.encode(), password.encode()) if user else (password.encode(),)
-        commands.append(_command(b"AUTH", *credentials))
+        commands.append(command(b"AUTH", *credentials))
     if options.get("db"):
-        commands.append(_command(b"SELECT", str(options["db"]).encode()))
+        commands.append(command(b"SELECT", str(options["db"]).encode()))
     if not commands:
         return
     sock.sendall(b"".join(commands))

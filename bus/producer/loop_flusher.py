@@ -27,23 +27,29 @@ over until Redis answers it again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
-from bus.producer.link import Link, LinkError, Reply
-from bus.producer.routing import Entry
+from bus.producer.link import Link, LinkError, Reply, open_link
+from bus.producer.resp import Entry, packed
 
 if TYPE_CHECKING:
     from bus.producer.publisher import Publisher
+
+log = logging.getLogger(__name__)
 
 WATCH_EVERY_S = 0.1
 """How often the publisher's thread checks that the loop still runs."""
 MAX_IN_FLIGHT = 4
 """Batches written whose replies are still due; past it the buffer waits (bounded)."""
 _RETRY_S = 0.001
+_STALLED_S = 5.0
+"""A link whose oldest batch waits longer for its replies is given up (like a socket timeout)."""
+_CONNECT_TIMEOUT_S = 2.0
 
 
 class _Sent:
@@ -94,8 +100,24 @@ class LoopFlusher:
             return False
         return True
 
-    def stalled(self, timeout: float) -> bool:
-        return bool(self._in_flight) and time.monotonic() - self._oldest_sent > timeout
+    def watch(self) -> None:
+        """The thread's check, every ``WATCH_EVERY_S``: take back from a loop that stopped,
+        give up a stalled link, open a link for a loop that has none."""
+        loop, publisher = self.loop, self._publisher
+        if loop.is_closed() or not loop.is_running():
+            self.detach(publisher.settings.close_timeout_s)
+        elif self._in_flight and time.monotonic() - self._oldest_sent > _STALLED_S:
+            _call_soon(loop, self._locked, lambda: self._fail(TimeoutError("no reply in time")))
+        elif self.link is None and self.offered is None and not publisher._failing:
+            try:
+                link = open_link(publisher.settings.redis_url, timeout=_CONNECT_TIMEOUT_S)
+            except OSError as exc:  # the thread keeps draining; tried again on the next watch
+                log.debug("lcbus publisher could not link the event loop: %s", exc)
+                return
+            self.offered = link
+            if not _call_soon(loop, self.attach, link):
+                self.offered = None
+                link.close()
 
     def detach(self, timeout: float) -> None:
         """Give the draining back to the thread; see "Taking back" in the module docstring."""
@@ -152,9 +174,6 @@ class LoopFlusher:
         finally:
             publisher._drain_lock.release()
 
-    def fail_stalled(self) -> None:
-        self._locked(lambda: self._fail(TimeoutError("Redis did not answer in time")))
-
     def _arm(self, now: bool) -> None:
         if self._armed >= (2 if now else 1):
             return
@@ -197,7 +216,7 @@ class LoopFlusher:
                 if not self._in_flight:
                     self._oldest_sent = time.monotonic()
                 self._in_flight.append(_Sent(batch))
-                link.write(publisher._packed(batch))
+                link.write(packed(batch))
         except OSError as exc:
             self._fail(exc)
             return
@@ -261,3 +280,11 @@ class LoopFlusher:
             self.loop.remove_reader(link)
             self.loop.remove_writer(link)
         return link
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # closed meanwhile
+        return False
+    return True

@@ -40,10 +40,11 @@ import msgspec
 import redis
 
 from bus.connect import is_cluster_client, sync_client
-from bus.keys import ENTRY_FIELD, Keys
-from bus.producer.link import loop_capable, open_link
+from bus.keys import Keys
+from bus.producer.link import loop_capable
 from bus.producer.loop_flusher import WATCH_EVERY_S, LoopFlusher
-from bus.producer.routing import ClusterSender, Entry
+from bus.producer.resp import Entry, packed, read_replies, xadd_head
+from bus.producer.routing import ClusterSender, PartlySent
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Publisher:
         self._injected = redis
         keys = Keys(settings.prefix, settings.partitions)
         self._heads = [
-            _xadd_head(keys.events(p), settings.stream_maxlen) for p in range(settings.partitions)
+            xadd_head(keys.events(p), settings.stream_maxlen) for p in range(settings.partitions)
         ]
         self._keys = keys
         self._closed = False
@@ -265,7 +266,7 @@ class Publisher:
             self._wakeup.wait(timeout=WATCH_EVERY_S if bound else _STATS_EVERY_S)
             self._wakeup.clear()
             if (flusher := self._loop_flusher) is not None:
-                self._watch(flusher)
+                flusher.watch()
             if linger and 0 < len(self._buffer) < self.settings.batch_size and self._drains():
                 time.sleep(linger)  # the time bound: let a batch form
             while self._buffer and not self._stopping.is_set() and self._drains():
@@ -279,24 +280,6 @@ class Publisher:
         """Whether the thread is the drainer (no loop flusher holding a link)."""
         flusher = self._loop_flusher
         return flusher is None or flusher.link is None
-
-    def _watch(self, flusher: LoopFlusher) -> None:
-        """Take back from a loop that stopped, fail a stalled link, link a bound loop."""
-        loop = flusher.loop
-        if loop.is_closed() or not loop.is_running():
-            flusher.detach(self.settings.close_timeout_s)
-        elif flusher.stalled(_SOCKET_TIMEOUT_S):
-            _call_soon(loop, flusher.fail_stalled)
-        elif flusher.link is None and flusher.offered is None and not self._failing:
-            try:
-                link = open_link(self.settings.redis_url, timeout=_CONNECT_TIMEOUT_S)
-            except OSError as exc:  # the thread keeps draining; tried again on the next watch
-                log.debug("lcbus publisher could not link the event loop: %s", exc)
-                return
-            flusher.offered = link
-            if not _call_soon(loop, flusher.attach, link):
-                flusher.offered = None
-                link.close()
 
     def _take_batch(self) -> list[Entry]:
         buffer = self._buffer
@@ -319,7 +302,7 @@ class Publisher:
                 return True
             try:
                 refused = self._send(batch)
-            except _PartlySent as partial:
+            except PartlySent as partial:
                 self._published += len(batch) - len(partial.unsent) - partial.refused
                 self._on_failure(partial.unsent, partial.cause)
                 return False
@@ -361,29 +344,17 @@ class Publisher:
             )
         return client
 
-    def _packed(self, batch: list[Entry]) -> bytes:
-        """The batch's XADDs as one RESP write: a fixed head per partition, then the payload."""
-        parts: list[bytes] = []
-        for head, payload in batch:
-            parts += (head, b"$%d\r\n" % len(payload), payload, b"\r\n")
-        return b"".join(parts)
-
     def _send(self, batch: list[Entry]) -> int:
-        """One round trip: the batch's XADDs packed as one RESP write, then the replies.
-
-        Returns how many entries Redis refused. Packing by hand (a fixed head
-        per partition, then the payload) costs the flusher about a tenth of
-        redis-py's pipeline per event. That matters because the flusher shares
-        the GIL with the app: its time is the app's.
-        """
+        """One round trip: the batch packed as one RESP write (bus.producer.resp), then the
+        replies. Returns how many entries Redis refused."""
         client = self._ensure_client()
         if is_cluster_client(client):
             return self._send_to_cluster(client, batch)
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([self._packed(batch)], check_health=False)  # type: ignore[no-untyped-call]
-            refused = _read_replies(conn, len(batch))
+            conn.send_packed_command([packed(batch)], check_health=False)  # type: ignore[no-untyped-call]
+            refused = read_replies(conn, len(batch))
         except BaseException:
             conn.disconnect()  # type: ignore[no-untyped-call]  # replies out of step: start over
             raise
@@ -409,7 +380,7 @@ class Publisher:
         sent = self._router.send(batch)
         refused = self._refused(sent.refused, sent.last_error) if sent.refused else 0
         if sent.failure is not None:
-            raise _PartlySent(sent.unsent_in_order(), refused, sent.failure)
+            raise PartlySent(sent.unsent_in_order(), refused, sent.failure)
         return refused
 
     def _on_failure(self, batch: list[Entry], exc: BaseException) -> None:
@@ -445,39 +416,6 @@ class Publisher:
             self._client.set(self._keys.publisher(self._source), payload, ex=_STATS_TTL_S)
         except (redis.RedisError, OSError):
             pass
-
-
-class _PartlySent(Exception):
-    """Some of a batch's entries reached the cluster; ``unsent`` go back to the buffer."""
-
-    def __init__(self, unsent: list[Entry], refused: int, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.unsent, self.refused, self.cause = unsent, refused, cause
-
-
-def _xadd_head(key: str, maxlen: int) -> bytes:
-    """RESP for ``XADD key MAXLEN ~ maxlen * e``, missing only the payload."""
-    args = [b"XADD", key.encode(), b"MAXLEN", b"~", str(maxlen).encode(), b"*", ENTRY_FIELD]
-    return b"*8\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
-def _read_replies(conn: Any, count: int) -> tuple[int, str] | None:
-    """Read ``count`` replies; (refused, last error) when some were error replies."""
-    refused, last = 0, ""
-    for _ in range(count):
-        try:
-            conn.read_response()
-        except redis.ResponseError as exc:
-            refused, last = refused + 1, f"ResponseError: {exc}"
-    return (refused, last) if refused else None
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # closed meanwhile
-        return False
-    return True
 
 
 def _call(ref: weakref.ref[Publisher], method: str) -> Any:

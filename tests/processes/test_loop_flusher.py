@@ -64,13 +64,19 @@ def _running() -> asyncio.AbstractEventLoop | None:
 
 
 async def publish_until_the_loop_drains(publisher: Publisher, payloads: list[bytes]) -> bool:
-    """Publish, pausing now and then, and say whether the loop took the draining over."""
+    """Publish, pausing now and then, and say whether the loop took the draining over
+    (the thread links the loop on its next wake-up: on a busy machine, a while)."""
     drained_on_loop = False
     for index, payload in enumerate(payloads):
-        publisher.publish(0, payload)
         if index % 50 == 0:
             await asyncio.sleep(0.005)
             drained_on_loop = drained_on_loop or loop_drains(publisher)
+        publisher.publish(0, payload)
+    for _ in range(2000):
+        if drained_on_loop:
+            break
+        await asyncio.sleep(0.01)
+        drained_on_loop = loop_drains(publisher)
     return drained_on_loop
 
 
