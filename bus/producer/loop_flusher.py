@@ -238,7 +238,9 @@ class LoopFlusher:
             self._fail(exc)
             return
         self._answered(replies)
-        if self._publisher._buffer and self.link is not None:
+        # Only a drain that waited for these replies goes now; newer events wait for
+        # their linger, or every reply would send a batch of one or two events.
+        if self._armed == 2 and self._publisher._buffer and self.link is not None:
             self._send()
 
     def _answered(self, replies: list[Reply]) -> None:
