@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -22,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from bus.connect import async_client, is_cluster
 from bus.frontend.commands import commands
 from bus.frontend.hub import Hub, hub_name
-from bus.frontend.sse import TRANSPORT_SCOPE_KEY, thread_stream, trace_stream
+from bus.frontend.sse import TRANSPORT_SCOPE_KEY, is_transport, thread_stream, trace_stream
 from bus.frontend.state import AppState
 from bus.frontend.thread_socket import thread_events_socket
 from bus.frontend.threads import stream_events
@@ -144,7 +143,7 @@ class FrontendApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         transport = getattr(getattr(send, "__self__", None), "transport", None)
-        if isinstance(transport, asyncio.WriteTransport):
+        if is_transport(transport):
             scope[TRANSPORT_SCOPE_KEY] = transport
         await super().__call__(scope, receive, send)
 

@@ -31,6 +31,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import TypeGuard
 
 import anyio
 import msgspec
@@ -52,6 +53,17 @@ log = logging.getLogger(__name__)
 
 # The uvicorn transport of the connection, when the app found it (see FrontendApp).
 TRANSPORT_SCOPE_KEY = "lcbus.transport"
+
+
+def is_transport(value: object) -> TypeGuard[asyncio.WriteTransport]:
+    """Whether ``value`` can be aborted and its write buffer measured, as a stream needs.
+
+    Checked by its methods: uvloop's transports do not derive from asyncio's classes.
+    """
+    return all(
+        callable(getattr(value, name, None))
+        for name in ("abort", "get_write_buffer_size", "get_extra_info")
+    )
 
 
 class StreamRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,9 +117,7 @@ async def _stream_frames(
             last = batch[-1].event_id
             # One chunk per batch: one send (and one socket write) for a whole burst.
             chunk = b"".join(
-                b"id: %s\ndata: %s\n\n" % (item.event_id.encode(), item.envelope())
-                for item in batch
-                if flt.everything or flt.matches(item)
+                item.sse_frame() for item in batch if flt.everything or flt.matches(item)
             )
             if chunk:
                 # The response sends the chunk between this yield and the next step.
@@ -142,7 +152,7 @@ class _SendWatch:
 
     def __init__(self, request: Request, stall_s: float, send_buffer_bytes: int) -> None:
         transport = request.scope.get(TRANSPORT_SCOPE_KEY)
-        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        self.transport = transport if is_transport(transport) else None
         self.stall_s = stall_s
         self.blocked_since: float | None = None
         if self.transport is not None and send_buffer_bytes > 0:

@@ -158,7 +158,7 @@ class Session:
         start = Start(event_id=last)
         try:
             filters = {sub_id: _filter_of(sub_id) for sub_id in params.subscriptions}
-            async with self.state.hub.history_reads:
+            async with self.state.hub.history_reads.slots:
                 await resolve(self.state.redis, self.state.keys, self.topic, start)
         except (CommandError, StreamError):
             return {"restored": False}
