@@ -39,6 +39,7 @@ class Relay:
         self._redis = aioredis.Redis.from_url(redis_url)
         self._keys = keys
         self._clients: defaultdict[bytes, set[asyncio.StreamWriter]] = defaultdict(set)
+        self._ended: set[bytes] = set()
 
     async def pump(self) -> None:
         pubsub = self._redis.pubsub()
@@ -59,6 +60,7 @@ class Relay:
                 for writer in writers:
                     writer.close()
                 del self._clients[message["channel"]]
+                self._ended.add(message["channel"])
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -74,6 +76,10 @@ class Relay:
         trace_id = path.split("/")[2]
         channel = self._keys.channel(trace_id).encode()
         writer.write(HEAD)
+        if channel in self._ended:
+            writer.write(_chunk(END) + b"0\r\n\r\n")
+            writer.close()
+            return
         self._clients[channel].add(writer)
         try:
             await reader.read()  # until the client goes, or the relay closes the stream

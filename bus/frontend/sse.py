@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TypeGuard
 
-import anyio
 import msgspec
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
@@ -190,25 +189,25 @@ def _bound_send_buffer(transport: asyncio.WriteTransport, size: int) -> None:
 def _response(
     request: Request, state: AppState, topic: Topic, start: Start, flt: Filter
 ) -> Response:
-    shutdown = anyio.Event()
     settings = state.settings
     watch = _SendWatch(request, settings.client_stall_s, settings.client_send_buffer_bytes)
-
-    async def drain_on_shutdown() -> None:
-        # Set by sse-starlette when the server begins to shut down: every stream of
-        # this process then says "reconnect" and ends (see Hub.drain).
-        await shutdown.wait()
-        state.hub.drain()
-
+    # sse-starlette sets the process's shutdown event when the server begins to shut
+    # down; one task of the app then drains the hub, and every stream says "reconnect"
+    # and ends (see drain_on_shutdown): no task per stream waits for it.
     return EventSourceResponse(
         _frames(state, topic, start, flt, watch),
         ping=state.settings.ping_interval_s,
         send_timeout=state.settings.send_timeout_s,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        shutdown_event=shutdown,
+        shutdown_event=state.shutdown,
         shutdown_grace_period=state.settings.drain_s,
-        data_sender_callable=drain_on_shutdown,
     )
+
+
+async def drain_on_shutdown(state: AppState) -> None:
+    """Once a stream saw the server shut down, end every stream of the process."""
+    await state.shutdown.wait()
+    state.hub.drain()
 
 
 def _bad_resume_point(last: str | None) -> JSONResponse | None:
