@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -333,6 +334,8 @@ def main() -> None:
         "baseline_idle_cpu_pct": base.get("idle_cpu_pct"),
         "traces": args.traces,
         "rate_per_trace": args.rate,
+        # Latency on a shared 2-core host depends on what else runs: say how busy it was.
+        "load_avg_1m": round(os.getloadavg()[0], 1),
     }
     report(final)
 
