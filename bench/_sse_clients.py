@@ -11,6 +11,9 @@ frames, decodes every envelope, and records
   (a client that connects late gets the earlier ones from history);
 - a digest of its text (the content-block deltas, concatenated), which the
   benchmark compares with the tokens the app sent;
+- how often it resumed: on a retryable error (``unavailable``: Redis did not
+  answer in time) it reconnects with ``Last-Event-ID``, as an EventSource
+  does, and the checks above run across the resume;
 - the latency of every token sent after its stream opened: each token's text
   carries its send time (``time.time_ns()`` at the handler call), receipt is
   the time of the socket read that completed its frame.
@@ -69,23 +72,31 @@ class _Client:
     seq_ok: bool = True
     ended: bool = False
     error: str | None = None
+    retryable: bool = False
+    last_id: str = ""
+    resumes: int = 0
     text: hashlib._Hash = field(default_factory=hashlib.sha256)
     latencies: list[int] = field(default_factory=list)
 
     def frame(self, frame: bytes, now: int) -> None:
         """One SSE frame (without its blank line)."""
-        event, data = b"message", b""
+        event, data, event_id = b"message", b"", b""
         for line in frame.split(b"\n"):
             if line.startswith(b"data: "):
                 data = line[6:]
             elif line.startswith(b"event: "):
                 event = line[7:]
+            elif line.startswith(b"id: "):
+                event_id = line[4:]
         if event == b"end":
             self.ended = True
+        elif event == b"error" and b'"retryable": true' in data:
+            self.retryable = True
         elif event != b"message":
             self.error = (event + b" " + data).decode()
         elif data:
             self._envelope(data, now)
+            self.last_id = event_id.decode()
 
     def _envelope(self, data: bytes, now: int) -> None:
         envelope = _decode(data)
@@ -106,6 +117,7 @@ class _Client:
             "ended": self.ended,
             "seq_ok": self.seq_ok,
             "events": self.last_seq,
+            "resumes": self.resumes,
             "error": self.error,
             "text_sha256": self.text.hexdigest(),
         }
@@ -113,27 +125,42 @@ class _Client:
 
 async def _read(http: aiohttp.ClientSession, client: _Client, gate: asyncio.Semaphore) -> None:
     try:
-        async with gate:
-            response = await http.get(client.url, headers={"Accept": "text/event-stream"})
-        async with response:
-            if response.status != 200:
-                client.error = f"HTTP {response.status}"
-                return
-            client.connected_ns = time.time_ns()
-            _Progress.settled(opened=True)
-            buffer = b""
-            async for data in response.content.iter_any():
-                now = time.time_ns()
-                *frames, buffer = (buffer + data).replace(b"\r\n", b"\n").split(b"\n\n")
-                for frame in frames:
-                    client.frame(frame, now)
-                if client.ended or client.error:
-                    return
+        while not (client.ended or client.error):
+            await _read_once(http, client, gate)
+            if client.retryable:
+                client.retryable = False
+                client.resumes += 1
+                await asyncio.sleep(1.0)  # the stream's retry: hint
     except (aiohttp.ClientError, TimeoutError) as exc:
         client.error = f"{type(exc).__name__}: {exc}"
     finally:
         if not client.connected_ns:
             _Progress.settled(opened=False)
+
+
+async def _read_once(http: aiohttp.ClientSession, client: _Client, gate: asyncio.Semaphore) -> None:
+    headers = {"Accept": "text/event-stream"}
+    if client.last_id:
+        headers["Last-Event-ID"] = client.last_id
+    async with gate:
+        response = await http.get(client.url, headers=headers)
+    async with response:
+        if response.status != 200:
+            client.error = f"HTTP {response.status}"
+            return
+        if not client.connected_ns:
+            client.connected_ns = time.time_ns()
+            _Progress.settled(opened=True)
+        buffer = b""
+        async for data in response.content.iter_any():
+            now = time.time_ns()
+            *frames, buffer = (buffer + data).replace(b"\r\n", b"\n").split(b"\n\n")
+            for frame in frames:
+                client.frame(frame, now)
+            if client.ended or client.error or client.retryable:
+                return
+        if not (client.ended or client.retryable):
+            client.error = "the stream closed before its end"
 
 
 class _Progress:

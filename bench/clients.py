@@ -262,6 +262,7 @@ def _summary(app: App, clients: list[dict[str, Any]], latencies: list[int]) -> d
         "p99_ms": round(percentile(ms, 99), 1),
         "max_ms": round(max(ms, default=float("nan")), 1),
         "tokens_measured": len(ms),
+        "resumes": sum(c["resumes"] for c in clients),
         "errors": errors[:3],
     }
 
@@ -296,6 +297,7 @@ def _idle(
         "idle_rss_mb": rss,
         "idle_cpu_pct": round(cpu_pct, 1),
         "idle_connect_s": round(connect_s, 1),
+        "idle_resumes": sum(c["resumes"] for c in clients),
         "idle_errors": sorted({c["error"] for c in clients if c["error"]})[:3],
     }
 
