@@ -5,14 +5,17 @@
    prefixes; one ``workers.traces`` process aggregates one copy and one
    baseline worker process (``bench.noop_worker``: read, decode, acknowledge)
    consumes the other. Events/s is counted from the first entry read to the
-   last acknowledged.
+   last acknowledged. The machine is shared, so this runs ``--rounds`` times
+   with fresh copies, the one going first alternating, and the ratio is the
+   median of the rounds' ratios.
 2. Completion: with the trace worker idle, ``--latency-traces`` traces are
    published one by one; the time from the XADD of the root's end until
    ``GET /traces/{id}`` (Starlette app in this process) shows it completed.
 
-    python -m bench.traces [--traces N] [--latency-traces M]
+    python -m bench.traces [--traces N] [--latency-traces M] [--rounds R]
 
-Last line JSON: events_per_s, baseline_events_per_s, ratio, complete_p99_ms.
+Last line JSON: events_per_s, baseline_events_per_s (medians), ratio, ratios,
+complete_p50_ms, complete_p99_ms.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -161,7 +165,24 @@ async def completion_latency(client: aioredis.Redis, settings: Settings, count: 
     return latencies
 
 
-async def run(traces: int, latency_traces: int) -> dict[str, Any]:
+async def throughputs(
+    client: aioredis.Redis, ours: Settings, noop: Settings, events: list[ev.BaseEvent], index: int
+) -> tuple[float, float]:
+    """One round: (trace worker, baseline) events/s over fresh copies of ``events``."""
+    ours = ours.replace(prefix=f"{ours.prefix}-{index}")
+    noop = noop.replace(prefix=f"{noop.prefix}-{index}")
+    await fill(client, ours, events)
+    await fill(client, noop, events)
+    aggregate = throughput(client, ours, "workers.traces.WorkerSettings", len(events))
+    baseline = throughput(client, noop, "bench.noop_worker.WorkerSettings", len(events))
+    if index % 2 == 0:
+        base = await baseline
+        return await aggregate, base
+    aggregated = await aggregate
+    return aggregated, await baseline
+
+
+async def run(traces: int, latency_traces: int, rounds: int) -> dict[str, Any]:
     base = Settings(redis_url=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), partitions=4)
     tag = uuid.uuid4().hex[:8]
     ours = base.replace(prefix=f"lcbus-bench-{tag}-traces")
@@ -170,24 +191,27 @@ async def run(traces: int, latency_traces: int) -> dict[str, Any]:
     client = aioredis.Redis.from_url(base.redis_url)
     now = time.time()
     events = [e for t in range(traces) for e in trace_events(f"trace-{t}", now=now)]
+    pairs: list[tuple[float, float]] = []
     try:
-        await fill(client, ours, events)
-        await fill(client, noop, events)
-        baseline = await throughput(client, noop, "bench.noop_worker.WorkerSettings", len(events))
-        aggregated = await throughput(client, ours, "workers.traces.WorkerSettings", len(events))
+        for index in range(rounds):
+            pairs.append(await throughputs(client, ours, noop, events, index))
         latencies = sorted(await completion_latency(client, late, latency_traces))
     finally:
+        # The prefixes above are prefixes of every round's.
         for settings in (ours, noop, late):
-            keys = [k async for k in client.scan_iter(match=f"{settings.prefix}:*", count=1000)]
+            keys = [k async for k in client.scan_iter(match=f"{settings.prefix}*", count=1000)]
             for start in range(0, len(keys), 500):
                 await client.delete(*keys[start : start + 500])
         await client.aclose()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    ratios = [round(aggregated / baseline, 3) for aggregated, baseline in pairs]
     return {
         "events": len(events),
-        "events_per_s": round(aggregated),
-        "baseline_events_per_s": round(baseline),
-        "ratio": round(aggregated / baseline, 3),
+        "rounds": rounds,
+        "events_per_s": round(statistics.median(a for a, _ in pairs)),
+        "baseline_events_per_s": round(statistics.median(b for _, b in pairs)),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": ratios,
         "complete_p50_ms": round(latencies[len(latencies) // 2], 2),
         "complete_p99_ms": round(p99, 2),
     }
@@ -197,11 +221,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", type=int, default=2000)
     parser.add_argument("--latency-traces", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    result = asyncio.run(run(args.traces, args.latency_traces))
+    result = asyncio.run(run(args.traces, args.latency_traces, args.rounds))
     print(
         f"trace worker {result['events_per_s']:,} ev/s vs consume baseline "
-        f"{result['baseline_events_per_s']:,} ev/s over {result['events']:,} events; "
+        f"{result['baseline_events_per_s']:,} ev/s over {result['events']:,} events "
+        f"(median of {result['rounds']} rounds); "
         f"completion p50 {result['complete_p50_ms']} ms, p99 {result['complete_p99_ms']} ms"
     )
     print(json.dumps(result))

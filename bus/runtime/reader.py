@@ -5,11 +5,16 @@ dead owner had read but not acknowledged), then new ones (cursor ``>``). The
 acknowledgement of a batch travels with the next read. The lease deadline is
 checked before every read and no blocking read outlasts it, so a read served
 after the lease moved cannot park entries under a name another replica owns.
+
+On a standalone Redis the replies of ``XREADGROUP`` stay as Redis sent them
+(see :func:`stream_client`): redis-py would build a dict per entry, which
+costs about as much as decoding the event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from bus.connect import is_cluster_client
 from bus.keys import Keys
 from bus.parsing import text
 from bus.runtime.batches import BatchHandler, BatchProcessor, ConsumerStats, Entries
@@ -28,7 +34,8 @@ from bus.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_SLEEP_S = 0.05
-"""Pause after an empty read that came back early (fakeredis does not block)."""
+"""Pause after an empty read that came back early (a server whose blocking read does
+not block, such as plain fakeredis 2.40)."""
 MIN_BLOCK_MS = 20
 
 
@@ -41,6 +48,28 @@ async def ensure_group(redis: aioredis.Redis, keys: Keys, group: str, partition:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def stream_client(redis: aioredis.Redis) -> aioredis.Redis:
+    """The client a reader reads with: ``redis``, or a copy whose XREADGROUP replies
+    are left as Redis sent them (entries ``[id, [field, value, …]]``).
+
+    The copy shares ``redis``'s pool and settings and only has a table of reply
+    parsers of its own, so nothing changes for ``redis``'s other users. A cluster
+    client (its nodes share its table) and a single-connection client (a copy would
+    share the connection it owns) are used as they are: :func:`entries_of` reads
+    both shapes.
+    """
+    if is_cluster_client(redis) or redis.single_connection_client:
+        return redis
+    raw = copy.copy(redis)
+    raw.response_callbacks = copy.copy(redis.response_callbacks)  # case-insensitive still
+    raw.set_response_callback("XREADGROUP", _as_sent)
+    return raw
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
 
 
 class PartitionReader:
@@ -58,6 +87,7 @@ class PartitionReader:
         stopping: Callable[[], bool],
     ) -> None:
         self._redis = redis
+        self._stream_redis = stream_client(redis)
         self._settings = settings
         self._keys = Keys(settings.prefix, settings.partitions)
         self._group = group
@@ -124,13 +154,13 @@ class PartitionReader:
     ) -> tuple[Entries, str]:
         if cursor != ">":
             reply, _ = await self._xread(part, stream, consumer, cursor, None)
-            entries = _entries(reply)
+            entries = entries_of(reply)
             if not entries:
                 return [], ">"
             return entries, text(entries[-1][0])
         if self._settings.read_block_ms <= 0:
-            # Polling mode, for servers whose blocking XREADGROUP misbehaves
-            # (fakeredis 2.40 moves entries to the pending list but answers empty).
+            # Polling mode, for servers whose blocking XREADGROUP misbehaves (plain
+            # fakeredis 2.40 answers empty; the demo's embedded server blocks).
             new = await self._read_new(part, stream, consumer, None)
             if new is None:
                 return [], "0"
@@ -165,7 +195,7 @@ class PartitionReader:
         pending list, which returns the parked entries first, in stream order.
         """
         reply, pending = await self._xread(part, stream, consumer, ">", block, check=True)
-        entries = _entries(reply)
+        entries = entries_of(reply)
         if entries and pending > len(entries):
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return None
@@ -185,11 +215,11 @@ class PartitionReader:
         this name's pending entries right after it (else -1), in one round trip."""
         count = self._settings.read_count
         if not part.unacked and not check:
-            reply = await self._redis.xreadgroup(
+            reply = await self._stream_redis.xreadgroup(
                 self._group, consumer, {stream: cursor}, count=count, block=block
             )
             return reply, -1
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._stream_redis.pipeline(transaction=False) as pipe:
             if part.unacked:
                 pipe.xack(stream, self._group, *part.unacked)
             pipe.xreadgroup(self._group, consumer, {stream: cursor}, count=count, block=block)
@@ -203,11 +233,16 @@ class PartitionReader:
         return replies[-1], pending
 
 
-def _entries(reply: Any) -> Entries:
-    """The entries of a single-stream XREADGROUP reply (the client speaks RESP2)."""
+def entries_of(reply: Any) -> Entries:
+    """The entries of a single-stream XREADGROUP reply, in either protocol, as Redis
+    sent them or as redis-py parsed them (each entry's fields a dict)."""
     if not reply:
         return []
-    return list(reply[0][1])
+    # RESP3 answers a map {stream: entries}, RESP2 (and redis-py's parsing) [[stream, entries]].
+    entries: list[Any] = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    if next((isinstance(f, dict) for _, f in entries if f is not None), False):
+        return [(i, None if f is None else [x for kv in f.items() for x in kv]) for i, f in entries]
+    return entries
 
 
 def _pending_of(summary: Any, consumer: str) -> int:

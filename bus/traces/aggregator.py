@@ -35,7 +35,7 @@ from bus.parsing import text
 from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.store import Loaded, TraceStore
-from bus.traces.tree import TreeState, apply, is_complete, is_run_event, summarize
+from bus.traces.tree import TraceSummary, TreeState, apply, is_run_event, summarize
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,14 @@ class TraceAggregator:
 
     async def _save(self, loaded: Mapping[str, Loaded], now: float) -> list[str]:
         """Save, publishing ``trace_completed`` for the traces that just completed."""
+        # One summary per trace and save: the save writes it, the announcement rolls it up.
+        summaries = {trace_id: summarize(item.state) for trace_id, item in loaded.items()}
         announce = {
-            trace_id: ev.encode(completed_event(item.state))
+            trace_id: ev.encode(completed_event(item.state, summaries[trace_id]))
             for trace_id, item in loaded.items()
-            if trace_id not in self._announced and (is_complete(item.state) or item.state.timed_out)
+            if trace_id not in self._announced and summaries[trace_id].completed
         }
-        saved = await self.store.save(loaded, now=now, announce=announce)
+        saved = await self.store.save(loaded, now=now, announce=announce, summaries=summaries)
         self.published += len(saved.published)
         lost = set(saved.conflicts)
         for trace_id in announce:
@@ -177,12 +179,13 @@ def _starts_root(event: ev.BaseEvent) -> bool:
     return event.run_id == event.trace_id and isinstance(event, ev.RunStart)
 
 
-def completed_event(state: TreeState) -> ev.TraceCompleted:
-    """The ``trace_completed`` event of a trace: its status and rollups.
+def completed_event(state: TreeState, summary: TraceSummary | None = None) -> ev.TraceCompleted:
+    """The ``trace_completed`` event of a trace: its status and rollups (``summary``,
+    when the caller has it, is ``summarize(state)``).
 
     Its id is derived from the trace, so a receiver can deduplicate by it.
     """
-    summary = summarize(state)
+    summary = summarize(state) if summary is None else summary
     rollup = {
         "usage": msgspec.to_builtins(summary.usage),
         "unreported_usage": summary.unreported_usage,

@@ -48,12 +48,7 @@ from bus.keys import (
 )
 from bus.scripts import LuaScript, execute, send
 from bus.settings import Settings
-from bus.traces.tree import (
-    RunFacts,
-    TreeState,
-    is_complete,
-    summarize,
-)
+from bus.traces.tree import RunFacts, TraceSummary, TreeState, summarize
 
 __all__ = ["Loaded", "Saved", "TraceStore", "state_of"]
 
@@ -64,34 +59,70 @@ _state_decoder = msgspec.msgpack.Decoder(TreeState)
 _run_encoder = msgspec.msgpack.Encoder()
 _run_decoder = msgspec.msgpack.Decoder(RunFacts)
 
-# KEYS: tree, done flag, event stream, trace index, open set (one partition's slot).
-# ARGV: expected version, trace fields, summary, ttl, completed event ('' for none),
-# stream maxlen, '1' to drop a legacy state blob, trace id, now, '1' if the trace is
-# complete, then (run field, run) pairs.
-# -> {new version, 1 if the event was published}, or -1 when the version moved on.
+# One call saves every trace of a batch that lives on one partition: all its keys
+# share the partition's slot, and the per-call costs (the call itself on both sides,
+# the index trim) are paid once per batch, not once per trace.
+# KEYS: event stream, trace index, open set, then per trace: tree, done flag.
+# ARGV: ttl, stream maxlen, now, the values' sizes ("12,0,345,..."), the values
+# end to end. Per trace the values are: expected version, trace fields, summary,
+# completed event ('' for none), '1' to drop a legacy state blob, trace id, '1' if
+# the trace is complete, n, then n (run field, run) pairs. (Two arguments rather
+# than one per value: redis-py packs each argument in Python, slowly, where one
+# long argument is passed through as it is; the script cuts it up in C.)
+# -> per trace {new version, 1 if the event was published}, or -1 when the version
+# moved on (that trace is not written).
 _SAVE = LuaScript(
     lua_fields("""
-local v = redis.call('HGET', KEYS[1], '$VERSION') or '0'
-if v ~= ARGV[1] then return -1 end
-local new = tonumber(v) + 1
-redis.call('HSET', KEYS[1], '$VERSION', new, '$TREE_TRACE', ARGV[2], '$SUMMARY', ARGV[3])
-for i = 11, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+local ttl, maxlen, now, values = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+local sizes, at, pos = {}, 0, 1
+for size in string.gmatch(ARGV[4], '%d+') do sizes[#sizes + 1] = tonumber(size) end
+local function take()
+  at = at + 1
+  local value = string.sub(values, pos, pos + sizes[at] - 1)
+  pos = pos + sizes[at]
+  return value
 end
-if ARGV[7] == '1' then redis.call('HDEL', KEYS[1], '$BLOB') end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[9], ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[9]) - tonumber(ARGV[4]))
-if ARGV[10] == '1' then
-  redis.call('ZREM', KEYS[5], ARGV[8])
-else
-  redis.call('ZADD', KEYS[5], ARGV[9], ARGV[8])
+local results = {}
+for k = 4, #KEYS, 2 do
+  local tree, done = KEYS[k], KEYS[k + 1]
+  local expected, fields, summary, event = take(), take(), take(), take()
+  local drop_blob, id, complete, runs = take(), take(), take(), tonumber(take())
+  local v = redis.call('HGET', tree, '$VERSION') or '0'
+  if v ~= expected then
+    at = at + 2 * runs
+    for i = at - 2 * runs + 1, at do pos = pos + sizes[i] end
+    results[#results + 1] = -1
+  else
+    local new = tonumber(v) + 1
+    -- One HSET for the trace (in chunks: unpack() is bounded by Lua's C stack).
+    local hset = {'$VERSION', new, '$TREE_TRACE', fields, '$SUMMARY', summary}
+    for _ = 1, runs do
+      hset[#hset + 1] = take()
+      hset[#hset + 1] = take()
+      if #hset >= 1000 then
+        redis.call('HSET', tree, unpack(hset))
+        hset = {}
+      end
+    end
+    if #hset > 0 then redis.call('HSET', tree, unpack(hset)) end
+    if drop_blob == '1' then redis.call('HDEL', tree, '$BLOB') end
+    redis.call('EXPIRE', tree, ttl)
+    redis.call('ZADD', KEYS[2], now, id)
+    if complete == '1' then
+      redis.call('ZREM', KEYS[3], id)
+    else
+      redis.call('ZADD', KEYS[3], now, id)
+    end
+    local published = 0
+    if event ~= '' and redis.call('SET', done, '1', 'NX', 'EX', ttl) then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', '$ENTRY', event)
+      published = 1
+    end
+    results[#results + 1] = {new, published}
+  end
 end
-if ARGV[5] ~= '' and redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', '$ENTRY', ARGV[5])
-  return {new, 1}
-end
-return {new, 0}
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(now) - tonumber(ttl))
+return results
 """)
 )
 
@@ -162,52 +193,55 @@ class TraceStore:
         return found
 
     async def save(
-        self, loaded: Mapping[str, Loaded], *, now: float, announce: Mapping[str, bytes] = {}
+        self,
+        loaded: Mapping[str, Loaded],
+        *,
+        now: float,
+        announce: Mapping[str, bytes] = {},
+        summaries: Mapping[str, TraceSummary] = {},
     ) -> Saved:
         """Write each state if its version is unchanged; publish the ``announce`` events
         (encoded ``trace_completed``, by trace id) of those written, once per trace.
+        ``summaries`` may hold the traces' summaries when the caller made them already.
 
         The save script updates the trace's partition index and open-trace set too.
         """
-        keys, ttl, partitions = self.keys, self.settings.trace_ttl_s, self.settings.partitions
-        items = list(loaded.items())
-        writes = [(trace_id, item, summarize(item.state)) for trace_id, item in items]
-        maxlen = self.settings.stream_maxlen
+        keys, partitions = self.keys, self.settings.partitions
+        by_partition: dict[int, list[tuple[str, Loaded]]] = {}
+        for trace_id, item in loaded.items():
+            by_partition.setdefault(partition_of(trace_id, partitions), []).append((trace_id, item))
+        head = [self.settings.trace_ttl_s, self.settings.stream_maxlen, repr(now)]
+        summary_of = {t: summaries.get(t) or summarize(item.state) for t, item in loaded.items()}
 
         def queue_saves(pipe: Any) -> None:
-            for trace_id, item, summary in writes:
-                p = partition_of(trace_id, partitions)
-                script_keys = [
-                    keys.tree(trace_id, p),
-                    keys.trace_done(trace_id, p),
-                    keys.events(p),
-                    keys.trace_index(p),
-                    keys.trace_open(p),
-                ]
-                event = announce.get(trace_id, b"")
-                args = [item.version, _trace_fields(item.state), msgspec.json.encode(summary)]
-                args += [ttl, event, maxlen, b"1" if item.changed is None else b"0"]
-                args += [trace_id, repr(now), b"1" if summary.completed else b"0"]
-                args += _run_fields(item)
-                _SAVE.queue(pipe, script_keys, args)
+            for p, items in by_partition.items():
+                script_keys = [keys.events(p), keys.trace_index(p), keys.trace_open(p)]
+                values: list[bytes] = []
+                for trace_id, item in items:
+                    script_keys += (keys.tree(trace_id, p), keys.trace_done(trace_id, p))
+                    event = announce.get(trace_id, b"")
+                    values += _save_values(trace_id, item, summary_of[trace_id], event)
+                sizes = ",".join(map(str, map(len, values)))
+                _SAVE.queue(pipe, script_keys, [*head, sizes, b"".join(values)])
 
         try:
             replies = await execute(self.redis, [_SAVE], queue_saves)
         except BaseException:
-            for trace_id, _ in items:
+            for trace_id in loaded:
                 self._cache.pop(trace_id, None)  # unknown outcome: reload next time
             raise
         saved = Saved(conflicts=[], published=[])
-        for (trace_id, item), reply in zip(items, replies[: len(items)], strict=True):
-            if reply == -1:
-                saved.conflicts.append(trace_id)
-                self._cache.pop(trace_id, None)
-                continue
-            item.version = int(reply[0])
-            item.changed = set()
-            if reply[1] == 1:
-                saved.published.append(trace_id)
-            self._remember(trace_id, item)
+        for items, results in zip(by_partition.values(), replies, strict=True):
+            for (trace_id, item), result in zip(items, results, strict=True):
+                if result == -1:
+                    saved.conflicts.append(trace_id)
+                    self._cache.pop(trace_id, None)
+                    continue
+                item.version = int(result[0])
+                item.changed = set()
+                if result[1] == 1:
+                    saved.published.append(trace_id)
+                self._remember(trace_id, item, summary_of[trace_id].completed)
         return saved
 
     def _tree(self, trace_id: str) -> str:
@@ -216,8 +250,8 @@ class TraceStore:
     def forget(self, trace_id: str) -> None:
         self._cache.pop(trace_id, None)
 
-    def _remember(self, trace_id: str, item: Loaded) -> None:
-        if is_complete(item.state) or item.state.timed_out:
+    def _remember(self, trace_id: str, item: Loaded, completed: bool) -> None:
+        if completed:
             self._cache.pop(trace_id, None)  # complete traces rarely change again
             return
         self._cache[trace_id] = item
@@ -230,6 +264,22 @@ def _trace_fields(state: TreeState) -> bytes:
     return _state_encoder.encode(
         TreeState(trace_id=state.trace_id, timed_out=state.timed_out, updated_at=state.updated_at)
     )
+
+
+def _save_values(trace_id: str, item: Loaded, summary: TraceSummary, event: bytes) -> list[bytes]:
+    """One trace's values for the save script."""
+    runs = _run_fields(item)
+    return [
+        str(item.version).encode(),
+        _trace_fields(item.state),
+        msgspec.json.encode(summary),
+        event,
+        b"1" if item.changed is None else b"0",
+        trace_id.encode(),
+        b"1" if summary.completed else b"0",
+        str(len(runs) // 2).encode(),
+        *runs,
+    ]
 
 
 def _run_fields(item: Loaded) -> list[bytes]:

@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Sequence
 
 import msgspec
+import pytest
 import redis
 import redis.asyncio as aioredis
 
+from bus.connect import async_client
 from bus.events import encode
 from bus.keys import ENTRY_FIELD, Keys, partition_of
 from bus.runtime import deadletter
@@ -279,3 +281,40 @@ async def test_entries_parked_before_newer_ones_are_handled_first(
         await wait_until_async(lambda: no_pending(async_redis, settings))
     finally:
         await consumer.aclose()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_entries_of_any_field_layout_and_deleted_ones_in_either_protocol(
+    settings: Settings, sync_redis: redis.Redis, protocol: int
+) -> None:
+    """The reader takes XREADGROUP replies as Redis sends them (RESP2 or RESP3, no
+    per-entry dict): the event field is found wherever it is among the fields, an
+    entry without it is dead-lettered as undecodable, and a pending entry deleted
+    from the stream before it was handled is counted and acknowledged."""
+    settings = fast(settings, partitions=1)
+    stream = Keys(settings.prefix, settings.partitions).events(0)
+    first, second, third = (make_event("t-fields", seq) for seq in (1, 2, 3))
+    sync_redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    deleted = sync_redis.xadd(stream, {ENTRY_FIELD: encode(make_event("t-fields", 0))})
+    sync_redis.xreadgroup(GROUP, "p0", {stream: ">"}, count=1)  # pending under p0 ...
+    sync_redis.xdel(stream, deleted)  # ... and gone from the stream
+    sync_redis.xadd(stream, {ENTRY_FIELD: encode(first)})
+    sync_redis.xadd(stream, {b"note": b"before the event", ENTRY_FIELD: encode(second)})
+    no_event = sync_redis.xadd(stream, {b"note": b"no event at all"})
+    sync_redis.xadd(stream, {ENTRY_FIELD: encode(third), b"note": b"after the event"})
+    client = async_client(settings, protocol=protocol)
+    recorder = Recorder()
+    try:
+        async with GroupConsumer(
+            redis=client, settings=settings, group=GROUP, handler=recorder
+        ) as consumer:
+            await wait_until_async(lambda: len(recorder.seen) >= 3)
+            await wait_until_async(lambda: no_pending(client, settings))
+            letters = await deadletter.list_dead_letters(client, settings, GROUP)
+    finally:
+        await client.aclose()
+    assert [d.event for d in recorder.seen] == [first, second, third]
+    assert [(letter.reason, letter.entry_id, letter.payload) for letter in letters] == [
+        (deadletter.REASON_UNDECODABLE, no_event.decode(), b"")
+    ]
+    assert (consumer.stats.trimmed, consumer.stats.undecodable) == (1, 1)

@@ -18,7 +18,8 @@ from bus.runtime.consumer import Delivery
 from bus.settings import Settings
 from bus.traces.aggregator import TraceAggregator
 from bus.traces.queries import get_trace, list_traces
-from bus.traces.tree import Trace
+from bus.traces.store import TraceStore
+from bus.traces.tree import Trace, apply
 from tests.support.published import bus_deliveries
 from tests.support.runs import arun_scenario, assert_same_tree, count_runs, run_scenario
 
@@ -231,3 +232,68 @@ async def test_a_trace_of_many_large_tool_runs_writes_each_run_about_once(
     # The runs' own bytes, and a little per batch: 20 MB, where rewriting the whole
     # tree per batch would send about 2 GB.
     assert runs * size < written < 1.2 * runs * size
+
+
+async def test_one_save_call_writes_the_traces_whose_version_held(
+    settings: Settings, async_redis: aioredis.Redis
+) -> None:
+    """Every trace of a partition's batch goes in one script call: the trace that lost
+    the compare-and-set is left alone and reported, and the traces after it are
+    written in full (its run values are skipped, not read as theirs)."""
+    ids = [t for t in (f"cas-{n}" for n in range(100)) if partition_of(t, settings.partitions) == 0]
+    first, raced, last = ids[:3]
+    common = {"source": "app", "time": 1000.0, "run_type": "chain", "name": "chain"}
+
+    def start(trace: str, run: str, seq: int) -> ev.ChainStart:
+        parent = None if run == trace else trace
+        return ev.ChainStart(
+            id=f"{run}-s", run_id=run, trace_id=trace, parent_run_id=parent, seq=seq, **common
+        )
+
+    ours = TraceStore(redis=async_redis, settings=settings)
+    theirs = TraceStore(redis=async_redis, settings=settings)
+    loaded = await ours.load([first, raced, last])
+    for trace, item in loaded.items():
+        apply(item.state, start(trace, trace, 1))
+        item.touched(trace)
+    assert (await ours.save(loaded, now=1000.0)).conflicts == []
+    # Another writer (a replica that took the partition over) moves one trace on.
+    moved = await theirs.load([raced], fresh=True)
+    apply(moved[raced].state, start(raced, f"{raced}-theirs", 2))
+    moved[raced].touched(f"{raced}-theirs")
+    assert (await theirs.save(moved, now=1001.0)).conflicts == []
+
+    again = await ours.load([first, raced, last])  # from the cache: raced is stale
+    for trace, item in again.items():
+        apply(item.state, start(trace, f"{trace}-child", 3))
+        item.touched(f"{trace}-child")
+    saved = await ours.save(again, now=1002.0)
+    assert saved.conflicts == [raced]
+    for trace in (first, last):
+        stored = await get_trace(async_redis, settings, trace)
+        assert stored is not None and stored.root is not None
+        assert [child.id for child in stored.root.children] == [f"{trace}-child"]
+    stored = await get_trace(async_redis, settings, raced)
+    assert stored is not None and stored.root is not None
+    assert [child.id for child in stored.root.children] == [f"{raced}-theirs"]
+
+
+async def test_a_save_of_more_runs_than_one_hset_takes(
+    settings: Settings, async_redis: aioredis.Redis
+) -> None:
+    """The script writes a trace's fields in chunks of HSETs: a batch that changed
+    5,000 runs (a legacy tree's first save rewrites every run) stores all of them."""
+    trace, runs = "wide-trace", 5000
+    common = {"trace_id": trace, "source": "app", "time": 1000.0, "run_type": "tool"}
+    store = TraceStore(redis=async_redis, settings=settings)
+    loaded = await store.load([trace])
+    for n in range(runs + 1):
+        run = trace if n == 0 else f"tool-{n}"
+        parent = None if n == 0 else trace
+        event = ev.ToolStart(id=f"s{n}", run_id=run, parent_run_id=parent, seq=n, **common)
+        apply(loaded[trace].state, event)
+        loaded[trace].touched(run)
+    assert (await store.save(loaded, now=1000.0)).conflicts == []
+    stored = await get_trace(async_redis, settings, trace)
+    assert stored is not None and stored.root is not None
+    assert len(stored.root.children) == runs
