@@ -49,6 +49,7 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.consume
 	$(BIN)/python -m bench.fanout_worker
 	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.clients
 	$(BIN)/python -m bench.traces
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.cluster

@@ -40,6 +40,7 @@ from redis.exceptions import (
 
 from bus.connect import is_cluster_client
 from bus.errors import ServerDraining
+from bus.frontend.reads import HistoryReads
 from bus.frontend.subscriber import Subscriber
 from bus.history import parse_message
 from bus.keys import key_slot
@@ -87,10 +88,9 @@ class Hub:
         self._name = name
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
-        # History reads in flight at once (initial replays and resyncs): a burst of
-        # clients, or every client resyncing after a reconnect, queues here instead
-        # of emptying the connection pool that the other endpoints share.
-        self.history_reads = asyncio.Semaphore(history_reads)
+        # History reads (initial replays and resyncs): bounded, and shared by the
+        # clients of a channel that ask for the same page at once (see HistoryReads).
+        self.history_reads = HistoryReads(history_reads)
         self.draining = False
         self._ping_interval_s = ping_interval_s
         self._channels: dict[str, _Channel] = {}
