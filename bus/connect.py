@@ -25,7 +25,10 @@ that issued the command, which backs off and tries again (the workers'
 outage backoff, the frontend's retryable ``unavailable`` and the hub's
 reconnects), and redis-py still marks the failed node for a slot-map refresh
 on the next command. MOVED, ASK and TRYAGAIN are followed as before: they are
-redirections, not retries.
+redirections, not retries. And the clients accept a slot map with slots that
+no node serves (``require_full_coverage=False``; run the nodes with
+``cluster-require-full-coverage no`` too): by default redis-py refuses the
+whole map then, and with it every command, not just those of the lost slots.
 
 arq's queue is another matter: arq uses multi-key transactions and does not
 run on a cluster, so its keys live on ``LCBUS_QUEUE_REDIS_URL`` (a
@@ -93,6 +96,7 @@ def sync_client(settings: Settings, **options: Any) -> redis.Redis:
     """A blocking client for ``settings.redis_url`` (the publisher's)."""
     if is_cluster(settings):
         # Same commands as redis.Redis; callers that care ask is_cluster_client().
+        options.setdefault("require_full_coverage", False)  # see the module docstring
         return cast(redis.Redis, RedisCluster.from_url(settings.redis_url, **options))
     return redis.Redis.from_url(settings.redis_url, **options)
 
@@ -102,6 +106,7 @@ def async_client(settings: Settings, **options: Any) -> aioredis.Redis:
     if is_cluster(settings):
         options.pop("health_check_interval", None)  # per-node connections check themselves
         options.setdefault("retry", Retry(NoBackoff(), 0))  # see the module docstring
+        options.setdefault("require_full_coverage", False)
         return cast(aioredis.Redis, AsyncRedisCluster.from_url(settings.redis_url, **options))
     return aioredis.Redis.from_url(settings.redis_url, **options)
 

@@ -97,6 +97,9 @@ class Hub:
         self._links: dict[str, _Link] = {}
         self._route: dict[str, _Link] = {}
         self._rerouted = 0
+        self._unrouted: set[str] = set()
+        """Channels with clients that no node serves yet (retried by ``_router``)."""
+        self._router: asyncio.Task[None] | None = None
         self._started = False
 
     async def __aenter__(self) -> Hub:
@@ -115,6 +118,11 @@ class Hub:
             self._open_link("redis", pool.connection_class, pool.connection_kwargs)
 
     async def aclose(self) -> None:
+        if self._router is not None:
+            self._router.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._router
+            self._router = None
         links, self._links = list(self._links.values()), {}
         for link in links:
             await link.aclose()
@@ -159,8 +167,7 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-            link = self._route[channel] = await self._link_for(channel)
-            await link.subscribe(channel)
+            await self._route_new(channel)
         state.subscribers.add(sub)
         try:
             await state.ready.wait()
@@ -171,11 +178,47 @@ class Hub:
             state.subscribers.discard(sub)
             if not state.subscribers and self._channels.get(channel) is state:
                 del self._channels[channel]
+                self._unrouted.discard(channel)
                 gone = self._route.pop(channel, None)
                 if gone is not None:
                     await gone.unsubscribe(channel)
 
     # -- routing (cluster) ---------------------------------------------------------
+
+    async def _route_new(self, channel: str) -> None:
+        """Subscribe a new channel where its slot is served, or, when no node serves it
+        now (a node lost and its slots not yet taken over, the slot map unreadable),
+        retry in the background: its clients wait for the confirmation, as they do
+        while a standalone Redis is away, and then resync from history."""
+        try:
+            link = await self._link_for(channel)
+        except (RedisClusterException, RedisError, OSError) as exc:
+            log.warning("pub/sub: no node serves %s now (%s); retrying", channel, exc)
+            self._unrouted.add(channel)
+            if self._router is None or self._router.done():
+                self._router = asyncio.create_task(self._route_unrouted(), name="lcbus-hub-route")
+            return
+        self._route[channel] = link
+        await link.subscribe(channel)
+
+    async def _route_unrouted(self) -> None:
+        failures = 0
+        while self._unrouted:
+            await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
+            failures += 1
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
+                await self._redis.nodes_manager.initialize()
+            for channel in list(self._unrouted):
+                if channel not in self._channels:
+                    self._unrouted.discard(channel)
+                    continue
+                try:
+                    link = await self._link_for(channel)
+                except (RedisClusterException, RedisError, OSError):
+                    continue
+                self._unrouted.discard(channel)
+                self._route[channel] = link
+                await link.subscribe(channel)
 
     def _open_link(self, key: str, connection_class: Any, kwargs: dict[str, Any]) -> _Link:
         # RESP2 on purpose: pub/sub messages then arrive as plain replies to read_response,
@@ -190,13 +233,16 @@ class Hub:
         if not self._cluster:
             return self._links["redis"]
         await self._redis.initialize()
+        slot = key_slot(channel)
         try:
-            node = self._redis.nodes_manager.get_node_from_slot(key_slot(channel))
-        except (SlotNotCoveredError, RedisClusterException):
+            node = self._redis.nodes_manager.get_node_from_slot(slot)
+        # redis-py raises KeyError for a slot missing from its map (a map read while
+        # no node served the slot), SlotNotCoveredError for one mapped to nobody.
+        except (SlotNotCoveredError, RedisClusterException, KeyError) as exc:
             current = self._route.get(channel)
             if current is not None:
                 return current  # the node is down, nobody took its slots: wait for it
-            raise
+            raise SlotNotCoveredError(f"no node serves slot {slot}") from exc
         link = self._links.get(node.name)
         if link is None:
             link = self._open_link(node.name, node.connection_class, node.connection_kwargs)
@@ -207,7 +253,7 @@ class Hub:
         if not self._cluster:
             return
         if refresh:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
                 await self._redis.nodes_manager.initialize()
         for channel in list(link.channels):
             state = self._channels.get(channel)
@@ -219,6 +265,11 @@ class Hub:
                 continue
             if target is link and channel in link.confirmed:
                 continue
+            if target is link:
+                # Subscribed again on the same connection: the last SUBSCRIBE was
+                # refused (no confirmation will come for it) or is still on its way,
+                # with no unsubscribe in between, so any confirmation now counts.
+                link.drop_pending(channel)
             self._rerouted += 1
             link.forget(channel)
             state.ready.clear()
@@ -246,6 +297,14 @@ class Hub:
             state = self._channels.get(channel)
             if state is not None and self._route.get(channel) is link:
                 state.ready.clear()
+
+    async def ensure_mapped(self, channel: str) -> None:
+        """Before a confirmation lets clients read history: a channel confirmed while the
+        client's slot map lacks its slot (read while no node served it) refreshes the
+        map, else the history read would fail where the subscription just worked."""
+        if self._cluster and key_slot(channel) not in self._redis.nodes_manager.slots_cache:
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
+                await self._redis.nodes_manager.initialize()
 
     def confirmed(self, link: _Link, channel: str) -> None:
         state = self._channels.get(channel)
@@ -295,6 +354,9 @@ class _Link:
     async def unsubscribe(self, channel: str) -> None:
         self.forget(channel)
         await self._send(self._unsubscribe_cmd, channel)
+
+    def drop_pending(self, channel: str) -> None:
+        self._pending.pop(channel, None)
 
     def forget(self, channel: str) -> None:
         self.channels.discard(channel)
@@ -372,6 +434,7 @@ class _Link:
         if kind in (b"message", b"smessage"):
             self._hub.deliver(reply[1], reply[2])
         elif kind in (b"subscribe", b"ssubscribe"):
+            await self._hub.ensure_mapped(reply[1].decode())
             self._confirm(reply[1].decode())
         elif kind == b"sunsubscribe" and reply[1].decode() in self.confirmed:
             # Not asked for: the node gave the channel's slot away (a migration).
