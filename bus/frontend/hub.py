@@ -30,23 +30,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import (
-    ClusterDownError,
-    MovedError,
     RedisClusterException,
     RedisError,
-    ResponseError,
     SlotNotCoveredError,
 )
 
 from bus.connect import is_cluster_client
 from bus.errors import ServerDraining
+from bus.frontend.link import RETRY_S, Link
 from bus.frontend.subscriber import Subscriber
 from bus.history import parse_message
 from bus.keys import key_slot
 
 log = logging.getLogger(__name__)
-
-_RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 
 class _Channel:
@@ -92,10 +88,10 @@ class Hub:
         # of emptying the connection pool that the other endpoints share.
         self.history_reads = asyncio.Semaphore(history_reads)
         self.draining = False
-        self._ping_interval_s = ping_interval_s
+        self.ping_interval_s = ping_interval_s
         self._channels: dict[str, _Channel] = {}
-        self._links: dict[str, _Link] = {}
-        self._route: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
+        self._route: dict[str, Link] = {}
         self._rerouted = 0
         self._unrouted: set[str] = set()
         """Channels with clients that no node serves yet (retried by ``_router``)."""
@@ -204,7 +200,7 @@ class Hub:
     async def _route_unrouted(self) -> None:
         failures = 0
         while self._unrouted:
-            await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
+            await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
             failures += 1
             with contextlib.suppress(RedisError, OSError, RedisClusterException):
                 await self._redis.nodes_manager.initialize()
@@ -220,15 +216,17 @@ class Hub:
                 self._route[channel] = link
                 await link.subscribe(channel)
 
-    def _open_link(self, key: str, connection_class: Any, kwargs: dict[str, Any]) -> _Link:
+    def _open_link(self, key: str, connection_class: Any, kwargs: dict[str, Any]) -> Link:
         # RESP2 on purpose: pub/sub messages then arrive as plain replies to read_response,
         # instead of going to redis-py's RESP3 push-handler machinery.
         conn_kwargs = {**kwargs, "client_name": self._name, "protocol": 2}
-        link = self._links[key] = _Link(self, lambda: connection_class(**conn_kwargs))
+        link = self._links[key] = Link(
+            self, self._commands, lambda: connection_class(**conn_kwargs)
+        )
         link.start()
         return link
 
-    async def _link_for(self, channel: str) -> _Link:
+    async def _link_for(self, channel: str) -> Link:
         """The connection to the node that serves ``channel``'s slot now."""
         if not self._cluster:
             return self._links["redis"]
@@ -248,7 +246,7 @@ class Hub:
             link = self._open_link(node.name, node.connection_class, node.connection_kwargs)
         return link
 
-    async def reroute(self, link: _Link, *, refresh: bool = True) -> None:
+    async def reroute(self, link: Link, *, refresh: bool = True) -> None:
         """Subscribe ``link``'s channels wherever their slots are served now."""
         if not self._cluster:
             return
@@ -290,7 +288,7 @@ class Hub:
         for sub in state.subscribers:
             sub.offer(item)
 
-    def lost(self, link: _Link) -> None:
+    def lost(self, link: Link) -> None:
         """``link``'s connection dropped: its channels wait for a fresh confirmation,
         which then asks their subscribers to resync (events may be missed meanwhile)."""
         for channel in link.channels:
@@ -306,7 +304,7 @@ class Hub:
             with contextlib.suppress(RedisError, OSError, RedisClusterException):
                 await self._redis.nodes_manager.initialize()
 
-    def confirmed(self, link: _Link, channel: str) -> None:
+    def confirmed(self, link: Link, channel: str) -> None:
         state = self._channels.get(channel)
         if state is None or self._route.get(channel) is not link or state.ready.is_set():
             return
@@ -314,142 +312,6 @@ class Hub:
         # Messages published while the channel was not subscribed are only in history.
         for sub in state.subscribers:
             sub.request_resync()
-
-
-class _Link:
-    """One pub/sub connection: subscribes its channels, reads and dispatches replies.
-
-    The connection is a raw :class:`redis.asyncio.Connection` rather than
-    redis-py's ``PubSub`` so that the hub, not the library, decides how
-    reconnection and confirmations work.
-    """
-
-    def __init__(self, hub: Hub, connect: Any) -> None:
-        self._hub = hub
-        self._connect = connect
-        self._subscribe_cmd, self._unsubscribe_cmd = hub._commands
-        self.channels: set[str] = set()
-        self.confirmed: set[str] = set()
-        # SUBSCRIBEs sent per channel on the current connection and not yet confirmed.
-        self._pending: dict[str, int] = {}
-        self._conn: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self.connected = False
-        self.reconnects = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lcbus-hub")
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def subscribe(self, channel: str) -> None:
-        self.channels.add(channel)
-        await self._send(self._subscribe_cmd, channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        self.forget(channel)
-        await self._send(self._unsubscribe_cmd, channel)
-
-    def drop_pending(self, channel: str) -> None:
-        self._pending.pop(channel, None)
-
-    def forget(self, channel: str) -> None:
-        self.channels.discard(channel)
-        self.confirmed.discard(channel)
-
-    async def _send(self, command: str, channel: str) -> None:
-        conn = self._conn
-        if conn is None:
-            return  # the reader subscribes every channel of the link when it reconnects
-        if command == self._subscribe_cmd:
-            self._pending[channel] = self._pending.get(channel, 0) + 1
-        try:
-            await conn.send_command(command, channel)
-        # redis-py raises AttributeError when the reader tore the connection down
-        # under this send (its writer is gone): the same lost connection.
-        except (RedisError, OSError, AttributeError) as exc:
-            log.warning(
-                "pub/sub %s %s failed (%s); the reader will reconnect", command, channel, exc
-            )
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            conn = self._connect()
-            try:
-                await conn.connect()
-                await self._resubscribe_all(conn)
-                failures = 0
-                await self._pump(conn)
-            except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost (%s); reconnecting", exc)
-            finally:
-                self._conn = None
-                self.connected = False
-                self.confirmed.clear()
-                self._hub.lost(self)
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
-            # On a cluster the slots may have moved while the node was away (failover).
-            await self._hub.reroute(self)
-            await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
-            failures += 1
-            self.reconnects += 1
-
-    async def _resubscribe_all(self, conn: Any) -> None:
-        self._pending = {}
-        self._conn = conn
-        self.connected = True
-        # Snapshot with no await in between: channels added later send their own SUBSCRIBE.
-        for channel in list(self.channels):
-            await self._send(self._subscribe_cmd, channel)
-
-    async def _pump(self, conn: Any) -> None:
-        awaiting_pong = False
-        while True:
-            try:
-                reply = await conn.read_response(timeout=self._hub._ping_interval_s)
-            except (MovedError, ClusterDownError, ResponseError) as exc:
-                # A subscription refused (its slot lives elsewhere now): route it anew.
-                log.info("pub/sub subscription refused (%s); rerouting", exc)
-                await self._hub.reroute(self)
-                continue
-            if reply is None:
-                if awaiting_pong:
-                    raise ConnectionError("pub/sub connection did not answer PING")
-                await conn.send_command("PING")
-                awaiting_pong = True
-                continue
-            awaiting_pong = False
-            if isinstance(reply, list) and reply:
-                await self._handle(reply)
-
-    async def _handle(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind in (b"message", b"smessage"):
-            self._hub.deliver(reply[1], reply[2])
-        elif kind in (b"subscribe", b"ssubscribe"):
-            await self._hub.ensure_mapped(reply[1].decode())
-            self._confirm(reply[1].decode())
-        elif kind == b"sunsubscribe" and reply[1].decode() in self.confirmed:
-            # Not asked for: the node gave the channel's slot away (a migration).
-            self.confirmed.discard(reply[1].decode())
-            await self._hub.reroute(self)
-
-    def _confirm(self, channel: str) -> None:
-        left = self._pending.get(channel, 1) - 1
-        if left > 0:
-            self._pending[channel] = left
-            return
-        self._pending.pop(channel, None)
-        if channel in self.channels:
-            self.confirmed.add(channel)
-            self._hub.confirmed(self, channel)
 
 
 def hub_name(prefix: str) -> str:
