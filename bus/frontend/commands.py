@@ -68,9 +68,6 @@ class SubscribeParams(FilterParams, forbid_unknown_fields=True, omit_defaults=Tr
             return Start(event_id=self.since_event_id)
         return Start(seq=self.since)
 
-    def filter_params(self) -> FilterParams:
-        return FilterParams(self.channels, self.namespaces, self.depth)
-
 
 class UnsubscribeParams(msgspec.Struct):
     subscription_id: str
@@ -115,11 +112,12 @@ def params_of(command: Command, kind: type[T]) -> T:
         raise CommandError("invalid_argument", f"{command.method}: {exc}") from None
 
 
-def subscription_id(params: SubscribeParams) -> str:
+def subscription_id(params: FilterParams) -> str:
     """``sub_<random>_<filter>``: the filter travels in the id; the random part keeps ids
     apart, also of equal filters and across reconnects (the JS SDK re-keys its
     subscriptions by the new ids one by one, so a new id must never equal an old one)."""
-    blob = base64.urlsafe_b64encode(_encode(params.filter_params())).decode().rstrip("=")
+    filter_only = FilterParams(params.channels, params.namespaces, params.depth)
+    blob = base64.urlsafe_b64encode(_encode(filter_only)).decode().rstrip("=")
     return f"sub_{secrets.token_hex(6)}_{blob}"
 
 

@@ -13,20 +13,19 @@ after ``last_event_id``. Other commands are answered as on
 ``POST /threads/{thread_id}/commands``.
 
 Close codes: a refused token ends the socket with 4000 + the HTTP status
-(4401, 4403), which the SDKs treat as final; 1013 when the client fell behind
-and 1011 on another stream error (the SDKs reconnect and re-subscribe), each
-after an ``ErrorResponse`` with ``id: null`` that says why.
+(4401, 4403), which the SDKs treat as final; the others are those of
+:mod:`bus.frontend.socket_session` (1011, 1012, 1013: the SDKs reconnect and
+re-subscribe), each after an ``ErrorResponse`` with ``id: null`` that says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
-from bus.errors import AccessDenied, SlowConsumer, StreamError
+from bus.errors import AccessDenied, StreamError
 from bus.frontend.commands import (
     Command,
     CommandError,
@@ -44,12 +43,13 @@ from bus.frontend.commands import (
 )
 from bus.frontend.filters import Filter
 from bus.frontend.follow import REPLAY_PAGE, Start, follow_batches, resolve
+from bus.frontend.socket_session import SocketSession
 from bus.frontend.state import AppState
-from bus.frontend.threads import error_code, error_frame, find_topic, readable_kinds
+from bus.frontend.threads import error_code, find_topic, readable_kinds
 from bus.history import Topic, TopicKind, read_after
 
 
-class ThreadSession:
+class ThreadSession(SocketSession):
     """One client's socket: one ordered stream of the thread, filtered by its subscriptions.
 
     The stream follows the thread in order and sends each event matching any
@@ -59,36 +59,21 @@ class ThreadSession:
     events after it come in order.
     """
 
+    pump_name = "lcbus-thread-ws"
+
     def __init__(
         self, ws: WebSocket, state: AppState, thread_id: str, kinds: frozenset[TopicKind]
     ) -> None:
-        self.ws = ws
-        self.state = state
+        super().__init__(ws, state)
         self.thread_id = thread_id
         self.kinds = kinds
-        self.filters: dict[str, Filter] = {}
-        self.pump: asyncio.Task[None] | None = None
         self.topic: Topic | None = None
         self.cursor: str | None = None
         """The id of the last event the stream passed (sent or filtered out)."""
         self._lock = asyncio.Lock()
-        self._send_lock = asyncio.Lock()
         self._after_reply: list[tuple[str, Filter, Start]] = []
 
-    async def send(self, body: bytes) -> None:
-        async with self._send_lock:
-            await self.ws.send_text(body.decode())
-
-    async def run(self) -> None:
-        try:
-            while True:
-                await self._on_message(await self.ws.receive_text())
-        except WebSocketDisconnect:
-            pass
-        finally:
-            await self._stop_pump()
-
-    async def _on_message(self, text: str) -> None:
+    async def on_message(self, text: str) -> None:
         try:
             command = decode_command(text)
         except CommandError as exc:
@@ -133,15 +118,15 @@ class ThreadSession:
                 await resolve(self.state.redis, self.state.keys, topic, start)
             except StreamError:
                 return {"restored": False}
-        await self._stop_pump()
+        await self.stop_pump()
         self.filters = filters
-        self.pump = asyncio.create_task(self._stream(start), name="lcbus-thread-ws")
+        self.start_pump(start)
         return {"restored": True}
 
     async def _add(self, sub_id: str, flt: Filter, start: Start) -> None:
         if self.pump is None:
             self.filters[sub_id] = flt
-            self.pump = asyncio.create_task(self._stream(start), name="lcbus-thread-ws")
+            self.start_pump(start)
             return
         async with self._lock:
             try:
@@ -170,33 +155,27 @@ class ThreadSession:
                 return
             after = page[-1].event_id
 
-    async def _stop_pump(self) -> None:
-        if self.pump is None:
-            return
-        self.pump.cancel()
-        # A pump that already failed (the socket closed under it) has nothing left to say.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.pump
-        self.pump = None
+    def stream_error_code(self, exc: StreamError) -> str:
+        return error_code(exc)
+
+    def stopped(self) -> None:
         self.topic = self.cursor = None
 
-    async def _stream(self, start: Start) -> None:
+    async def stream(self, start: Start) -> None:
+        # A thread's stream never ends, and a trace read as a thread keeps its
+        # socket open after its end too: the client closes it.
         state = self.state
-        try:
-            self.topic = await find_topic(state, self.thread_id, self.kinds)
-            if self.topic is None:  # not reached: find_topic waits until there is one
-                return
-            stream = follow_batches(state.hub, state.redis, state.keys, self.topic, start)
-            async for batch in stream:
-                async with self._lock:
-                    filters = list(self.filters.values())
-                    for item in batch:
-                        if any(f.matches(item) for f in filters):
-                            await self.send(item.envelope())
-                    self.cursor = batch[-1].event_id
-        except StreamError as exc:
-            await self.send(error_frame(error_code(exc), f"{exc.code}: {exc}"))
-            await self.ws.close(1013 if isinstance(exc, SlowConsumer) else 1011, exc.code)
+        self.topic = await find_topic(state, self.thread_id, self.kinds)
+        if self.topic is None:  # not reached: find_topic waits until there is one
+            return
+        stream = follow_batches(state.hub, state.redis, state.keys, self.topic, start)
+        async for batch in stream:
+            async with self._lock:
+                filters = list(self.filters.values())
+                for item in batch:
+                    if any(f.matches(item) for f in filters):
+                        await self.send(item.envelope())
+                self.cursor = batch[-1].event_id
 
 
 def _order(event_id: str) -> tuple[int, int]:

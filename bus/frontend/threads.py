@@ -24,6 +24,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
@@ -129,6 +130,10 @@ async def _frames(
                 yield chunk
     except StreamError as exc:
         yield b"data: %s\n\n" % error_frame(error_code(exc), f"{exc.code}: {exc}")
+        return
+    except (RedisError, OSError) as exc:
+        # Said in a frame, never a cut stream: the SDKs reconnect from their last event id.
+        yield b"data: %s\n\n" % error_frame("unavailable", f"Redis is unavailable: {exc}")
         return
     # A trace read as a thread has ended; a thread's stream never does. Either
     # way the connection stays until the client closes it (keep-alive pings go on).

@@ -9,6 +9,7 @@ import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -319,3 +320,164 @@ async def test_a_replay_during_a_redis_outage_ends_with_a_retryable_error(
         if owned_redis.process is not None:
             owned_redis.resume()
         await client.aclose(close_connection_pool=True)
+
+
+async def test_a_thread_stream_whose_redis_dies_mid_history_ends_with_an_error_frame(
+    owned_redis: OwnedRedis,
+) -> None:
+    """``POST /threads/{id}/stream/events`` (the SDKs' SSE stream), as above: the
+    stream ends with the protocol's ``unavailable`` ErrorResponse, not cut."""
+    prefix = f"lcbus-test-{uuid.uuid4().hex[:12]}"
+    thread_id = f"th-{uuid.uuid4().hex}"
+    events = conversation([f"{i:05d}".ljust(2000, ".") for i in range(2500)])
+    client = aioredis.Redis.from_url(owned_redis.url)
+    await append(client, prefix, [Topic("thread", thread_id)], events, batch=500)
+    await client.aclose(close_connection_pool=True)
+    env = {"LCBUS_FRONTEND_REDIS_TIMEOUT_S": "1", "LCBUS_PING_INTERVAL_S": "1"}
+    auth = {"Authorization": f"Bearer {thread_token(thread_id, secret=SECRET)}"}
+    body = {"channels": ["lifecycle", "messages"]}
+    with frontend(owned_redis.url, prefix, **env) as server:
+        url = f"{server.url}/threads/{thread_id}/stream/events"
+        async with (
+            httpx.AsyncClient(timeout=30) as http,
+            http.stream("POST", url, json=body, headers=auth) as response,
+        ):
+            chunks = response.aiter_text()
+            text = await anext(chunks) + await anext(chunks)
+            owned_redis.kill()  # the server is blocked writing the first history page
+            async for chunk in chunks:
+                text += chunk
+                if '"type":"error"' in chunk:
+                    break  # a thread's stream stays open after its last frame
+    frames = [json.loads(f["data"]) for f in _frames(text) if "data" in f]
+    error = frames[-1]
+    assert (error["type"], error["id"], error["error"]) == ("error", None, "unavailable")
+    seqs = [f["seq"] for f in frames[:-1]]
+    assert seqs == list(range(1, len(seqs) + 1)) and 0 < len(seqs) < len(events)
+
+
+def _socket_url(server: Frontend, thread_id: str, path: str) -> str:
+    token = thread_token(thread_id, secret=SECRET)
+    return f"{server.url.replace('http', 'ws')}/threads/{thread_id}/{path}?token={token}"
+
+
+async def _frames_until_close(ws: websockets.ClientConnection) -> list[dict[str, object]]:
+    frames = []
+    with contextlib.suppress(websockets.ConnectionClosed):
+        while True:
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+    return frames
+
+
+def _command(command_id: int, method: str, params: dict[str, Any]) -> str:
+    return json.dumps({"id": command_id, "method": method, "params": params})
+
+
+SOCKET_PATHS = ["stream", "stream/events"]
+"""The session's WebSocket, and the one LangGraph's SDKs open."""
+
+
+class _ResumingReader:
+    """A WebSocket client that does what the SDKs do: on a close it reconnects and
+    resumes from the last event id it has. Every close it saw is kept, with the
+    last frame before it."""
+
+    def __init__(self, url: str, thread_id: str) -> None:
+        self.url = url
+        self.thread_id = thread_id
+        self.events: list[dict[str, Any]] = []
+        self.closes: list[tuple[int | None, str | None, dict[str, Any] | None]] = []
+        self.sub_id: str | None = None
+
+    async def read(self, count: int) -> None:
+        while len(self.events) < count:
+            async with websockets.connect(self.url) as ws:
+                last: dict[str, Any] | None = None
+                try:
+                    await self._open(ws)
+                    while len(self.events) < count:
+                        last = json.loads(await ws.recv())
+                        if last["type"] == "event":
+                            self.events.append(last)
+                except websockets.ConnectionClosed:
+                    self.closes.append((ws.close_code, ws.close_reason, last))
+                    await asyncio.sleep(0.2)
+
+    async def _open(self, ws: websockets.ClientConnection) -> None:
+        if self.sub_id is None:
+            params: dict[str, Any] = {"channels": ["lifecycle", "messages"]}
+            await ws.send(_command(1, "subscription.subscribe", params))
+            self.sub_id = json.loads(await ws.recv())["result"]["subscription_id"]
+            return
+        params = {"run_id": self.thread_id, "subscriptions": [self.sub_id]}
+        if self.events:
+            params["last_event_id"] = self.events[-1]["event_id"]
+        await ws.send(_command(1, "subscription.reconnect", params))
+
+
+@pytest.mark.parametrize("path", SOCKET_PATHS)
+async def test_a_websocket_whose_redis_dies_loses_nothing_and_never_just_drops(path: str) -> None:
+    """Redis is SIGKILLed under a live socket, then restarted from its AOF.
+
+    A socket that waits for live events may wait out the outage; one whose read
+    finds Redis gone is told ``unavailable`` and closes with 1013, and the client
+    resumes from its last event id. Which happens depends on when the kill lands.
+    Either way every event arrives once, in order, and no socket closes without
+    that error frame and code.
+    """
+    prefix = f"lcbus-test-{uuid.uuid4().hex[:12]}"
+    thread_id = f"th-{uuid.uuid4().hex}"
+    events = conversation(["Hello", " there", ", you"])
+    env = {"LCBUS_FRONTEND_REDIS_TIMEOUT_S": "1", "LCBUS_PING_INTERVAL_S": "1"}
+    with OwnedRedis(aof=True) as server:
+        server.start()
+        await _append_to(server, prefix, thread_id, events[:3])
+        with frontend(server.url, prefix, **env) as front:
+            reader = _ResumingReader(_socket_url(front, thread_id, path), thread_id)
+            reading = asyncio.create_task(reader.read(len(events)))
+            await wait_until_async(lambda: len(reader.events) == 3, within=30, what="history")
+            server.kill()
+            await asyncio.sleep(2)  # past the frontend's socket timeout
+            server.start()
+            await _append_to(server, prefix, thread_id, events[3:])
+            await asyncio.wait_for(reading, 60)
+    assert [e["seq"] for e in reader.events] == list(range(1, len(events) + 1))
+    for code, reason, frame in reader.closes:
+        assert (code, reason) == (1013, "unavailable")
+        assert frame is not None and frame["type"] == "error" and frame["error"] == "unavailable"
+
+
+async def _append_to(server: OwnedRedis, prefix: str, thread_id: str, events: list[Any]) -> None:
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await append(client, prefix, [Topic("thread", thread_id)], events)
+    finally:
+        await client.aclose(close_connection_pool=True)
+
+
+@pytest.mark.parametrize("path", SOCKET_PATHS)
+async def test_a_websocket_command_that_finds_redis_gone_closes_with_a_frame_that_says_so(
+    owned_redis: OwnedRedis, path: str
+) -> None:
+    """A ``subscription.reconnect`` reads history; Redis was killed just before.
+
+    The client gets an ``unavailable`` error and close code 1013 (reconnect
+    later), not a connection dropped without a close frame.
+    """
+    prefix = f"lcbus-test-{uuid.uuid4().hex[:12]}"
+    thread_id = f"th-{uuid.uuid4().hex}"
+    client = aioredis.Redis.from_url(owned_redis.url)
+    await append(client, prefix, [Topic("thread", thread_id)], conversation(["Hi"]))
+    await client.aclose(close_connection_pool=True)
+    env = {"LCBUS_FRONTEND_REDIS_TIMEOUT_S": "1", "LCBUS_PING_INTERVAL_S": "1"}
+    params = {"run_id": thread_id, "last_event_id": "1-0", "subscriptions": []}
+    with frontend(owned_redis.url, prefix, **env) as server:
+        async with websockets.connect(_socket_url(server, thread_id, path)) as ws:
+            owned_redis.kill()
+            await ws.send(
+                json.dumps({"id": 1, "method": "subscription.reconnect", "params": params})
+            )
+            frames = await _frames_until_close(ws)
+    assert ws.close_code == 1013 and ws.close_reason == "unavailable"
+    assert frames[-1]["type"] == "error" and frames[-1]["id"] is None
+    assert frames[-1]["error"] == "unavailable"
