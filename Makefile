@@ -51,6 +51,7 @@ bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.traces
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.cluster
+	$(BIN)/python -m bench.embedded
 
 chaos: $(STAMP) ## fault scenarios at size (owned Redis, 3 replicas per worker); prints losses as JSON
 	$(BIN)/python -m bench.chaos $(ARGS)

@@ -4,7 +4,8 @@ Feeds ``--streams`` concurrent model runs of ``--tokens`` tokens each (one
 partition's worth, interleaved as concurrent streams arrive) to the fan-out
 handler in consumer-sized batches, against the Redis at ``REDIS_URL``, under
 a throwaway prefix. Compares coalescing (``--coalesce-ms``) against the same
-run with coalescing off (the baseline). Last line: JSON.
+run with coalescing off (the baseline), in wall time and in this process's
+CPU time per bus event (the steadier figure on a shared machine). Last line: JSON.
 
     python -m bench.fanout_worker --streams 50 --tokens 200
 """
@@ -49,15 +50,16 @@ def _deliveries(streams: int, tokens: int, token_gap_s: float) -> list[Delivery]
     return out
 
 
-async def _run(settings: Settings, items: list[Delivery], batch: int) -> tuple[float, int]:
+async def _run(settings: Settings, items: list[Delivery], batch: int) -> tuple[float, float, int]:
+    """(wall s, this process's CPU s, protocol events written)."""
     client = aioredis.Redis.from_url(settings.redis_url)
     handler = FanoutHandler(redis=client, settings=settings)
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for offset in range(0, len(items), batch):
             await handler(items[offset : offset + batch])
-        elapsed = time.perf_counter() - started
-        return elapsed, handler.stats.events
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return elapsed, cpu, handler.stats.events
     finally:
         keys = [k async for k in client.scan_iter(match=f"{settings.prefix}:*", count=1000)]
         for offset in range(0, len(keys), 500):
@@ -79,19 +81,22 @@ def main() -> None:
     for label, window in (("baseline", 0.0), ("coalesced", args.coalesce_ms)):
         settings = Settings(redis_url=url, prefix=f"lcbus-bench-{uuid.uuid4().hex[:8]}",
                             fanout_coalesce_ms=window)  # fmt: skip
-        elapsed, written = asyncio.run(_run(settings, items, args.batch))
-        results[label] = (elapsed, written)
+        elapsed, cpu, written = asyncio.run(_run(settings, items, args.batch))
+        results[label] = (elapsed, cpu, written)
         print(f"{label:>9}: {len(items)} bus events -> {written} protocol events "
-              f"in {elapsed:.3f} s ({len(items) / elapsed:,.0f} bus events/s)")  # fmt: skip
+              f"in {elapsed:.3f} s ({len(items) / elapsed:,.0f} bus events/s, "
+              f"{cpu / len(items) * 1e6:.1f} us CPU each)")  # fmt: skip
     base, merged = results["baseline"], results["coalesced"]
     print(json.dumps({
         "bus_events": len(items),
         "streams": args.streams,
         "batch": args.batch,
         "baseline_events_per_s": round(len(items) / base[0]),
-        "baseline_protocol_events": base[1],
+        "baseline_cpu_us_per_event": round(base[1] / len(items) * 1e6, 2),
+        "baseline_protocol_events": base[2],
         "coalesced_events_per_s": round(len(items) / merged[0]),
-        "coalesced_protocol_events": merged[1],
+        "coalesced_cpu_us_per_event": round(merged[1] / len(items) * 1e6, 2),
+        "coalesced_protocol_events": merged[2],
         "coalesce_ms": args.coalesce_ms,
     }))  # fmt: skip
 

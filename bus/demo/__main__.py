@@ -1,9 +1,10 @@
 """``python -m bus.demo``: the whole bus, end to end, on one machine.
 
-Starts (unless ``REDIS_URL`` is set) an embedded Redis-protocol server in this
-process, then as separate processes: the three workers from their arq command
-lines, a frontend, a local OpenAI-compatible model server and a webhook
-receiver that verifies every signature. Registers the receiver for
+Starts (unless ``REDIS_URL`` is set) an embedded Redis-protocol server in a
+process of its own (:mod:`bus.demo.embedded`), then as separate processes:
+the three workers from their arq command lines, a frontend, a local
+OpenAI-compatible model server and a webhook receiver that verifies every
+signature. Registers the receiver for
 ``llm.end``, ``tool.end`` and ``trace.completed``, connects an SSE client
 through the frontend, and runs a LangChain app (``ChatOpenAI`` streaming, a
 prompt, a retriever and a tool) with the bus handler. Prints tokens as they
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.get("ok") else 1
 
 
-def demo_settings(url: str, *, embedded: bool) -> Settings:
+def demo_settings(url: str) -> Settings:
     return Settings.from_env(
         redis_url=url,
         prefix=f"lcbus-demo-{uuid.uuid4().hex[:6]}",
@@ -98,22 +99,22 @@ def demo_settings(url: str, *, embedded: bool) -> Settings:
         # The receiver runs on loopback, which the SSRF guard refuses unless allowed.
         webhook_allow_networks="127.0.0.0/8,::1/128",
         webhook_schedule="0,1,2,5",
-        # fakeredis answers blocking stream reads wrongly: poll it instead.
-        read_block_ms=0 if embedded else 1000,
+        read_block_ms=1000,
         trace_complete_timeout_s=30.0,
     )
 
 
 def run(args: argparse.Namespace, stack: ExitStack, log_dir: Path) -> dict[str, Any]:
     url = os.environ.get("LCBUS_REDIS_URL") or os.environ.get("REDIS_URL")
-    embedded = url is None
-    if url is None:
-        url = stack.enter_context(EmbeddedRedis())
+    embedded: EmbeddedRedis | None = None
+    if not url:
+        embedded = EmbeddedRedis(log=log_dir / "redis.log")
+        url = stack.enter_context(embedded)
     if args.openai and not os.environ.get("OPENAI_API_KEY"):
         raise DemoError("--openai needs OPENAI_API_KEY")
-    settings = demo_settings(url, embedded=embedded)
+    settings = demo_settings(url)
     stack.callback(cleanup, settings)
-    where = "embedded fakeredis" if embedded else "REDIS_URL"
+    where = "embedded fakeredis" if embedded is not None else "REDIS_URL"
     print(f"redis    {url} ({where}), prefix {settings.prefix}")
     procs = stack.enter_context(Stack(settings, log_dir=log_dir))
     ports = {"frontend": args.port or free_port(), "receiver": free_port(), "openai": free_port()}
@@ -155,9 +156,13 @@ def run(args: argparse.Namespace, stack: ExitStack, log_dir: Path) -> dict[str, 
     procs.wait_workers(args.timeout)
     print(f"started  fanout, traces and webhooks workers, frontend {base}, receiver, model server")
 
+    # The embedded server's process is stopped last, after the processes using it.
+    pids = procs.pids()
+    if embedded is not None and embedded.pid:
+        pids.append(embedded.pid)
     if args.serve:
-        return serve(base, procs)
-    return run_once(settings, base, openai_url, ports["receiver"], args.timeout, procs.pids())
+        return serve(base, procs, pids)
+    return run_once(settings, base, openai_url, ports["receiver"], args.timeout, pids)
 
 
 async def register_endpoint(settings: Settings, url: str, secret: str) -> str:
@@ -262,13 +267,13 @@ def print_summary(
     print(f"  elapsed           {elapsed:.2f} s")
 
 
-def serve(base: str, procs: Stack) -> dict[str, Any]:
+def serve(base: str, procs: Stack, pids: list[int]) -> dict[str, Any]:
     print(f"\nopen {base}/ in a browser (Ctrl-C stops everything)", flush=True)
     try:
         while all(p.poll() is None for p in procs.processes.values()):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        return {"ok": True, "served": base, "pids": procs.pids()}
+        return {"ok": True, "served": base, "pids": pids}
     dead = [n for n, p in procs.processes.items() if p.poll() is not None]
     raise DemoError(f"{', '.join(dead)} stopped")
 

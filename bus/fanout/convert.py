@@ -28,7 +28,7 @@ from typing import Any
 
 from bus import events as ev
 from bus.fanout.messages import MessageConverter, message_meta
-from bus.fanout.protocol import CUSTOM, LIFECYCLE, TASKS, TOOLS, ProtoEvent
+from bus.fanout.protocol import CUSTOM, LIFECYCLE, TASKS, TOOLS, Coalescer, ProtoEvent
 from bus.fanout.state import RunStream, StreamState
 
 LEAF_RUN_TYPES = frozenset(
@@ -79,11 +79,38 @@ def convert(state: StreamState, event: ev.Event) -> list[ProtoEvent]:
     return out
 
 
-def convert_all(state: StreamState, events: Sequence[ev.Event]) -> list[ProtoEvent]:
-    out: list[ProtoEvent] = []
+def convert_all(
+    state: StreamState, events: Sequence[ev.Event], window_s: float = 0.0
+) -> list[ProtoEvent]:
+    """The protocol events of ``events``, their deltas merged as
+    :func:`~bus.fanout.protocol.coalesce` merges them with ``window_s`` (0: none)."""
+    merged = Coalescer(window_s)
     for event in events:
-        out += convert(state, event)
-    return out
+        if type(event) is ev.LLMNewToken and _merge_token(state, event, merged):
+            continue
+        for proto in convert(state, event):
+            merged.add(proto)
+    return merged.done()
+
+
+def _merge_token(state: StreamState, event: ev.LLMNewToken, merged: Coalescer) -> bool:
+    """A plain text token of a streaming run, merged into the open delta of its block.
+
+    The same outcome as converting it and coalescing the delta, for the common
+    case where nothing else happens: no event built, no message or block opened.
+    """
+    if not event.token or event.tool_call_chunks or (event.metadata and not state.thread):
+        return False
+    run = state.runs.get(event.run_id)
+    if run is None or run.mode != "token":
+        return False
+    for index, block in enumerate(run.blocks):
+        if block.key == "text":
+            if not merged.extend((event.run_id, index), event.time, event.token):
+                return False
+            block.sent += len(event.token)
+            return True
+    return False
 
 
 def _graph_namespace(event: ev.BaseEvent) -> list[str] | None:

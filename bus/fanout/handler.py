@@ -2,10 +2,11 @@
 
 Called by the consumer runtime with one partition's entries in stream order.
 Entries are grouped by trace (order inside a trace kept), converted with the
-trace's state (:mod:`bus.fanout.convert`), consecutive text deltas are merged
-(:func:`bus.fanout.protocol.coalesce`), and every trace's events and new state go
-to Redis in one pipelined round trip: one guarded script run per trace
-(:class:`bus.history.GuardedWriter`), which also publishes each event live.
+trace's state (:mod:`bus.fanout.convert`), consecutive text deltas merged as they
+come (:class:`bus.fanout.protocol.Coalescer`), and every trace's events and new
+state go to Redis in one round trip (packed by :mod:`bus.fanout.wire`): one
+guarded script run per trace (:class:`bus.history.GuardedWriter`), which also
+publishes each event live.
 A trace with a ``thread_id`` is then copied to its thread's topic by a
 second script in the thread's slot (on a cluster the thread's keys live
 elsewhere). The copy is exactly once: the thread keeps, per trace, the last
@@ -36,13 +37,12 @@ from redis.exceptions import NoScriptError
 from bus.errors import StateConflict
 from bus.fanout import state as fanstate
 from bus.fanout.convert import convert_all
-from bus.fanout.protocol import coalesce
 from bus.fanout.state import StreamState
+from bus.fanout.wire import execute, send
 from bus.history import SCRIPTS, GuardedWriter, Outgoing, Topic
 from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD, STATE_BLOB, STATE_VERSION, Keys
 from bus.parsing import text
 from bus.runtime.consumer import Delivery
-from bus.scripts import execute, send
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class FanoutHandler:
         self.stats.duplicates += len(group) - len(fresh)
         if not fresh:
             return None
-        events = coalesce(convert_all(state, [d.event for d in fresh]), self._window_s)
+        events = convert_all(state, [d.event for d in fresh], self._window_s)
         self.stats.events += len(events)
         outgoing = [event.outgoing() for event in events]
         self._writer.queue(

@@ -64,29 +64,61 @@ def coalesce(events: Iterable[ProtoEvent], window_s: float) -> list[ProtoEvent]:
     the same text from fewer events. Under load batches grow, so more merges
     happen exactly when they save the most.
     """
-    result: list[ProtoEvent] = []
-    parts: list[str] = []
-    first_time = 0.0
+    merged = Coalescer(window_s)
     for event in events:
-        prev = result[-1] if result else None
+        merged.add(event)
+    return merged.done()
+
+
+class Coalescer:
+    """A batch's events as :func:`coalesce` merges them, built one event at a time.
+
+    The conversion feeds it directly, and a token that merges into the open
+    delta is handed over as bare text (:meth:`extend`), so the per-token
+    event is never built: most of a busy batch is such tokens.
+    """
+
+    __slots__ = ("_first", "_parts", "_window", "events")
+
+    def __init__(self, window_s: float) -> None:
+        self.events: list[ProtoEvent] = []
+        self._window = window_s
+        self._parts: list[str] = []
+        """The texts merged into the last event (its own first), while it is a delta."""
+        self._first = 0.0
+        """When the last event's first delta was produced (the window runs from there)."""
+
+    def add(self, event: ProtoEvent) -> None:
+        key = event.merge_key
+        if key is not None and self.extend(key, event.time, _delta_text(event)):
+            return
+        self._close()
+        self._parts = [_delta_text(event)] if key is not None else []
+        self._first = event.time
+        self.events.append(event)
+
+    def extend(self, key: tuple[str, int], at: float, text: str) -> bool:
+        """Append ``text`` (a delta of block ``key`` produced at ``at``) to the last
+        event when that is the same block's delta within the window; else False."""
         if (
-            window_s > 0
-            and prev is not None
-            and event.merge_key is not None
-            and event.merge_key == prev.merge_key
-            and event.time - first_time <= window_s
+            self._window > 0
+            and self._parts
+            and self.events[-1].merge_key == key
+            and at - self._first <= self._window
         ):
-            parts.append(_delta_text(event))
-            prev.time = event.time
-            continue
-        if parts and prev is not None:
-            _set_delta_text(prev, "".join(parts))
-        parts = [_delta_text(event)] if event.merge_key is not None else []
-        first_time = event.time
-        result.append(event)
-    if parts and result:
-        _set_delta_text(result[-1], "".join(parts))
-    return result
+            self._parts.append(text)
+            self.events[-1].time = at
+            return True
+        return False
+
+    def done(self) -> list[ProtoEvent]:
+        self._close()
+        return self.events
+
+    def _close(self) -> None:
+        if len(self._parts) > 1:
+            _set_delta_text(self.events[-1], "".join(self._parts))
+        self._parts = []
 
 
 def _delta_text(event: ProtoEvent) -> str:

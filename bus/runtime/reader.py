@@ -28,7 +28,8 @@ from bus.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_SLEEP_S = 0.05
-"""Pause after an empty read that came back early (fakeredis does not block)."""
+"""Pause after an empty read that came back early (a server whose blocking read does
+not block, such as plain fakeredis 2.40)."""
 MIN_BLOCK_MS = 20
 
 
@@ -129,8 +130,8 @@ class PartitionReader:
                 return [], ">"
             return entries, text(entries[-1][0])
         if self._settings.read_block_ms <= 0:
-            # Polling mode, for servers whose blocking XREADGROUP misbehaves
-            # (fakeredis 2.40 moves entries to the pending list but answers empty).
+            # Polling mode, for servers whose blocking XREADGROUP misbehaves (plain
+            # fakeredis 2.40 answers empty; the demo's embedded server blocks).
             new = await self._read_new(part, stream, consumer, None)
             if new is None:
                 return [], "0"

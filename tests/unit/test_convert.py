@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from itertools import count
 from typing import Any
 
+import msgspec
 import pytest
 
 from bus import events as ev
@@ -572,3 +574,78 @@ def test_coalesce_never_changes_reassembled_text(window: float) -> None:
         want = "".join(e.data["delta"]["text"] for e in events if e.data["index"] == index)
         got = "".join(e.data["delta"]["text"] for e in merged if e.data["index"] == index)
         assert got == want
+
+
+def _reference_coalesce(events: list[ProtoEvent], window_s: float) -> list[ProtoEvent]:
+    """Coalescing by its definition: a merged run's window starts at its first delta."""
+    result: list[ProtoEvent] = []
+    first = 0.0
+    for event in events:
+        prev = result[-1] if result else None
+        if (
+            window_s > 0
+            and prev is not None
+            and event.merge_key is not None
+            and event.merge_key == prev.merge_key
+            and event.time - first <= window_s
+        ):
+            delta, text = prev.data["delta"], event.data["delta"]
+            field = "text" if "text" in delta else "args"
+            prev.data = {**prev.data, "delta": {**delta, field: delta[field] + text[field]}}
+            prev.time = event.time
+            continue
+        first = event.time
+        result.append(event)
+    return result
+
+
+def _random_model_events(rng: random.Random) -> list[ev.Event]:
+    """Two model runs of one trace, their tokens (text, empty, tool-call chunks, a
+    thread id now and then) and stream events interleaved, at random gaps."""
+    at = 1_700_000_000.0
+    out: list[ev.Event] = [make(ev.ChainStart, name="Agent", run_type="chain")]
+    runs = ["m1", "m2"]
+    for run in runs:
+        out.append(make(ev.ChatModelStart, run, ROOT, name="Model", run_type="chat_model"))
+    for _ in range(rng.randrange(1, 40)):
+        at += rng.choice([0.0, 0.0005, 0.002, 0.004, 0.006])
+        run = rng.choice(runs)
+        kind = rng.random()
+        fields: dict[str, Any] = {"name": "Model", "run_type": "chat_model"}
+        if rng.random() < 0.1:
+            fields["metadata"] = {"thread_id": "t-1"}
+        if kind < 0.75:
+            token = rng.choice(["", "a", "bc", "d e"])
+            event: ev.Event = make(ev.LLMNewToken, run, ROOT, token=token, **fields)
+        elif kind < 0.85:
+            chunk = {
+                "index": 0,
+                "id": "call-1",
+                "name": "search",
+                "args": rng.choice(['{"q"', ":1}"]),
+            }
+            event = make(ev.LLMNewToken, run, ROOT, tool_call_chunks=[chunk], **fields)
+        else:
+            delta = {"type": "text-delta", "text": rng.choice(["a", "bcd", "xyz"])}
+            data = {"event": "content-block-delta", "index": 0, "delta": delta}
+            event = make(ev.StreamEvent, run, ROOT, data=data, **fields)
+        out.append(msgspec.structs.replace(event, time=at))
+    return out
+
+
+@pytest.mark.parametrize("window", [0.0, 0.001, 0.005])
+def test_merging_while_converting_matches_converting_then_coalescing(window: float) -> None:
+    """The token fast path (tokens merged as bare text, no event built) produces the
+    very events and state that converting every event and coalescing afterwards does."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        events = _random_model_events(rng)
+        cuts = sorted(rng.sample(range(1, len(events)), min(3, len(events) - 1)))
+        fast, slow = StreamState(), StreamState()
+        for batch in (events[a:b] for a, b in zip([0, *cuts], [*cuts, len(events)], strict=True)):
+            got = convert_all(fast, batch, window)
+            want = _reference_coalesce([p for e in batch for p in convert(slow, e)], window)
+            assert [(p.payload(), p.time, p.final) for p in got] == [
+                (p.payload(), p.time, p.final) for p in want
+            ], f"seed {seed}"
+            assert fanstate.dump(fast) == fanstate.dump(slow), f"seed {seed}"
