@@ -44,10 +44,12 @@ typecheck: $(STAMP) ## mypy --strict on bus/ and workers/
 
 bench: $(STAMP) ## run every benchmark (each prints a JSON line last)
 	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.openai_overhead
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.consume
 	$(BIN)/python -m bench.fanout_worker
 	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.clients
 	$(BIN)/python -m bench.traces
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.cluster

@@ -5,9 +5,13 @@
 Streams N tokens through langchain-core's ``GenericFakeChatModel`` with sync
 ``.stream()`` and async ``.astream()``, under three cases interleaved in each
 repeat: (a) no handler, (b) a no-op inline handler, (c) the bus handler
-publishing to real Redis. The ratio (c)/(b) is the bus's own overhead. A
-reference row measures the naive design: a handler doing one synchronous HTTP
-POST per event to a local receiver process.
+publishing to real Redis. The ratio (c)/(b) is the bus's own overhead, in
+wall time per token (``ratio_*``) and in the process's CPU time per token, all
+threads included (``cpu_ratio_*``: steadier on a busy machine). With
+``--thread-flusher`` a fourth case (d) runs the bus with its flusher on a
+thread even under asyncio, the A/B for the loop flusher. A reference row
+measures the naive design: a handler doing one synchronous HTTP POST per
+event to a local receiver process.
 """
 
 from __future__ import annotations
@@ -74,23 +78,34 @@ def model_for(tokens: int) -> GenericFakeChatModel:
     return GenericFakeChatModel(messages=iter([AIMessage(text)] * 10_000))
 
 
-def time_sync(tokens: int, callbacks: list[BaseCallbackHandler]) -> float:
+Sample = tuple[float, float]
+"""(wall µs per token, process CPU µs per token)."""
+
+
+def time_sync(tokens: int, callbacks: list[BaseCallbackHandler]) -> Sample:
     model = model_for(tokens)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     count = sum(1 for _ in model.stream("go", config={"callbacks": callbacks}))
-    return (time.perf_counter() - start) / count * 1e6
+    return per_token(start, cpu, count)
 
 
-def time_async(tokens: int, callbacks: list[BaseCallbackHandler]) -> float:
-    async def run() -> float:
+def time_async(tokens: int, callbacks: list[BaseCallbackHandler]) -> Sample:
+    async def run() -> Sample:
         model = model_for(tokens)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         count = 0
         async for _ in model.astream("go", config={"callbacks": callbacks}):
             count += 1
-        return (time.perf_counter() - start) / count * 1e6
+        return per_token(start, cpu, count)
 
     return asyncio.run(run())
+
+
+def per_token(start: float, cpu: float, count: int) -> Sample:
+    return (
+        (time.perf_counter() - start) / count * 1e6,
+        (time.process_time() - cpu) / count * 1e6,
+    )
 
 
 def naive_reference(tokens: int) -> float:
@@ -100,7 +115,7 @@ def naive_reference(tokens: int) -> float:
         port = int(receiver.stdout.readline())
         handler = NaivePostHandler(f"http://127.0.0.1:{port}/")
         time_sync(50, [handler])  # warm the connection
-        return time_sync(tokens, [handler])
+        return time_sync(tokens, [handler])[0]
     finally:
         receiver.terminate()
         receiver.wait()
@@ -116,6 +131,11 @@ def main() -> None:
         default=None,
         help="publisher linger (default: the setting's)",
     )
+    parser.add_argument(
+        "--thread-flusher",
+        action="store_true",
+        help="add a case publishing with the flusher on a thread under asyncio too",
+    )
     args = parser.parse_args()
 
     with throwaway_prefix("overhead") as prefix:
@@ -128,11 +148,16 @@ def main() -> None:
             "noop": [NoopHandler()],
             "bus": [bus_handler],
         }
-        runners: dict[str, Callable[[int, list[BaseCallbackHandler]], float]] = {
+        handlers = [bus_handler]
+        if args.thread_flusher:
+            thread_settings = settings.replace(loop_flusher=False, prefix=f"{prefix}-thread")
+            handlers.append(BusCallbackHandler(settings=thread_settings))
+            cases["bus_thread"] = [handlers[-1]]
+        runners: dict[str, Callable[[int, list[BaseCallbackHandler]], Sample]] = {
             "sync": time_sync,
             "async": time_async,
         }
-        samples: dict[str, list[float]] = {f"{m}_{c}": [] for m in runners for c in cases}
+        samples: dict[str, list[Sample]] = {f"{m}_{c}": [] for m in runners for c in cases}
         for runner in runners.values():  # warm-up
             for handlers in cases.values():
                 runner(200, handlers)
@@ -143,24 +168,42 @@ def main() -> None:
                     order.reverse()  # no case always runs first
                 for case, handlers in order:
                     samples[f"{mode}_{case}"].append(runner(args.tokens, handlers))
-        bus_handler.publisher.flush(10)
+        for handler in handlers:
+            handler.publisher.flush(10)
         stats = bus_handler.publisher.stats
         naive = naive_reference(min(args.tokens, 400))
-        bus_handler.close()
+        for handler in handlers:
+            handler.close()
 
-    us = {name: round(median(values), 2) for name, values in samples.items()}
+    us = {name: round(median([w for w, _ in values]), 2) for name, values in samples.items()}
+    cpu = {name: round(median([c for _, c in values]), 2) for name, values in samples.items()}
     for name, value in us.items():
-        print(f"{name:>12}: {value:8.2f} us/token")
-    print(f"{'naive POST':>12}: {naive:8.2f} us/token (reference: one HTTP POST per token)")
+        print(f"{name:>15}: {value:8.2f} us/token wall, {cpu[name]:8.2f} us/token CPU")
+    print(f"{'naive POST':>15}: {naive:8.2f} us/token (reference: one HTTP POST per token)")
     print(f"published={stats.published} dropped={stats.dropped} errors={stats.errors}")
     report(
         {
             "tokens": args.tokens,
             "repeats": args.repeats,
             "us_per_token": us,
+            "cpu_us_per_token": cpu,
             "naive_post_us_per_token": round(naive, 2),
             "ratio_sync": round(us["sync_bus"] / us["sync_noop"], 3),
             "ratio_async": round(us["async_bus"] / us["async_noop"], 3),
+            "cpu_ratio_sync": round(cpu["sync_bus"] / cpu["sync_noop"], 3),
+            "cpu_ratio_async": round(cpu["async_bus"] / cpu["async_noop"], 3),
+            **(
+                {
+                    "ratio_async_thread_flusher": round(
+                        us["async_bus_thread"] / us["async_noop"], 3
+                    ),
+                    "cpu_ratio_async_thread_flusher": round(
+                        cpu["async_bus_thread"] / cpu["async_noop"], 3
+                    ),
+                }
+                if args.thread_flusher
+                else {}
+            ),
             "dropped": stats.dropped,
         }
     )

@@ -13,6 +13,23 @@ must tell the modes apart (the publisher's per-node batches, the hub's
 per-shard connections, the live-channel publish command) ask
 :func:`is_cluster_client`.
 
+A node that fails (a SIGKILLed master without replicas) must cost only the
+work on its slots. redis-py's asyncio cluster client, when a command or a
+pipeline meets a connection error and has retries left, closes every
+connection to every node (``aclose()``) before retrying: in a process that
+shares one client between many tasks, that cuts the blocking reads and
+pipelines in flight on the healthy masters too, again at each retry, for as
+long as the node is down. The bus's clients therefore run with no
+client-level retry (``Retry(NoBackoff(), 0)``): the error reaches the loop
+that issued the command, which backs off and tries again (the workers'
+outage backoff, the frontend's retryable ``unavailable`` and the hub's
+reconnects), and redis-py still marks the failed node for a slot-map refresh
+on the next command. MOVED, ASK and TRYAGAIN are followed as before: they are
+redirections, not retries. And the clients accept a slot map with slots that
+no node serves (``require_full_coverage=False``; run the nodes with
+``cluster-require-full-coverage no`` too): by default redis-py refuses the
+whole map then, and with it every command, not just those of the lost slots.
+
 arq's queue is another matter: arq uses multi-key transactions and does not
 run on a cluster, so its keys live on ``LCBUS_QUEUE_REDIS_URL`` (a
 standalone Redis; default ``LCBUS_REDIS_URL``). See ``bus.runtime.worker``.
@@ -26,6 +43,8 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 
 from bus.errors import ConfigError
@@ -77,6 +96,7 @@ def sync_client(settings: Settings, **options: Any) -> redis.Redis:
     """A blocking client for ``settings.redis_url`` (the publisher's)."""
     if is_cluster(settings):
         # Same commands as redis.Redis; callers that care ask is_cluster_client().
+        options.setdefault("require_full_coverage", False)  # see the module docstring
         return cast(redis.Redis, RedisCluster.from_url(settings.redis_url, **options))
     return redis.Redis.from_url(settings.redis_url, **options)
 
@@ -85,6 +105,8 @@ def async_client(settings: Settings, **options: Any) -> aioredis.Redis:
     """An asyncio client for ``settings.redis_url`` (workers, frontends, CLI)."""
     if is_cluster(settings):
         options.pop("health_check_interval", None)  # per-node connections check themselves
+        options.setdefault("retry", Retry(NoBackoff(), 0))  # see the module docstring
+        options.setdefault("require_full_coverage", False)
         return cast(aioredis.Redis, AsyncRedisCluster.from_url(settings.redis_url, **options))
     return aioredis.Redis.from_url(settings.redis_url, **options)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -76,6 +76,19 @@ class StreamItem:
     method: str
     final: bool
     payload: bytes
+    _sse: bytes | None = field(default=None, compare=False, repr=False)
+
+    def sse_frame(self) -> bytes:
+        """The item as one SSE frame (``id:`` and ``data:``), built once per item.
+
+        The hub hands one item to every client of a channel: each client's
+        stream sends these same bytes instead of building its own copy.
+        """
+        frame = self._sse
+        if frame is None:
+            frame = b"id: %s\ndata: %s\n\n" % (self.event_id.encode(), self.envelope())
+            object.__setattr__(self, "_sse", frame)  # a cache: the item is frozen otherwise
+        return frame
 
     def envelope(self) -> bytes:
         """The protocol envelope ``{type, event_id, seq, method, params}`` as JSON.

@@ -45,6 +45,8 @@ class Settings:
     drop_policy: DropPolicy = "oldest"
     batch_size: int = 512
     flush_interval_ms: float = 2.0
+    loop_flusher: bool = True
+    """Drain from the app's event loop while it publishes from one (a thread otherwise)."""
     close_timeout_s: float = 2.0
     stream_maxlen: int = 1_000_000
     max_field_bytes: int = 64 * 1024

@@ -22,7 +22,13 @@ from starlette.types import Receive, Scope, Send
 from bus.connect import async_client, is_cluster
 from bus.frontend.commands import commands
 from bus.frontend.hub import Hub, hub_name
-from bus.frontend.sse import TRANSPORT_SCOPE_KEY, thread_stream, trace_stream
+from bus.frontend.sse import (
+    TRANSPORT_SCOPE_KEY,
+    drain_on_shutdown,
+    is_transport,
+    thread_stream,
+    trace_stream,
+)
 from bus.frontend.state import AppState
 from bus.frontend.thread_socket import thread_events_socket
 from bus.frontend.threads import stream_events
@@ -80,13 +86,16 @@ def create_app(
             name=hub_name(settings.prefix),
             history_reads=max(1, settings.frontend_redis_connections // 2),
         )
-        app.state.bus = AppState(settings, client, Keys(settings.prefix, settings.partitions), hub)
+        state = AppState(settings, client, Keys(settings.prefix, settings.partitions), hub)
+        app.state.bus = state
         if not settings.open_access and not settings.stream_secret and not settings.admin_token:
             log.warning("no LCBUS_STREAM_SECRET or LCBUS_ADMIN_TOKEN: every stream is refused")
         async with hub:
+            drain = asyncio.create_task(drain_on_shutdown(state), name="lcbus-drain")
             try:
                 yield
             finally:
+                drain.cancel()
                 if redis is None:
                     await client.aclose()
 
@@ -144,7 +153,7 @@ class FrontendApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         transport = getattr(getattr(send, "__self__", None), "transport", None)
-        if isinstance(transport, asyncio.WriteTransport):
+        if is_transport(transport):
             scope[TRANSPORT_SCOPE_KEY] = transport
         await super().__call__(scope, receive, send)
 

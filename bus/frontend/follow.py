@@ -14,7 +14,6 @@ as one chunk, so a burst costs one socket write instead of one per event.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import redis.asyncio as aioredis
 
 from bus.errors import EventsMissed, InvalidPosition
 from bus.frontend.hub import Hub
+from bus.frontend.reads import HistoryReads
 from bus.frontend.subscriber import Subscriber
 from bus.history import StreamItem, Topic, is_event_id, position, read_after
 from bus.keys import HISTORY_FINAL, HISTORY_SEQ, Keys
@@ -81,7 +81,7 @@ async def follow_batches(
     """
     channel = topic.channel(keys)
     async with hub.subscribe(channel, on_overflow=on_overflow, stalled=stalled) as sub:
-        async with hub.history_reads:
+        async with hub.history_reads.slots:
             cursor = await resolve(redis, keys, topic, start)
         strict = start.resuming
         while not cursor.ended:
@@ -120,7 +120,7 @@ def _accept(sub: Subscriber, cursor: _Cursor, items: Iterable[StreamItem]) -> li
 
 async def _replay(
     sub: Subscriber,
-    reads: asyncio.Semaphore,
+    reads: HistoryReads,
     redis: aioredis.Redis,
     keys: Keys,
     topic: Topic,
@@ -132,8 +132,7 @@ async def _replay(
     sub.replaying = True
     try:
         while not cursor.ended and not sub.draining:
-            async with reads:
-                page = await read_after(redis, keys, topic, cursor.event_id, count=REPLAY_PAGE)
+            page = await reads.page(redis, keys, topic, cursor.event_id, count=REPLAY_PAGE)
             if not page:
                 return
             if page[0].seq > cursor.seq + 1 and (strict or cursor.seq > 0):

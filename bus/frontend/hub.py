@@ -30,23 +30,20 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import (
-    ClusterDownError,
-    MovedError,
     RedisClusterException,
     RedisError,
-    ResponseError,
     SlotNotCoveredError,
 )
 
 from bus.connect import is_cluster_client
 from bus.errors import ServerDraining
+from bus.frontend.link import RETRY_S, Link
+from bus.frontend.reads import HistoryReads
 from bus.frontend.subscriber import Subscriber
 from bus.history import parse_message
 from bus.keys import key_slot
 
 log = logging.getLogger(__name__)
-
-_RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 
 class _Channel:
@@ -87,16 +84,18 @@ class Hub:
         self._name = name
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
-        # History reads in flight at once (initial replays and resyncs): a burst of
-        # clients, or every client resyncing after a reconnect, queues here instead
-        # of emptying the connection pool that the other endpoints share.
-        self.history_reads = asyncio.Semaphore(history_reads)
+        # History reads (initial replays and resyncs): bounded, and shared by the
+        # clients of a channel that ask for the same page at once (see HistoryReads).
+        self.history_reads = HistoryReads(history_reads)
         self.draining = False
-        self._ping_interval_s = ping_interval_s
+        self.ping_interval_s = ping_interval_s
         self._channels: dict[str, _Channel] = {}
-        self._links: dict[str, _Link] = {}
-        self._route: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
+        self._route: dict[str, Link] = {}
         self._rerouted = 0
+        self._unrouted: set[str] = set()
+        """Channels with clients that no node serves yet (retried by ``_router``)."""
+        self._router: asyncio.Task[None] | None = None
         self._started = False
 
     async def __aenter__(self) -> Hub:
@@ -115,6 +114,11 @@ class Hub:
             self._open_link("redis", pool.connection_class, pool.connection_kwargs)
 
     async def aclose(self) -> None:
+        if self._router is not None:
+            self._router.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._router
+            self._router = None
         links, self._links = list(self._links.values()), {}
         for link in links:
             await link.aclose()
@@ -159,8 +163,7 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-            link = self._route[channel] = await self._link_for(channel)
-            await link.subscribe(channel)
+            await self._route_new(channel)
         state.subscribers.add(sub)
         try:
             await state.ready.wait()
@@ -171,43 +174,84 @@ class Hub:
             state.subscribers.discard(sub)
             if not state.subscribers and self._channels.get(channel) is state:
                 del self._channels[channel]
+                self._unrouted.discard(channel)
                 gone = self._route.pop(channel, None)
                 if gone is not None:
                     await gone.unsubscribe(channel)
 
     # -- routing (cluster) ---------------------------------------------------------
 
-    def _open_link(self, key: str, connection_class: Any, kwargs: dict[str, Any]) -> _Link:
+    async def _route_new(self, channel: str) -> None:
+        """Subscribe a new channel where its slot is served, or, when no node serves it
+        now (a node lost and its slots not yet taken over, the slot map unreadable),
+        retry in the background: its clients wait for the confirmation, as they do
+        while a standalone Redis is away, and then resync from history."""
+        try:
+            link = await self._link_for(channel)
+        except (RedisClusterException, RedisError, OSError) as exc:
+            log.warning("pub/sub: no node serves %s now (%s); retrying", channel, exc)
+            self._unrouted.add(channel)
+            if self._router is None or self._router.done():
+                self._router = asyncio.create_task(self._route_unrouted(), name="lcbus-hub-route")
+            return
+        self._route[channel] = link
+        await link.subscribe(channel)
+
+    async def _route_unrouted(self) -> None:
+        failures = 0
+        while self._unrouted:
+            await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+            failures += 1
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
+                await self._redis.nodes_manager.initialize()
+            for channel in list(self._unrouted):
+                if channel not in self._channels:
+                    self._unrouted.discard(channel)
+                    continue
+                try:
+                    link = await self._link_for(channel)
+                except (RedisClusterException, RedisError, OSError):
+                    continue
+                self._unrouted.discard(channel)
+                self._route[channel] = link
+                await link.subscribe(channel)
+
+    def _open_link(self, key: str, connection_class: Any, kwargs: dict[str, Any]) -> Link:
         # RESP2 on purpose: pub/sub messages then arrive as plain replies to read_response,
         # instead of going to redis-py's RESP3 push-handler machinery.
         conn_kwargs = {**kwargs, "client_name": self._name, "protocol": 2}
-        link = self._links[key] = _Link(self, lambda: connection_class(**conn_kwargs))
+        link = self._links[key] = Link(
+            self, self._commands, lambda: connection_class(**conn_kwargs)
+        )
         link.start()
         return link
 
-    async def _link_for(self, channel: str) -> _Link:
+    async def _link_for(self, channel: str) -> Link:
         """The connection to the node that serves ``channel``'s slot now."""
         if not self._cluster:
             return self._links["redis"]
         await self._redis.initialize()
+        slot = key_slot(channel)
         try:
-            node = self._redis.nodes_manager.get_node_from_slot(key_slot(channel))
-        except (SlotNotCoveredError, RedisClusterException):
+            node = self._redis.nodes_manager.get_node_from_slot(slot)
+        # redis-py raises KeyError for a slot missing from its map (a map read while
+        # no node served the slot), SlotNotCoveredError for one mapped to nobody.
+        except (SlotNotCoveredError, RedisClusterException, KeyError) as exc:
             current = self._route.get(channel)
             if current is not None:
                 return current  # the node is down, nobody took its slots: wait for it
-            raise
+            raise SlotNotCoveredError(f"no node serves slot {slot}") from exc
         link = self._links.get(node.name)
         if link is None:
             link = self._open_link(node.name, node.connection_class, node.connection_kwargs)
         return link
 
-    async def reroute(self, link: _Link, *, refresh: bool = True) -> None:
+    async def reroute(self, link: Link, *, refresh: bool = True) -> None:
         """Subscribe ``link``'s channels wherever their slots are served now."""
         if not self._cluster:
             return
         if refresh:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
                 await self._redis.nodes_manager.initialize()
         for channel in list(link.channels):
             state = self._channels.get(channel)
@@ -219,6 +263,11 @@ class Hub:
                 continue
             if target is link and channel in link.confirmed:
                 continue
+            if target is link:
+                # Subscribed again on the same connection: the last SUBSCRIBE was
+                # refused (no confirmation will come for it) or is still on its way,
+                # with no unsubscribe in between, so any confirmation now counts.
+                link.drop_pending(channel)
             self._rerouted += 1
             link.forget(channel)
             state.ready.clear()
@@ -239,7 +288,7 @@ class Hub:
         for sub in state.subscribers:
             sub.offer(item)
 
-    def lost(self, link: _Link) -> None:
+    def lost(self, link: Link) -> None:
         """``link``'s connection dropped: its channels wait for a fresh confirmation,
         which then asks their subscribers to resync (events may be missed meanwhile)."""
         for channel in link.channels:
@@ -247,7 +296,15 @@ class Hub:
             if state is not None and self._route.get(channel) is link:
                 state.ready.clear()
 
-    def confirmed(self, link: _Link, channel: str) -> None:
+    async def ensure_mapped(self, channel: str) -> None:
+        """Before a confirmation lets clients read history: a channel confirmed while the
+        client's slot map lacks its slot (read while no node served it) refreshes the
+        map, else the history read would fail where the subscription just worked."""
+        if self._cluster and key_slot(channel) not in self._redis.nodes_manager.slots_cache:
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
+                await self._redis.nodes_manager.initialize()
+
+    def confirmed(self, link: Link, channel: str) -> None:
         state = self._channels.get(channel)
         if state is None or self._route.get(channel) is not link or state.ready.is_set():
             return
@@ -255,138 +312,6 @@ class Hub:
         # Messages published while the channel was not subscribed are only in history.
         for sub in state.subscribers:
             sub.request_resync()
-
-
-class _Link:
-    """One pub/sub connection: subscribes its channels, reads and dispatches replies.
-
-    The connection is a raw :class:`redis.asyncio.Connection` rather than
-    redis-py's ``PubSub`` so that the hub, not the library, decides how
-    reconnection and confirmations work.
-    """
-
-    def __init__(self, hub: Hub, connect: Any) -> None:
-        self._hub = hub
-        self._connect = connect
-        self._subscribe_cmd, self._unsubscribe_cmd = hub._commands
-        self.channels: set[str] = set()
-        self.confirmed: set[str] = set()
-        # SUBSCRIBEs sent per channel on the current connection and not yet confirmed.
-        self._pending: dict[str, int] = {}
-        self._conn: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self.connected = False
-        self.reconnects = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lcbus-hub")
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def subscribe(self, channel: str) -> None:
-        self.channels.add(channel)
-        await self._send(self._subscribe_cmd, channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        self.forget(channel)
-        await self._send(self._unsubscribe_cmd, channel)
-
-    def forget(self, channel: str) -> None:
-        self.channels.discard(channel)
-        self.confirmed.discard(channel)
-
-    async def _send(self, command: str, channel: str) -> None:
-        conn = self._conn
-        if conn is None:
-            return  # the reader subscribes every channel of the link when it reconnects
-        if command == self._subscribe_cmd:
-            self._pending[channel] = self._pending.get(channel, 0) + 1
-        try:
-            await conn.send_command(command, channel)
-        # redis-py raises AttributeError when the reader tore the connection down
-        # under this send (its writer is gone): the same lost connection.
-        except (RedisError, OSError, AttributeError) as exc:
-            log.warning(
-                "pub/sub %s %s failed (%s); the reader will reconnect", command, channel, exc
-            )
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            conn = self._connect()
-            try:
-                await conn.connect()
-                await self._resubscribe_all(conn)
-                failures = 0
-                await self._pump(conn)
-            except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost (%s); reconnecting", exc)
-            finally:
-                self._conn = None
-                self.connected = False
-                self.confirmed.clear()
-                self._hub.lost(self)
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
-            # On a cluster the slots may have moved while the node was away (failover).
-            await self._hub.reroute(self)
-            await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
-            failures += 1
-            self.reconnects += 1
-
-    async def _resubscribe_all(self, conn: Any) -> None:
-        self._pending = {}
-        self._conn = conn
-        self.connected = True
-        # Snapshot with no await in between: channels added later send their own SUBSCRIBE.
-        for channel in list(self.channels):
-            await self._send(self._subscribe_cmd, channel)
-
-    async def _pump(self, conn: Any) -> None:
-        awaiting_pong = False
-        while True:
-            try:
-                reply = await conn.read_response(timeout=self._hub._ping_interval_s)
-            except (MovedError, ClusterDownError, ResponseError) as exc:
-                # A subscription refused (its slot lives elsewhere now): route it anew.
-                log.info("pub/sub subscription refused (%s); rerouting", exc)
-                await self._hub.reroute(self)
-                continue
-            if reply is None:
-                if awaiting_pong:
-                    raise ConnectionError("pub/sub connection did not answer PING")
-                await conn.send_command("PING")
-                awaiting_pong = True
-                continue
-            awaiting_pong = False
-            if isinstance(reply, list) and reply:
-                await self._handle(reply)
-
-    async def _handle(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind in (b"message", b"smessage"):
-            self._hub.deliver(reply[1], reply[2])
-        elif kind in (b"subscribe", b"ssubscribe"):
-            self._confirm(reply[1].decode())
-        elif kind == b"sunsubscribe" and reply[1].decode() in self.confirmed:
-            # Not asked for: the node gave the channel's slot away (a migration).
-            self.confirmed.discard(reply[1].decode())
-            await self._hub.reroute(self)
-
-    def _confirm(self, channel: str) -> None:
-        left = self._pending.get(channel, 1) - 1
-        if left > 0:
-            self._pending[channel] = left
-            return
-        self._pending.pop(channel, None)
-        if channel in self.channels:
-            self.confirmed.add(channel)
-            self._hub.confirmed(self, channel)
 
 
 def hub_name(prefix: str) -> str:

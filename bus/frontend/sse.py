@@ -31,8 +31,8 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import TypeGuard
 
-import anyio
 import msgspec
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 
 # The uvicorn transport of the connection, when the app found it (see FrontendApp).
 TRANSPORT_SCOPE_KEY = "lcbus.transport"
+
+
+def is_transport(value: object) -> TypeGuard[asyncio.WriteTransport]:
+    """Whether ``value`` can be aborted and its write buffer measured, as a stream needs.
+
+    Checked by its methods: uvloop's transports do not derive from asyncio's classes.
+    """
+    return all(
+        callable(getattr(value, name, None))
+        for name in ("abort", "get_write_buffer_size", "get_extra_info")
+    )
 
 
 class StreamRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,9 +116,7 @@ async def _stream_frames(
             last = batch[-1].event_id
             # One chunk per batch: one send (and one socket write) for a whole burst.
             chunk = b"".join(
-                b"id: %s\ndata: %s\n\n" % (item.event_id.encode(), item.envelope())
-                for item in batch
-                if flt.everything or flt.matches(item)
+                item.sse_frame() for item in batch if flt.everything or flt.matches(item)
             )
             if chunk:
                 # The response sends the chunk between this yield and the next step.
@@ -142,7 +151,7 @@ class _SendWatch:
 
     def __init__(self, request: Request, stall_s: float, send_buffer_bytes: int) -> None:
         transport = request.scope.get(TRANSPORT_SCOPE_KEY)
-        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        self.transport = transport if is_transport(transport) else None
         self.stall_s = stall_s
         self.blocked_since: float | None = None
         if self.transport is not None and send_buffer_bytes > 0:
@@ -180,25 +189,25 @@ def _bound_send_buffer(transport: asyncio.WriteTransport, size: int) -> None:
 def _response(
     request: Request, state: AppState, topic: Topic, start: Start, flt: Filter
 ) -> Response:
-    shutdown = anyio.Event()
     settings = state.settings
     watch = _SendWatch(request, settings.client_stall_s, settings.client_send_buffer_bytes)
-
-    async def drain_on_shutdown() -> None:
-        # Set by sse-starlette when the server begins to shut down: every stream of
-        # this process then says "reconnect" and ends (see Hub.drain).
-        await shutdown.wait()
-        state.hub.drain()
-
+    # sse-starlette sets the process's shutdown event when the server begins to shut
+    # down; one task of the app then drains the hub, and every stream says "reconnect"
+    # and ends (see drain_on_shutdown): no task per stream waits for it.
     return EventSourceResponse(
         _frames(state, topic, start, flt, watch),
         ping=state.settings.ping_interval_s,
         send_timeout=state.settings.send_timeout_s,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        shutdown_event=shutdown,
+        shutdown_event=state.shutdown,
         shutdown_grace_period=state.settings.drain_s,
-        data_sender_callable=drain_on_shutdown,
     )
+
+
+async def drain_on_shutdown(state: AppState) -> None:
+    """Once a stream saw the server shut down, end every stream of the process."""
+    await state.shutdown.wait()
+    state.hub.drain()
 
 
 def _bad_resume_point(last: str | None) -> JSONResponse | None:

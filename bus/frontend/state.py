@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import anyio
 import redis.asyncio as aioredis
 
 from bus.frontend.hub import Hub
@@ -17,3 +18,5 @@ class AppState:
     redis: aioredis.Redis
     keys: Keys
     hub: Hub
+    shutdown: anyio.Event = field(default_factory=anyio.Event)
+    """Set when the server begins to shut down (by the first stream that sees it)."""

@@ -122,9 +122,7 @@ async def _frames(
     try:
         async for batch in thread_batches(state, thread_id, kinds, start):
             chunk = b"".join(
-                b"id: %s\ndata: %s\n\n" % (item.event_id.encode(), item.envelope())
-                for item in batch
-                if flt.everything or flt.matches(item)
+                item.sse_frame() for item in batch if flt.everything or flt.matches(item)
             )
             if chunk:
                 yield chunk

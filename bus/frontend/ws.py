@@ -97,7 +97,7 @@ class Session(SocketSession):
         start = Start(event_id=last)
         try:
             filters = {sub_id: subscription_filter(sub_id) for sub_id in params.subscriptions}
-            async with self.state.hub.history_reads:
+            async with self.state.hub.history_reads.slots:
                 await resolve(self.state.redis, self.state.keys, self.topic, start)
         except (CommandError, StreamError):
             return {"restored": False}

@@ -201,11 +201,7 @@ class BusCallbackHandler(BaseCallbackHandler):
             text = token if isinstance(token, str) else payloads.blocks_text(token)
             if len(text) >= 1024:
                 text = safe_str(text, max_bytes=self._max)
-            if tool_chunks:
-                fields = {"token": text, "tool_call_chunks": self._safe(tool_chunks)}
-            else:
-                fields = {"token": text}
-            events.emit_token(ev.LLMNewToken, run, fields)
+            events.emit_new_token(run, text, self._safe(tool_chunks) if tool_chunks else None)
         except Exception as exc:
             self._failed("on_llm_new_token", exc)
 

@@ -71,6 +71,25 @@ class RunEmitter:
         )
         self.publisher.publish(trace.partition, encode_event(event))
 
+    def emit_new_token(self, run: Run, token: str, tool_call_chunks: Any = None) -> None:
+        """:meth:`emit_token` for ``LLMNewToken``, the event of every streamed token,
+        without the keyword dict: about a tenth of the handler's cost per token."""
+        trace = run.trace
+        publisher = self.publisher
+        event = ev.LLMNewToken(
+            id=ev.new_event_id(),
+            time=time.time(),
+            run_id=run.run_id,
+            trace_id=trace.trace_id,
+            seq=next(trace.seq),
+            parent_run_id=run.parent_run_id,
+            run_type=run.run_type,
+            source=publisher.source,
+            token=token,
+            tool_call_chunks=tool_call_chunks or [],
+        )
+        publisher.publish(trace.partition, encode_event(event))
+
     def start(
         self,
         cls: type[ev.RunStart],

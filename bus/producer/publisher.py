@@ -1,9 +1,13 @@
 """The app-side publisher: a bounded buffer drained by one background flusher.
 
-``publish()`` is the hot path: it appends to a deque and at most sets an event.
-It never blocks on the network and never raises. A daemon thread, with its own
-Redis client, drains the buffer in batches (by size, or after a short linger)
-with one pipelined ``XADD ... MAXLEN ~`` round trip per batch.
+``publish()`` is the hot path: it appends to a deque and at most wakes the
+flusher. It never blocks on the network and never raises. The flusher drains
+the buffer in batches (by size, or after a short linger) with one pipelined
+``XADD ... MAXLEN ~`` round trip per batch. It is a daemon thread with its own
+Redis client, except while the app publishes from a running event loop: then
+the loop drains it (:mod:`bus.producer.loop_flusher`), so that no other thread
+takes the GIL from the app, and the thread only watches that the loop still
+runs. One drainer at a time, so each partition keeps its order.
 
 When Redis is slow or down the buffer fills up to ``buffer_size`` events or
 ``buffer_bytes`` encoded bytes, whichever comes first, and then the drop
@@ -14,11 +18,13 @@ Redis is unreachable and resumes by itself.
 
 Fork safety: after ``fork()`` the child gets an empty buffer, a new client and
 a new flusher thread (the parent keeps and flushes its own events). At exit the
-buffer is flushed within ``close_timeout_s``.
+buffer is flushed within ``close_timeout_s`` (by the thread: the app's loop is
+closed by then).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -34,8 +40,11 @@ import msgspec
 import redis
 
 from bus.connect import is_cluster_client, sync_client
-from bus.keys import ENTRY_FIELD, Keys
-from bus.producer.routing import ClusterSender
+from bus.keys import Keys
+from bus.producer.link import loop_capable
+from bus.producer.loop_flusher import WATCH_EVERY_S, LoopFlusher
+from bus.producer.resp import Entry, packed, read_replies, xadd_head
+from bus.producer.routing import ClusterSender, PartlySent
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,9 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 1.0
 _STATS_EVERY_S = 5.0
 _STATS_TTL_S = 30
+_SOCKET_TIMEOUT_S = 5
+_CONNECT_TIMEOUT_S = 2
+_running_loop = asyncio._get_running_loop  # None outside a loop, and cheap: a C call
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +84,7 @@ class Publisher:
         self._injected = redis
         keys = Keys(settings.prefix, settings.partitions)
         self._heads = [
-            _xadd_head(keys.events(p), settings.stream_maxlen) for p in range(settings.partitions)
+            xadd_head(keys.events(p), settings.stream_maxlen) for p in range(settings.partitions)
         ]
         self._keys = keys
         self._closed = False
@@ -80,6 +92,9 @@ class Publisher:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _call(ref, "_reset"))
         atexit.register(_call, ref, "close")
+
+    _loop_flusher: LoopFlusher | None
+    _wakeup: threading.Event
 
     _shared: dict[tuple[str, str, int], Publisher] = {}
     _shared_lock = threading.Lock()
@@ -112,8 +127,26 @@ class Publisher:
             buffer.append((self._heads[partition], payload))
             self._buffered_bytes += size
             depth = len(buffer)
-        if (depth == 1 or depth >= self.settings.batch_size) and not self._wakeup.is_set():
+        if depth == 1 or depth >= self.settings.batch_size:
+            self._wake(depth >= self.settings.batch_size)
+
+    def _wake(self, now: bool) -> None:
+        """Start a batch: on the bound loop if there is one, else on the thread."""
+        flusher = self._loop_flusher
+        if flusher is None and self._loop_capable:
+            loop = _running_loop()
+            if loop is not None:
+                flusher = self._bind(loop)
+        if (flusher is None or not flusher.wake(now)) and not self._wakeup.is_set():
             self._wakeup.set()
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> LoopFlusher:
+        with self._lock:
+            if self._loop_flusher is None:
+                self._loop_flusher = LoopFlusher(self, loop)
+            flusher = self._loop_flusher
+        self._wakeup.set()  # the thread opens the loop's link
+        return flusher
 
     def _make_room(self, size: int) -> bool:
         """Drop the oldest events until one of ``size`` bytes fits (drop policy ``oldest``)."""
@@ -135,12 +168,22 @@ class Publisher:
         deadline = time.monotonic() + (
             self.settings.close_timeout_s if timeout is None else timeout
         )
-        while self._buffer or self._in_flight:
+        flusher = self._loop_flusher
+        if flusher is not None and _running_loop() is flusher.loop:
+            # Called on the loop, which cannot drain while we wait: the thread takes over.
+            flusher.detach(max(0.0, deadline - time.monotonic()))
+        while self._buffer or self._in_flight or self._loop_in_flight():
             if time.monotonic() >= deadline or not self._thread.is_alive():
                 return False
-            self._wakeup.set()
+            flusher = self._loop_flusher
+            if flusher is None or not flusher.wake(now=True):
+                self._wakeup.set()
             time.sleep(0.001)
         return True
+
+    def _loop_in_flight(self) -> bool:
+        flusher = self._loop_flusher
+        return flusher is not None and flusher.in_flight
 
     def close(self, timeout: float | None = None) -> None:
         """Flush within ``timeout`` (default ``close_timeout_s``), then stop."""
@@ -148,6 +191,9 @@ class Publisher:
             return
         self.flush(timeout)
         self._closed = True
+        flusher = self._loop_flusher
+        if flusher is not None:
+            flusher.detach(0.0)
         self._stopping.set()
         self._wakeup.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -184,9 +230,17 @@ class Publisher:
 
     def _reset(self) -> None:
         """(Re)create all per-process state; runs at init and in a forked child."""
-        self._buffer: deque[tuple[bytes, bytes]] = deque()
+        inherited = getattr(self, "_loop_flusher", None)
+        if inherited is not None:
+            inherited.abandon()  # the parent's link: its socket is the parent's to use
+        self._buffer: deque[Entry] = deque()
         self._buffered_bytes = 0
         self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        """Held by whoever sends (thread or loop), so that one drainer runs at a time."""
+        self._loop_flusher = None
+        self._loop_capable = False
+        """Whether a loop may drain: set once the thread's client shows a standalone Redis."""
         self._drop_oldest = self.settings.drop_policy == "oldest"
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -208,18 +262,26 @@ class Publisher:
         linger = self.settings.flush_interval_ms / 1000
         last_stats = 0.0
         while not self._stopping.is_set():
-            self._wakeup.wait(timeout=_STATS_EVERY_S)
+            bound = self._loop_flusher is not None
+            self._wakeup.wait(timeout=WATCH_EVERY_S if bound else _STATS_EVERY_S)
             self._wakeup.clear()
-            if linger and 0 < len(self._buffer) < self.settings.batch_size:
+            if (flusher := self._loop_flusher) is not None:
+                flusher.watch()
+            if linger and 0 < len(self._buffer) < self.settings.batch_size and self._drains():
                 time.sleep(linger)  # the time bound: let a batch form
-            while self._buffer and not self._stopping.is_set():
+            while self._buffer and not self._stopping.is_set() and self._drains():
                 if not self._drain_once():
                     self._stopping.wait(self._backoff())
             if time.monotonic() - last_stats > _STATS_EVERY_S:
                 last_stats = time.monotonic()
                 self._report_stats()
 
-    def _take_batch(self) -> list[tuple[bytes, bytes]]:
+    def _drains(self) -> bool:
+        """Whether the thread is the drainer (no loop flusher holding a link)."""
+        flusher = self._loop_flusher
+        return flusher is None or flusher.link is None
+
+    def _take_batch(self) -> list[Entry]:
         buffer = self._buffer
         with self._lock:
             count = min(len(buffer), self.settings.batch_size)
@@ -229,6 +291,10 @@ class Publisher:
 
     def _drain_once(self) -> bool:
         """Send one batch; False (batch put back) when Redis failed."""
+        with self._drain_lock:
+            return self._drains() and self._send_one()
+
+    def _send_one(self) -> bool:
         self._in_flight = True
         try:
             batch = self._take_batch()
@@ -236,7 +302,7 @@ class Publisher:
                 return True
             try:
                 refused = self._send(batch)
-            except _PartlySent as partial:
+            except PartlySent as partial:
                 self._published += len(batch) - len(partial.unsent) - partial.refused
                 self._on_failure(partial.unsent, partial.cause)
                 return False
@@ -245,40 +311,50 @@ class Publisher:
                 return False
             # Counted before in_flight clears, so that flush() never returns
             # before the stats show what it waited for.
-            self._published += len(batch) - refused
-            self._batches += 1
+            self._sent(len(batch) - refused)
         finally:
             self._in_flight = False
+        return True
+
+    def _sent(self, count: int, refused: int = 0, error: str = "") -> None:
+        """A batch of ``count`` entries answered, ``refused`` of them with an error."""
+        if refused:
+            self._refused(refused, error)
+        self._published += count - refused
+        self._batches += 1
         if self._failing:
             self._failing = False
             self._reconnects += 1
             log.warning("lcbus publisher reconnected to Redis; sending resumed")
         self._connected = True
-        return True
 
-    def _send(self, batch: list[tuple[bytes, bytes]]) -> int:
-        """One round trip: the batch's XADDs packed as one RESP write, then the replies.
-
-        Returns how many entries Redis refused. Packing by hand (a fixed head
-        per partition, then the payload) costs the flusher about a tenth of
-        redis-py's pipeline per event. That matters because the flusher shares
-        the GIL with the app: its time is the app's.
-        """
+    def _ensure_client(self) -> redis.Redis:
         client = self._client
         if client is None:
             client = self._client = sync_client(
-                self.settings, socket_timeout=5, socket_connect_timeout=2
+                self.settings,
+                socket_timeout=_SOCKET_TIMEOUT_S,
+                socket_connect_timeout=_CONNECT_TIMEOUT_S,
             )
+            self._loop_capable = (
+                self.settings.loop_flusher
+                and self._injected is None
+                and loop_capable(self.settings.redis_url)
+                and not is_cluster_client(client)
+            )
+        return client
+
+    def _send(self, batch: list[Entry]) -> int:
+        """One round trip: the batch packed as one RESP write (bus.producer.resp), then the
+        replies. Returns how many entries Redis refused."""
+        client = self._ensure_client()
         if is_cluster_client(client):
             return self._send_to_cluster(client, batch)
-        parts: list[bytes] = []
-        for head, payload in batch:
-            parts += (head, b"$%d\r\n" % len(payload), payload, b"\r\n")
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([b"".join(parts)], check_health=False)  # type: ignore[no-untyped-call]
-            refused = _read_replies(conn, len(batch))
+            conn.send_packed_command([packed(batch)], check_health=False)  # type: ignore[no-untyped-call]
+            refused = read_replies(conn, len(batch))
         except BaseException:
             conn.disconnect()  # type: ignore[no-untyped-call]  # replies out of step: start over
             raise
@@ -296,7 +372,7 @@ class Publisher:
         self._last_error = error
         return count
 
-    def _send_to_cluster(self, client: redis.Redis, batch: list[tuple[bytes, bytes]]) -> int:
+    def _send_to_cluster(self, client: redis.Redis, batch: list[Entry]) -> int:
         """The batch split by master, one packed pipeline each (see bus.producer.routing)."""
         if self._router is None:
             streams = [self._keys.events(p) for p in range(self.settings.partitions)]
@@ -304,10 +380,10 @@ class Publisher:
         sent = self._router.send(batch)
         refused = self._refused(sent.refused, sent.last_error) if sent.refused else 0
         if sent.failure is not None:
-            raise _PartlySent(sent.unsent_in_order(), refused, sent.failure)
+            raise PartlySent(sent.unsent_in_order(), refused, sent.failure)
         return refused
 
-    def _on_failure(self, batch: list[tuple[bytes, bytes]], exc: BaseException) -> None:
+    def _on_failure(self, batch: list[Entry], exc: BaseException) -> None:
         self._errors += 1
         self._connected = False
         self._last_error = f"{type(exc).__name__}: {exc}"
@@ -340,33 +416,6 @@ class Publisher:
             self._client.set(self._keys.publisher(self._source), payload, ex=_STATS_TTL_S)
         except (redis.RedisError, OSError):
             pass
-
-
-class _PartlySent(Exception):
-    """Some of a batch's entries reached the cluster; ``unsent`` go back to the buffer."""
-
-    def __init__(
-        self, unsent: list[tuple[bytes, bytes]], refused: int, cause: BaseException
-    ) -> None:
-        super().__init__(str(cause))
-        self.unsent, self.refused, self.cause = unsent, refused, cause
-
-
-def _xadd_head(key: str, maxlen: int) -> bytes:
-    """RESP for ``XADD key MAXLEN ~ maxlen * e``, missing only the payload."""
-    args = [b"XADD", key.encode(), b"MAXLEN", b"~", str(maxlen).encode(), b"*", ENTRY_FIELD]
-    return b"*8\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
-def _read_replies(conn: Any, count: int) -> tuple[int, str] | None:
-    """Read ``count`` replies; (refused, last error) when some were error replies."""
-    refused, last = 0, ""
-    for _ in range(count):
-        try:
-            conn.read_response()
-        except redis.ResponseError as exc:
-            refused, last = refused + 1, f"ResponseError: {exc}"
-    return (refused, last) if refused else None
 
 
 def _call(ref: weakref.ref[Publisher], method: str) -> Any:

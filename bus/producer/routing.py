@@ -35,11 +35,10 @@ from redis.exceptions import (
 )
 
 from bus.keys import key_slot
+from bus.producer.resp import Entry
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[bytes, bytes]
-"""(the partition's packed XADD head, the payload)."""
 
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
 _MAX_ROUNDS = 5
@@ -61,6 +60,14 @@ class ClusterSend:
     def unsent_in_order(self) -> list[Entry]:
         """The unsent entries in batch order (so each partition keeps its order)."""
         return [entry for _, entry in sorted(self.unsent, key=lambda item: item[0])]
+
+
+class PartlySent(Exception):
+    """Some of a batch's entries reached the cluster; ``unsent`` go back to the buffer."""
+
+    def __init__(self, unsent: list[Entry], refused: int, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.unsent, self.refused, self.cause = unsent, refused, cause
 
 
 class ClusterSender:

@@ -127,7 +127,10 @@ class GroupConsumer:
                 outage.recovered()
                 delay = self._settings.heartbeat_interval_s
             except TRANSIENT_ERRORS as exc:
-                delay = outage.failed(exc)
+                # No longer than a heartbeat: on a cluster the node that failed may
+                # hold only the membership or some leases, and the leases on the
+                # other masters must still be renewed in time.
+                delay = min(outage.failed(exc), self._settings.heartbeat_interval_s)
             # Readers keep their leases alive through us until they are done.
             if self._stopping and not self._parts:
                 return

@@ -18,8 +18,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from bus.connect import is_cluster_client
 from bus.keys import Keys
 from bus.parsing import text
+from bus.runtime.outage import TRANSIENT_ERRORS
 from bus.scripts import LuaScript, execute
 
 # Taking a lease we already hold (say after a short outage where our local
@@ -97,6 +99,7 @@ class Leases:
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._renew = redis.register_script(_RENEW)
 
     async def heartbeat(self) -> list[str]:
         """Announce this replica and return the live members, sorted."""
@@ -113,10 +116,20 @@ class Leases:
         return bool(await self._acquire(keys=[key], args=[self.replica_id, self.ttl_ms]))
 
     async def renew(self, partitions: Iterable[int]) -> dict[int, bool]:
-        """Renew several leases in one round trip; False means the lease is lost."""
+        """Renew several leases; False means the lease is lost.
+
+        One round trip on a standalone Redis. On a cluster each lease is renewed
+        by its own call, all at once: a pipeline fails as a whole when one node
+        it touches is down, which would let the leases on the healthy masters
+        lapse too. A lease whose node did not answer is left out of the result
+        (neither renewed nor lost: its local deadline runs on); the error is
+        raised only when no lease could be renewed at all.
+        """
         parts = list(partitions)
         if not parts:
             return {}
+        if is_cluster_client(self._redis):
+            return await self._renew_each(parts)
 
         def build(pipe: Any) -> None:
             for p in parts:
@@ -128,6 +141,17 @@ class Leases:
         results = await execute(self._redis, [_RENEW_SCRIPT], build)
         return {p: bool(r) for p, r in zip(parts, results, strict=True)}
 
+    async def _renew_each(self, parts: list[int]) -> dict[int, bool]:
+        args: list[str | int] = [self.replica_id, self.ttl_ms]
+        replies = await asyncio.gather(
+            *(self._renew(keys=[self._keys.lease(self.group, p)], args=args) for p in parts),
+            return_exceptions=True,
+        )
+        renewed = {p: bool(r) for p, r in zip(parts, replies, strict=True) if _answered(r)}
+        if not renewed:  # every node involved is unreachable: an outage after all
+            raise next(r for r in replies if isinstance(r, BaseException))
+        return renewed
+
     async def release(self, partition: int) -> bool:
         key = self._keys.lease(self.group, partition)
         return bool(await self._release(keys=[key], args=[self.replica_id]))
@@ -135,6 +159,15 @@ class Leases:
     async def owner(self, partition: int) -> str | None:
         raw = await self._redis.get(self._keys.lease(self.group, partition))
         return None if raw is None else text(raw)
+
+
+def _answered(reply: object) -> bool:
+    """A script's reply, or an error other than the node being unreachable (re-raised)."""
+    if isinstance(reply, TRANSIENT_ERRORS):
+        return False
+    if isinstance(reply, BaseException):
+        raise reply
+    return True
 
 
 class LeaseLost(Exception):

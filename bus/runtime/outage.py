@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -19,6 +20,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,  # includes BusyLoadingError while a restarted server loads
     RedisTimeoutError,
     OSError,  # includes the builtin TimeoutError
+    # A cluster node that cannot serve a slot right now: a restarted master
+    # answers CLUSTERDOWN until it has rejoined, a migrating slot TRYAGAIN.
+    ClusterDownError,
+    TryAgainError,
 )
 
 FIRST_BACKOFF_S = 0.05

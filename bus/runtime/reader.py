@@ -114,16 +114,16 @@ class PartitionReader:
                 elif cursor == ">" and await self._parked(part, stream, consumer):
                     cursor = "0"
                 outage.recovered()
+            except TRANSIENT_ERRORS as exc:  # before ResponseError: CLUSTERDOWN is one
+                # Whatever we read but did not ack is still pending: start over from it.
+                cursor = "0"
+                await asyncio.sleep(min(outage.failed(exc), max(part.remaining_s(), 0.01)))
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream or group vanished (Redis restarted empty, key deleted).
                 await ensure_group(self._redis, self._keys, self._group, part.index)
                 cursor = "0"
-            except TRANSIENT_ERRORS as exc:
-                # Whatever we read but did not ack is still pending: start over from it.
-                cursor = "0"
-                await asyncio.sleep(min(outage.failed(exc), max(part.remaining_s(), 0.01)))
 
     async def flush_acks(self, part: HeldPartition) -> None:
         """Acknowledge the last batch now instead of with the next read."""

@@ -115,14 +115,14 @@ async def _register(settings: Settings, url: str) -> str:
     return endpoint.secrets[0].value
 
 
-def _wait_members(settings: Settings) -> None:
+def _wait_members(settings: Settings, replicas: int = 2) -> None:
     client = redis.cluster.RedisCluster.from_url(settings.redis_url)
     keys = Keys(settings.prefix, settings.partitions)
     try:
         wait_until(
-            lambda: all(client.zcard(keys.members(w)) == 2 for w in WORKERS),
+            lambda: all(client.zcard(keys.members(w)) == replicas for w in WORKERS),
             within=60,
-            what="two replicas of each worker in their groups",
+            what=f"{replicas} replicas of each worker in their groups",
         )
     finally:
         client.close()

@@ -17,6 +17,7 @@ from bus.tokens import stream_token
 from tests.processes.test_frontend_stream import EXPECTED, TOKENS, _assert_complete
 from tests.support.frontend import SECRET, Frontend, append, collect, conversation, frontend
 from tests.support.redis_cluster import OwnedCluster
+from tests.support.waiting import wait_until_async
 
 TRACES = 6
 
@@ -93,3 +94,39 @@ async def test_clients_get_every_event_once_while_a_trace_slot_moves(
     # Each frontend moved the trace's subscription to the slot's new owner.
     assert all(h["pubsub_reconnects"] >= 1 for h in health)
     await asyncio.to_thread(cluster.move_slot, slot, source)
+
+
+async def test_a_client_of_an_unserved_slot_waits_then_gets_every_event_once(
+    cluster: OwnedCluster,
+    cluster_prefix: str,
+    frontends: list[Frontend],
+    async_cluster_client: AsyncRedisCluster,
+    http: httpx.AsyncClient,
+) -> None:
+    """No node serves the channel's slot when the client arrives (a master lost, its
+    slots not taken over): the stream waits, as through a standalone outage, and
+    once the slot is served again it carries the whole trace."""
+    trace = f"t-{uuid.uuid4().hex}"
+    slot = key_slot(Keys(cluster_prefix).channel(trace))
+    owner = cluster.unassign(slot)
+    try:
+        started = asyncio.Event()
+        client = asyncio.create_task(
+            collect(http, "GET", trace_url(frontends[0], trace), started=started)
+        )
+        await started.wait()
+
+        async def waiting() -> bool:
+            health = await asyncio.to_thread(frontends[0].health)
+            return client.done() or health["channels"] == 1
+
+        await wait_until_async(waiting, within=30, what="the frontend holding the channel")
+        assert not client.done(), "the stream ended while its slot was unserved"
+    finally:
+        await asyncio.to_thread(cluster.assign, slot, owner)
+    events = conversation(TOKENS)
+    redis: object = async_cluster_client
+    await append(redis, cluster_prefix, [Topic("trace", trace)], events)  # type: ignore[arg-type]
+    got = await asyncio.wait_for(client, timeout=60)
+    _assert_complete(got, len(events))
+    assert got.ended and got.text() == EXPECTED

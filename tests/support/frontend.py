@@ -181,12 +181,14 @@ async def collect(
     *,
     limit: int | None = None,
     started: Any = None,
+    into: Received | None = None,
     **kwargs: Any,
 ) -> Received:
-    """Read one SSE stream to its end (or ``limit`` events); ``started`` is set on connect."""
+    """Read one SSE stream to its end (or ``limit`` events); ``started`` is set on connect.
+    Events are appended to ``into`` as they arrive when given (a test can watch progress)."""
     from httpx_sse import aconnect_sse
 
-    got = Received()
+    got = Received() if into is None else into
     async with aconnect_sse(client, method, url, **kwargs) as source:
         source.response.raise_for_status()
         if started is not None:

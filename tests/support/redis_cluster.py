@@ -194,6 +194,33 @@ class OwnedCluster:
             source.close()
             target.close()
 
+    def unassign(self, slot: int) -> int:
+        """Leave ``slot`` served by no master (``CLUSTER DELSLOTS`` on each, its owner
+        first); returns the port of the master that served it."""
+        owner = self.owner_port(slot)
+        for port in [owner, *(p for p in self.ports if p != owner)]:
+            node = redis.Redis(port=port)
+            try:
+                node.execute_command("CLUSTER DELSLOTS", slot)
+            except redis.ResponseError:
+                pass  # this node had already dropped it
+            finally:
+                node.close()
+        return owner
+
+    def assign(self, slot: int, port: int) -> None:
+        """Give an unassigned ``slot`` to the master on ``port``; wait until all agree."""
+        node = redis.Redis(port=port)
+        try:
+            node.execute_command("CLUSTER ADDSLOTS", slot)
+        finally:
+            node.close()
+
+        def agreed() -> bool:
+            return all(_served_by(p, slot) == port for p in self.ports)
+
+        wait_until(agreed, within=30, what=f"slot {slot} served by {port} on every node")
+
     def kill(self, port: int) -> None:
         process = self.processes.pop(port)
         process.kill()
@@ -227,6 +254,18 @@ def _free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _served_by(node_port: int, slot: int) -> int | None:
+    """The port ``node_port``'s CLUSTER SLOTS names for ``slot`` (None: unassigned)."""
+    client = redis.Redis(port=node_port)
+    try:
+        for start, end, (_host, port, *_rest), *_ in client.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        return None
+    finally:
+        client.close()
 
 
 def _pings(client: redis.Redis) -> bool:
