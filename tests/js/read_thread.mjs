@@ -30,9 +30,10 @@ const thread = client.threads.stream(threadId, options);
 
 // A message's text (a tool call's output) resolves while the projection goes on,
 // so each is awaited beside the loop.
-async function texts(messages) {
+async function texts(messages, projection) {
   const pending = [];
   for await (const message of messages) {
+    log("message", projection, JSON.stringify(message.namespace));
     pending.push((async () => [message.namespace, await message.text])());
   }
   return Promise.all(pending);
@@ -50,7 +51,7 @@ async function subgraphs() {
   const pending = [];
   for await (const sub of thread.subgraphs) {
     pending.push(
-      (async () => [sub.namespace, sub.name, (await texts(sub.messages)).map(([, t]) => t)])(),
+      (async () => [sub.namespace, sub.name, (await texts(sub.messages, "subgraph")).map(([, t]) => t)])(),
     );
   }
   return Promise.all(pending);
@@ -66,12 +67,16 @@ async function events(raw) {
   const items = [];
   for await (const event of raw) {
     log("event", event.seq, event.method, event.params.data.event ?? "");
+    // The answer's first word: the test kills a frontend once this has been read.
+    if (event.params.namespace.length === 0 && event.params.data.delta?.text === "The") {
+      log("answer started");
+    }
     items.push(event);
   }
   return items;
 }
 
-const work = Promise.all([texts(thread.messages), toolCalls(), subgraphs(), progress()]);
+const work = Promise.all([texts(thread.messages, "thread"), toolCalls(), subgraphs(), progress()]);
 // Subscribed last: once the server has answered it, it has answered the projections' too.
 const raw = await thread.subscribe(["messages", "tools", "lifecycle", "custom", "tasks"]);
 console.log(JSON.stringify({ ready: true }));

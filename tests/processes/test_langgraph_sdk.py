@@ -31,7 +31,7 @@ from langchain_core.messages import HumanMessage
 from langgraph_sdk import get_client
 
 from bus.history import Topic
-from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD, HISTORY_SEQ, Keys
+from bus.keys import HISTORY_CHANNEL, HISTORY_SEQ, Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings
 from bus.tokens import stream_token, thread_token
@@ -206,10 +206,15 @@ async def _run_agent(settings: Settings, thread_id: str, hold: asyncio.Event) ->
     return str(run_id)
 
 
-def _answer_started(client: redis.Redis, settings: Settings, thread_id: str) -> bool:
-    """Whether the thread's history holds the first words of the answer."""
-    entries: Any = client.xrange(Topic("thread", thread_id).history(Keys(settings.prefix)))
-    return any(b'"text-delta","text":"The' in fields[HISTORY_PAYLOAD] for _, fields in entries)
+def _sdk_read_answer_start(seen: Seen) -> bool:
+    """Whether the SDK's stream has given the first words of the answer."""
+    return any(
+        e["method"] == "messages"
+        and not e["params"]["namespace"]
+        and e["params"]["data"].get("event") == "content-block-delta"
+        and e["params"]["data"]["delta"].get("text") == "The"
+        for e in seen.events
+    )
 
 
 def _history_tail(client: redis.Redis, settings: Settings, thread_id: str) -> list[Any]:
@@ -232,10 +237,13 @@ def _assert_read_everything(seen: Seen, run_id: str) -> None:
     _assert_events(seen.events, run_id)
 
 
-def _assert_events(events: list[dict[str, Any]], run_id: str) -> None:
-    """Every event valid, once, in order; the root lifecycle names the run."""
+def _assert_events(events: list[dict[str, Any]], run_id: str, *, ordered: bool = True) -> None:
+    """Every event valid, once, in order (unless not ``ordered``); the root lifecycle
+    names the run."""
     ids = [event["event_id"] for event in events]
     assert len(ids) == len(set(ids)), "an event arrived twice"
+    if not ordered:
+        events = sorted(events, key=lambda event: event["seq"])
     seqs = [event["seq"] for event in events]
     assert seqs == sorted(seqs)
     for event in events:
@@ -264,9 +272,12 @@ async def test_the_python_sdk_reads_an_agent_run_across_a_frontend_restart(
         tail = lambda: _history_tail(sync_redis, settings, thread_id)  # noqa: E731
         async with reading(balancer.url, thread_id, token, transport, tail) as seen:
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
-            # Mid-answer: its first words are in the thread's history, the rest held back.
-            answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
-            await wait_until_async(answer_started, within=30, what="the answer's first words")
+            # Mid-answer: the SDK has read the answer's first words, the rest is held back.
+            # Waiting for the SDK (not for Redis) matters: a projection whose subscription
+            # is still being opened when its frontend dies fails for good (the SDK retries
+            # only a stream that had been open), which is not the drop this test is about.
+            read_answer = lambda: _sdk_read_answer_start(seen)  # noqa: E731
+            await wait_until_async(read_answer, within=30, what="the SDK read the first words")
             before = len(balancer.connections)
             await asyncio.to_thread(stack.restart, 0)
             hold.set()
@@ -355,6 +366,17 @@ async def _js_reader(node: str, url: str, thread_id: str, token: str, transport:
     return process
 
 
+async def _read_lines(stream: asyncio.StreamReader, lines: list[str]) -> None:
+    while line := await stream.readline():
+        lines.append(line.decode())
+
+
+def _js_read_answer_start(lines: list[str]) -> bool:
+    """Whether the JS reader has read the answer's first words and the subgraph's message."""
+    subgraph_message = any(line.startswith('message subgraph ["research:') for line in lines)
+    return subgraph_message and "answer started\n" in lines
+
+
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
     stack: Stack, sync_redis: redis.Redis, transport: str
@@ -368,11 +390,16 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
     async with Balancer(backends).running() as balancer:
         reader = await _js_reader(node, balancer.url, thread_id, token, transport)
         assert reader.stdout is not None and reader.stderr is not None
-        progress = asyncio.create_task(reader.stderr.read())
+        lines: list[str] = []
+        progress = asyncio.create_task(_read_lines(reader.stderr, lines))
         try:
             run = asyncio.create_task(_run_agent(settings, thread_id, hold))
-            answer_started = lambda: _answer_started(sync_redis, settings, thread_id)  # noqa: E731
-            await wait_until_async(answer_started, within=30, what="the answer's first words")
+            # Mid-answer, once the reader has read the answer's first words and the
+            # subgraph's message (a subscription the SDK opens when it sees the subgraph):
+            # a subscribe in flight when its socket drops is not re-sent by the SDK, which
+            # is not the drop this test is about.
+            read_answer = lambda: _js_read_answer_start(lines)  # noqa: E731
+            await wait_until_async(read_answer, within=30, what="the reader read the first words")
             before = len(balancer.connections)
             await asyncio.to_thread(stack.restart, 0)
             hold.set()
@@ -381,7 +408,8 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
         except TimeoutError:
             reader.kill()
             await reader.wait()
-            log = (await progress).decode()
+            await progress
+            log = "".join(lines)
             tail = _history_tail(sync_redis, settings, thread_id)
             message = f"the JS reader did not finish (history ends {tail}):\n{log}"
             raise AssertionError(message) from None
@@ -389,10 +417,12 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
             if reader.returncode is None:
                 reader.kill()
                 await reader.wait()
-        log = (await progress).decode()
+        await progress
+        log = "".join(lines)
         assert reader.returncode == 0, log
         out = await reader.stdout.read()
         got = json.loads(out.decode().strip().splitlines()[-1])
+    print(log)  # the reader's progress: pytest shows it when an assertion below fails
     assert len(balancer.connections) > before, "the SDK did not reconnect"
     [[sub_ns, sub_name, sub_texts]] = got["subgraphs"]
     assert len(sub_ns) == 1 and sub_ns[0].startswith("research:")
@@ -403,7 +433,14 @@ async def test_the_javascript_sdk_reads_an_agent_run_across_a_frontend_restart(
     # unwraps the ToolMessage to the tool's return value.
     assert got["tool_calls"] == [[TOOL_CALL_ID, "word_count", TOOL_INPUT, "7"]] * 2
     assert got["progress"] == [{"step": "researched"}]
-    _assert_events(got["events"], run_id)
+    # After a WebSocket reconnect the JavaScript SDK re-sends every subscription.subscribe
+    # at once, and hands each event that arrives to every subscription it matches. The
+    # first re-subscription's live events (say seq 21, lifecycle) thus reach the raw
+    # subscription before its own replay brings what only it asked for (seq 20, custom).
+    # No server can prevent that (it cannot send 20 for a subscription it has not yet
+    # been asked for), so over WebSocket that subscription is checked for every event
+    # once, not for its order; the projections above are exact either way.
+    _assert_events(got["events"], run_id, ordered=transport == "sse")
 
 
 async def test_consecutive_runs_of_a_thread_reach_its_stream_in_order(stack: Stack) -> None:
