@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from bus.keys import Keys as Keys
     from bus.keys import partition_of as partition_of
     from bus.producer.publisher import Publisher as Publisher
-    from bus.producer.publisher import PublisherStats as PublisherStats
+    from bus.producer.stats import PublisherStats as PublisherStats
     from bus.runtime import BatchHandler as BatchHandler
     from bus.runtime import Delivery as Delivery
     from bus.runtime import GroupConsumer as GroupConsumer
@@ -63,7 +63,7 @@ _LAZY = {
     "Keys": "bus.keys",
     "partition_of": "bus.keys",
     "Publisher": "bus.producer.publisher",
-    "PublisherStats": "bus.producer.publisher",
+    "PublisherStats": "bus.producer.stats",
     "BatchHandler": "bus.runtime",
     "Delivery": "bus.runtime",
     "GroupConsumer": "bus.runtime",

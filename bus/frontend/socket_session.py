@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bus.errors import ServerDraining, SlowConsumer, StreamError
-from bus.frontend.commands import failure
+from bus.frontend.commands import Command, CommandError, decode_command, failure, success
 from bus.frontend.filters import Filter
 from bus.frontend.follow import Start
 from bus.frontend.state import AppState
@@ -66,7 +67,26 @@ class SocketSession:
             await self.stop_pump()
 
     async def on_message(self, text: str) -> None:
+        """Answer one command frame with the protocol's reply, then :meth:`after_reply`."""
+        try:
+            command = decode_command(text)
+        except CommandError as exc:
+            await self.send(failure(None, exc.code, str(exc)))
+            return
+        try:
+            result = await self.dispatch(command)
+        except CommandError as exc:
+            await self.send(failure(command.id, exc.code, str(exc)))
+            return
+        await self.send(success(command.id, result))
+        await self.after_reply()
+
+    async def dispatch(self, command: Command) -> dict[str, Any]:
+        """The ``result`` of one command; :class:`CommandError` when it fails."""
         raise NotImplementedError
+
+    async def after_reply(self) -> None:
+        """What a command sends after its reply (a new subscription's history)."""
 
     async def stream(self, start: Start) -> None:
         """Send the topic's events from ``start`` on (and close, if the session ends then)."""

@@ -33,13 +33,11 @@ from bus.frontend.commands import (
     SubscribeParams,
     UnsubscribeParams,
     build_filter,
-    decode_command,
     dispatch,
     failure,
     params_of,
     subscription_filter,
     subscription_id,
-    success,
 )
 from bus.frontend.filters import Filter
 from bus.frontend.follow import REPLAY_PAGE, Start, follow_batches, resolve
@@ -73,24 +71,13 @@ class ThreadSession(SocketSession):
         self._lock = asyncio.Lock()
         self._after_reply: list[tuple[str, Filter, Start]] = []
 
-    async def on_message(self, text: str) -> None:
-        try:
-            command = decode_command(text)
-        except CommandError as exc:
-            await self.send(failure(None, exc.code, str(exc)))
-            return
-        try:
-            result = await self._dispatch(command)
-        except CommandError as exc:
-            await self.send(failure(command.id, exc.code, str(exc)))
-            return
-        await self.send(success(command.id, result))
+    async def after_reply(self) -> None:
         # Events follow the reply, so the subscription id arrives before them.
         for sub_id, flt, start in self._after_reply:
             await self._add(sub_id, flt, start)
         self._after_reply.clear()
 
-    async def _dispatch(self, command: Command) -> dict[str, Any]:
+    async def dispatch(self, command: Command) -> dict[str, Any]:
         if command.method == "subscription.subscribe":
             params = params_of(command, SubscribeParams)
             sub_id = subscription_id(params)

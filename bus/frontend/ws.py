@@ -36,12 +36,9 @@ from bus.frontend.commands import (
     ReconnectParams,
     UnsubscribeParams,
     build_filter,
-    decode_command,
-    failure,
     params_of,
     subscription_filter,
     subscription_id,
-    success,
 )
 from bus.frontend.filters import any_match
 from bus.frontend.follow import Start, follow, resolve
@@ -55,20 +52,7 @@ class Session(SocketSession):
         super().__init__(ws, state)
         self.topic = topic
 
-    async def on_message(self, text: str) -> None:
-        try:
-            command = decode_command(text)
-        except CommandError as exc:
-            await self.send(failure(None, exc.code, str(exc)))
-            return
-        try:
-            result = await self._dispatch(command)
-        except CommandError as exc:
-            await self.send(failure(command.id, exc.code, str(exc)))
-            return
-        await self.send(success(command.id, result))
-
-    async def _dispatch(self, command: Command) -> dict[str, Any]:
+    async def dispatch(self, command: Command) -> dict[str, Any]:
         if command.method == "subscription.subscribe":
             return self._subscribe(params_of(command, FilterParams))
         if command.method == "subscription.unsubscribe":

@@ -33,42 +33,26 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import asdict, dataclass
 from typing import Any
 
-import msgspec
 import redis
 
 from bus.connect import is_cluster_client, sync_client
 from bus.keys import Keys
 from bus.producer.link import loop_capable
 from bus.producer.loop_flusher import WATCH_EVERY_S, LoopFlusher
-from bus.producer.resp import Entry, packed, read_replies, xadd_head
+from bus.producer.resp import Entry, send_batch, xadd_head
 from bus.producer.routing import ClusterSender, PartlySent
+from bus.producer.stats import PublisherStats, leave_stats
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 1.0
 _STATS_EVERY_S = 5.0
-_STATS_TTL_S = 30
 _SOCKET_TIMEOUT_S = 5
 _CONNECT_TIMEOUT_S = 2
 _running_loop = asyncio._get_running_loop  # None outside a loop, and cheap: a C call
-
-
-@dataclass(frozen=True, slots=True)
-class PublisherStats:
-    published: int
-    dropped: int
-    errors: int
-    buffer_depth: int
-    buffer_bytes: int
-    """Encoded bytes of the buffered events."""
-    reconnects: int
-    batches: int
-    connected: bool
-    last_error: str
 
 
 class Publisher:
@@ -350,16 +334,7 @@ class Publisher:
         client = self._ensure_client()
         if is_cluster_client(client):
             return self._send_to_cluster(client, batch)
-        pool = client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([packed(batch)], check_health=False)  # type: ignore[no-untyped-call]
-            refused = read_replies(conn, len(batch))
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # replies out of step: start over
-            raise
-        finally:
-            pool.release(conn)
+        refused = send_batch(client, batch)
         if refused is None:
             return 0
         return self._refused(*refused)
@@ -408,14 +383,8 @@ class Publisher:
         return min(_MAX_BACKOFF_S, 0.05 * 2.0 ** min(self._errors, 5))
 
     def _report_stats(self) -> None:
-        """Leave this process's stats in Redis for ``lcbus status`` (expiring)."""
-        if self._client is None or not self._connected:
-            return
-        try:
-            payload = msgspec.json.encode(asdict(self.stats))
-            self._client.set(self._keys.publisher(self._source), payload, ex=_STATS_TTL_S)
-        except (redis.RedisError, OSError):
-            pass
+        if self._client is not None and self._connected:
+            leave_stats(self._client, self._keys.publisher(self._source), self.stats)
 
 
 def _call(ref: weakref.ref[Publisher], method: str) -> Any:

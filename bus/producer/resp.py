@@ -37,7 +37,22 @@ def packed(batch: list[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def read_replies(conn: Any, count: int) -> tuple[int, str] | None:
+def send_batch(client: redis.Redis, batch: list[Entry]) -> tuple[int, str] | None:
+    """The batch's XADDs in one round trip on one of ``client``'s pooled connections;
+    (refused, last error) if Redis refused some."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([packed(batch)], check_health=False)  # type: ignore[no-untyped-call]
+        return _read_replies(conn, len(batch))
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]  # replies out of step: start over
+        raise
+    finally:
+        pool.release(conn)
+
+
+def _read_replies(conn: Any, count: int) -> tuple[int, str] | None:
     """Read ``count`` replies on a redis-py connection; (refused, last error) if some failed."""
     refused, last = 0, ""
     for _ in range(count):

@@ -1,0 +1,32 @@
+"""What a publisher counts, and how it leaves that in Redis for ``lcbus status``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import msgspec
+import redis
+
+STATS_TTL_S = 30
+"""A process that stopped reporting drops out of ``lcbus status`` after this."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    published: int
+    dropped: int
+    errors: int
+    buffer_depth: int
+    buffer_bytes: int
+    """Encoded bytes of the buffered events."""
+    reconnects: int
+    batches: int
+    connected: bool
+    last_error: str
+
+
+def leave_stats(client: redis.Redis, key: str, stats: PublisherStats) -> None:
+    """Store ``stats`` under ``key``, expiring; a failure is left to the next report."""
+    with contextlib.suppress(redis.RedisError, OSError):
+        client.set(key, msgspec.json.encode(asdict(stats)), ex=STATS_TTL_S)
