@@ -109,7 +109,7 @@ class PartitionReader:
             part.check()
             try:
                 entries, cursor = await self._read(part, stream, consumer, cursor)
-                if entries:
+                if entries or part.holds.due():
                     await self._processor.process(part, entries)
                 elif cursor == ">" and await self._parked(part, stream, consumer):
                     cursor = "0"
@@ -144,7 +144,7 @@ class PartitionReader:
             return False
         part.next_pending_check = now + self._settings.lease_ttl_ms / 1000
         summary: Any = await self._redis.xpending(stream, self._group)
-        if _pending_of(summary, consumer) > len(part.unacked):
+        if _pending_of(summary, consumer) > len(part.unacked) + part.holds.entries:
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return True
         return False
@@ -170,7 +170,14 @@ class PartitionReader:
         # Never block past the lease deadline: a read served after the lease
         # moved would park new entries in a name another replica now owns.
         budget_ms = int((part.remaining_s() - self._margin_s) * 1000)
-        block_ms = min(self._settings.read_block_ms, budget_ms)
+        if part.holds.full:
+            # Holding all it may: wait for a held trace's retry instead of reading on.
+            wait_s = min(part.holds.seconds_to_next_retry(), max(budget_ms, 0) / 1000)
+            await asyncio.sleep(max(wait_s, MIN_BLOCK_MS / 1000))
+            return [], ">"
+        # Nor past a held trace's next retry.
+        retry_ms = part.holds.seconds_to_next_retry() * 1000
+        block_ms = int(min(self._settings.read_block_ms, budget_ms, retry_ms))
         if block_ms < MIN_BLOCK_MS:
             await asyncio.sleep(max(block_ms, MIN_BLOCK_MS) / 1000)
             return [], ">"
@@ -196,7 +203,7 @@ class PartitionReader:
         """
         reply, pending = await self._xread(part, stream, consumer, ">", block, check=True)
         entries = entries_of(reply)
-        if entries and pending > len(entries):
+        if entries and pending > len(entries) + part.holds.entries:
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return None
         return entries
