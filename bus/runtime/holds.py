@@ -38,6 +38,9 @@ log = logging.getLogger("bus.runtime.outage")
 MAX_HELD_ENTRIES = 20_000
 """Entries one partition holds back at most (events, in memory) before its reader
 waits instead of reading on."""
+STILL_HELD_EVERY = 10
+"""A held trace's failures are logged again every this many tries (with the error
+of the latest), so that one that never gets through shows why."""
 
 
 class _Held:
@@ -114,6 +117,15 @@ class TraceHolds:
                 "%s: trace %s held back (%s: %s); the partition's other traces flow on",
                 self._what,
                 trace,
+                type(error).__name__,
+                error,
+            )
+        elif held.failures % STILL_HELD_EVERY == 0:
+            log.warning(
+                "%s: trace %s still held back after %d tries (%s: %s)",
+                self._what,
+                trace,
+                held.failures,
                 type(error).__name__,
                 error,
             )
