@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import gc
 import json
 import os
@@ -34,13 +35,13 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from bus.events import CustomEvent, encode
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery, GroupConsumer
-from bus.runtime.reader import stream_client
 from bus.settings import DEFAULT_REDIS_URL, Settings
 
 
@@ -56,9 +57,21 @@ async def _fill(client: aioredis.Redis, stream: str, events: int) -> None:
             await pipe.execute()
 
 
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
+def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
+    """A copy of ``client`` (same pool) whose XREADGROUP replies stay as Redis sent them."""
+    raw = copy.copy(client)
+    raw.response_callbacks = copy.copy(client.response_callbacks)
+    raw.set_response_callback("XREADGROUP", _as_sent)
+    return raw
+
+
 async def _raw(client: aioredis.Redis, stream: str, group: str, events: int, count: int) -> float:
     """Read and acknowledge, each batch's XACK pipelined with the next read."""
-    client = stream_client(client)
+    client = _raw_replies(client)
     _settle_heap()
     started = time.perf_counter()
     await client.xgroup_create(stream, group, id="0")
