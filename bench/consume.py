@@ -1,38 +1,59 @@
 """Consumer throughput: one GroupConsumer vs a raw XREADGROUP + XACK loop.
 
-Both read the same N entries (one partition, each side its own group) in the
-same run against the same Redis, through the same client, ``read_count``
-entries per read. The consumer decodes every event, calls a no-op handler and
-acknowledges; the raw loop only reads and acknowledges, so the ratio is the
-cost of leases, decoding and bookkeeping. Both acknowledge a batch with the
-next read (one round trip per batch), and both clocks stop when the last batch
-is in hand, before its acknowledgement.
+All sides read the same N entries (one partition, each side its own group) in
+the same run against the same Redis, ``read_count`` entries per read. The
+consumer decodes every event, calls a no-op handler and acknowledges; the raw
+loops only read and acknowledge, so the ratios are the cost of leases, decoding
+and bookkeeping. Each acknowledges a batch with a later read (one round trip
+per batch). Every clock starts when the first batch is in hand and stops when
+the last one is, before its acknowledgement: what is timed is the flow of
+batches, not the one-off start (creating the group; for the consumer also
+joining the membership and taking the lease, several round trips). The
+baselines:
 
-The machine is shared and a run lasts well under a second, so the two sides
-alternate over ``--rounds`` rounds (the one going first alternating too), and
-the ratio is the median of the rounds' ratios.
+- ``raw``: the plain loop through redis-py (a pipeline per batch), its replies
+  left as Redis sent them (redis-py's parsing would build a dict per entry the
+  loop has no use for). ``ratio`` is against this one.
+- ``bare``: the same loop with each round trip packed by hand
+  (:mod:`bus.runtime.roundtrip`, as the consumer does on a standalone Redis):
+  the least a client can do per batch. ``bare_ratio`` is against this one.
+
+The machine is shared and a run lasts well under a second, so after one
+untimed round (first calls, script loads) the sides take turns over
+``--rounds`` rounds (the one going first rotating too), and each ratio is the
+median of the rounds' ratios. Each side starts from a collected and frozen
+heap, as a worker does once started (:mod:`bus.runtime.worker`): a full
+collection then walks only the objects that side made, instead of landing on
+whichever side happens to cross the threshold with the whole process's heap.
 
     python -m bench.consume [--events N] [--rounds R]
 
-The last line is JSON: events_per_s, raw_events_per_s (medians), ratio, ratios.
+The last line is JSON: events_per_s, raw_events_per_s (medians), ratio, ratios,
+bare_events_per_s, bare_ratio, bare_ratios, and cpu_us_per_event (ours, raw,
+bare: this process's CPU per event, medians; steadier than the rates when other
+processes compete for the cores, but blind to work overlapping Redis's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import gc
 import json
 import os
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from bus.events import CustomEvent, encode
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery, GroupConsumer
+from bus.runtime.roundtrip import round_trip, xack, xreadgroup
 from bus.settings import DEFAULT_REDIS_URL, Settings
 
 
@@ -48,11 +69,27 @@ async def _fill(client: aioredis.Redis, stream: str, events: int) -> None:
             await pipe.execute()
 
 
-async def _raw(client: aioredis.Redis, stream: str, group: str, events: int, count: int) -> float:
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
+def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
+    """A copy of ``client`` (same pool) whose XREADGROUP replies stay as Redis sent them."""
+    raw = copy.copy(client)
+    raw.response_callbacks = copy.copy(client.response_callbacks)
+    raw.set_response_callback("XREADGROUP", _as_sent)
+    return raw
+
+
+async def _raw(
+    client: aioredis.Redis, stream: str, group: str, events: int, count: int
+) -> tuple[float, float]:
     """Read and acknowledge, each batch's XACK pipelined with the next read."""
-    started = time.perf_counter()
+    client = _raw_replies(client)
+    _settle_heap()
     await client.xgroup_create(stream, group, id="0")
-    done = 0
+    done = first = 0
+    started = cpu = 0.0
     unacked: list[bytes] = []
     while done < events:
         async with client.pipeline(transaction=False) as pipe:
@@ -60,32 +97,75 @@ async def _raw(client: aioredis.Redis, stream: str, group: str, events: int, cou
                 pipe.xack(stream, group, *unacked)
             pipe.xreadgroup(group, "c", {stream: ">"}, count=count, block=1000)
             replies = await pipe.execute()
-        entries = replies[-1][0][1]
+        reply = replies[-1]
+        # RESP3 answers a map {stream: entries}, RESP2 [[stream, entries]].
+        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
         unacked = [entry_id for entry_id, _ in entries]
+        if not done:  # the first batch is in hand: the clock starts
+            started, cpu, first = time.perf_counter(), time.process_time(), len(entries)
         done += len(entries)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await client.xack(stream, group, *unacked)
-    return events / elapsed
+    return _figures(events - first, elapsed, cpu)
 
 
-async def _consumer(client: aioredis.Redis, settings: Settings, group: str, events: int) -> float:
+async def _bare(
+    client: aioredis.Redis, stream: str, group: str, events: int, count: int
+) -> tuple[float, float]:
+    """:func:`_raw` with each round trip packed by hand."""
+    _settle_heap()
+    await client.xgroup_create(stream, group, id="0")
+    key, name = stream.encode(), group.encode()
+    read = xreadgroup(key, name, b"c", b">", count, 1000)
+    done = first = 0
+    started = cpu = 0.0
+    unacked: list[bytes] = []
+    while done < events:
+        replies = await round_trip(client, [xack(key, name, unacked), read] if unacked else [read])
+        reply = replies[-1]
+        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        unacked = [entry_id for entry_id, _ in entries]
+        if not done:  # the first batch is in hand: the clock starts
+            started, cpu, first = time.perf_counter(), time.process_time(), len(entries)
+        done += len(entries)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await client.xack(stream, group, *unacked)
+    return _figures(events - first, elapsed, cpu)
+
+
+async def _consumer(
+    client: aioredis.Redis, settings: Settings, group: str, events: int
+) -> tuple[float, float]:
     finished = asyncio.Event()
-    seen = 0
-    ended = 0.0
+    seen = first = 0
+    started = ended = cpu = 0.0
 
     async def handler(batch: Sequence[Delivery]) -> None:
-        nonlocal seen, ended
+        nonlocal seen, first, started, ended, cpu
+        if not seen:  # the first batch is in hand: the clock starts
+            started, cpu, first = time.perf_counter(), time.process_time(), len(batch)
         seen += len(batch)
         if seen >= events:
-            ended = time.perf_counter()
+            ended, cpu = time.perf_counter(), time.process_time() - cpu
             finished.set()
 
     consumer = GroupConsumer(redis=client, settings=settings, group=group, handler=handler)
-    started = time.perf_counter()
+    _settle_heap()
     await consumer.start()
     await finished.wait()
     await consumer.aclose()
-    return events / (ended - started)
+    return _figures(events - first, ended - started, cpu)
+
+
+def _figures(events: int, elapsed: float, cpu: float) -> tuple[float, float]:
+    """Events per second, and this process's CPU µs per event (steadier on a busy machine)."""
+    return events / elapsed, cpu / events * 1e6
+
+
+def _settle_heap() -> None:
+    """Collect what the previous side left and freeze the rest (see the module's doc)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def run(events: int, rounds: int) -> dict[str, object]:
@@ -97,44 +177,59 @@ async def run(events: int, rounds: int) -> dict[str, object]:
     )
     stream = Keys(settings.prefix, settings.partitions).events(0)
     client = aioredis.Redis.from_url(settings.redis_url)
-    raws: list[float] = []
-    ours: list[float] = []
+    figures: dict[str, list[float]] = {"ours": [], "raw": [], "bare": []}
+    cpu: dict[str, list[float]] = {"ours": [], "raw": [], "bare": []}
+    count = settings.read_count
     try:
         await _fill(client, stream, events)
+        await _raw(client, stream, "raw-warm-up", events, count)
+        await _bare(client, stream, "bare-warm-up", events, count)
+        await _consumer(client, settings, "bench-warm-up", events)
+        sides: list[tuple[str, Callable[[int], Awaitable[tuple[float, float]]]]] = [
+            ("raw", lambda index: _raw(client, stream, f"raw-{index}", events, count)),
+            ("ours", lambda index: _consumer(client, settings, f"bench-{index}", events)),
+            ("bare", lambda index: _bare(client, stream, f"bare-{index}", events, count)),
+        ]
         for index in range(rounds):
-            raw = _raw(client, stream, f"raw-{index}", events, settings.read_count)
-            consumer = _consumer(client, settings, f"bench-{index}", events)
-            if index % 2 == 0:
-                raws.append(await raw)
-                ours.append(await consumer)
-            else:
-                ours.append(await consumer)
-                raws.append(await raw)
+            turn = index % len(sides)
+            for name, side in sides[turn:] + sides[:turn]:
+                rate, cpu_us = await side(index)
+                figures[name].append(rate)
+                cpu[name].append(cpu_us)
     finally:
         keys = [key async for key in client.scan_iter(match=f"{settings.prefix}:*")]
         if keys:
             await client.delete(*keys)
         await client.aclose()
-    ratios = [round(o / r, 3) for o, r in zip(ours, raws, strict=True)]
+    ours = figures["ours"]
+    ratios = [round(o / r, 3) for o, r in zip(ours, figures["raw"], strict=True)]
+    bare_ratios = [round(o / b, 3) for o, b in zip(ours, figures["bare"], strict=True)]
     return {
         "events": events,
         "rounds": rounds,
         "events_per_s": round(statistics.median(ours)),
-        "raw_events_per_s": round(statistics.median(raws)),
+        "raw_events_per_s": round(statistics.median(figures["raw"])),
         "ratio": round(statistics.median(ratios), 3),
         "ratios": ratios,
+        "bare_events_per_s": round(statistics.median(figures["bare"])),
+        "bare_ratio": round(statistics.median(bare_ratios), 3),
+        "bare_ratios": bare_ratios,
+        # This process's CPU per event (medians): what a side costs the client,
+        # whatever else the machine runs; Redis's own work is not in it.
+        "cpu_us_per_event": {name: round(statistics.median(v), 2) for name, v in cpu.items()},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     result = asyncio.run(run(args.events, args.rounds))
     print(
         f"GroupConsumer {result['events_per_s']:,} ev/s vs raw XREADGROUP+XACK "
-        f"{result['raw_events_per_s']:,} ev/s over {args.events:,} entries, "
+        f"{result['raw_events_per_s']:,} ev/s (packed by hand "
+        f"{result['bare_events_per_s']:,} ev/s) over {args.events:,} entries, "
         f"median of {args.rounds} rounds"
     )
     print(json.dumps(result))

@@ -166,10 +166,22 @@ class BatchProcessor:
         self, part: HeldPartition, entries: Entries
     ) -> tuple[list[Delivery], list[dict[bytes, bytes]]]:
         """Deliveries for the handler, and dead letters for what is not a bus event."""
-        deliveries: list[Delivery] = []
-        dead: list[dict[bytes, bytes]] = []
         index = part.index
         decode_event = _event_decoder.decode
+        # The usual batch: every entry the bus's one field, every payload an event
+        # this version knows (the typed decoder refuses unknown types). Anything
+        # else (a trimmed entry, other fields, a payload it refuses) raises, and
+        # the batch is taken entry by entry below.
+        try:
+            if all(fields[0] == ENTRY_FIELD for _, fields in entries):  # type: ignore[index]
+                return [
+                    Delivery(raw_id.decode(), index, decode_event(fields[1]))  # type: ignore[index]
+                    for raw_id, fields in entries
+                ], []
+        except (TypeError, IndexError, msgspec.DecodeError):
+            pass
+        deliveries: list[Delivery] = []
+        dead: list[dict[bytes, bytes]] = []
         for raw_id, fields in entries:
             if fields is None:
                 self._stats.trimmed += 1
@@ -216,7 +228,7 @@ class BatchProcessor:
         # Dead letters are written before the ack: a crash in between leaves
         # a duplicate dead letter, never a lost entry.
         if not dead:
-            part.unacked = ack
+            part.unacked.extend(ack)
         else:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for fields in dead:

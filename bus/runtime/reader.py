@@ -2,19 +2,20 @@
 
 A reader first re-reads the name's pending entries (cursor ``0``: whatever a
 dead owner had read but not acknowledged), then new ones (cursor ``>``). The
-acknowledgement of a batch travels with the next read. The lease deadline is
+acknowledgement of a batch travels with a later read: the next one, or, when a
+busy partition's next batch was read while this one was handled, the one after
+that. The lease deadline is
 checked before every read and no blocking read outlasts it, so a read served
 after the lease moved cannot park entries under a name another replica owns.
 
-On a standalone Redis the replies of ``XREADGROUP`` stay as Redis sent them
-(see :func:`stream_client`): redis-py would build a dict per entry, which
-costs about as much as decoding the event.
+On a standalone Redis each read is packed by hand and its replies stay as Redis
+sent them (:mod:`bus.runtime.roundtrip`); a cluster client reads through its
+pipeline, and :func:`entries_of` reads both shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from bus.parsing import text
 from bus.runtime.batches import BatchHandler, BatchProcessor, ConsumerStats, Entries
 from bus.runtime.lease import HeldPartition
 from bus.runtime.outage import TRANSIENT_ERRORS, Outage
+from bus.runtime.roundtrip import command, round_trip, xack, xreadgroup
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,28 +52,6 @@ async def ensure_group(redis: aioredis.Redis, keys: Keys, group: str, partition:
             raise
 
 
-def stream_client(redis: aioredis.Redis) -> aioredis.Redis:
-    """The client a reader reads with: ``redis``, or a copy whose XREADGROUP replies
-    are left as Redis sent them (entries ``[id, [field, value, …]]``).
-
-    The copy shares ``redis``'s pool and settings and only has a table of reply
-    parsers of its own, so nothing changes for ``redis``'s other users. A cluster
-    client (its nodes share its table) and a single-connection client (a copy would
-    share the connection it owns) are used as they are: :func:`entries_of` reads
-    both shapes.
-    """
-    if is_cluster_client(redis) or redis.single_connection_client:
-        return redis
-    raw = copy.copy(redis)
-    raw.response_callbacks = copy.copy(redis.response_callbacks)  # case-insensitive still
-    raw.set_response_callback("XREADGROUP", _as_sent)
-    return raw
-
-
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response
-
-
 class PartitionReader:
     """Reads the partitions one consumer holds, one :meth:`run` task per partition."""
 
@@ -87,7 +67,9 @@ class PartitionReader:
         stopping: Callable[[], bool],
     ) -> None:
         self._redis = redis
-        self._stream_redis = stream_client(redis)
+        # A cluster client routes by slot: it reads through its pipeline.
+        self._by_hand = not is_cluster_client(redis)
+        self._group_bytes = group.encode()
         self._settings = settings
         self._keys = Keys(settings.prefix, settings.partitions)
         self._group = group
@@ -105,31 +87,82 @@ class PartitionReader:
         outage = Outage(f"consumer {self._group} partition {part.index}", self._stats)
         # "0" re-reads this consumer name's pending entries, ">" reads new ones.
         cursor = "0"
-        while not (self._stopping() or part.release):
-            part.check()
+        entries: Entries = []  # read, not yet handled: handled even when stopping
+        while entries or not (self._stopping() or part.release):
             try:
+                if entries:
+                    entries, cursor = await self._process_reading_ahead(
+                        part, stream, consumer, entries, cursor
+                    )
+                    outage.recovered()
+                    continue
+                if part.holds.due():
+                    # Nothing new read, and a held trace's retry is due.
+                    await self._processor.process(part, [])
+                part.check()
                 entries, cursor = await self._read(part, stream, consumer, cursor)
-                if entries or part.holds.due():
-                    await self._processor.process(part, entries)
-                elif cursor == ">" and await self._parked(part, stream, consumer):
+                if not entries and cursor == ">" and await self._parked(part, stream, consumer):
                     cursor = "0"
                 outage.recovered()
             except TRANSIENT_ERRORS as exc:  # before ResponseError: CLUSTERDOWN is one
                 # Whatever we read but did not ack is still pending: start over from it.
-                cursor = "0"
+                entries, cursor = [], "0"
                 await asyncio.sleep(min(outage.failed(exc), max(part.remaining_s(), 0.01)))
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream or group vanished (Redis restarted empty, key deleted).
                 await ensure_group(self._redis, self._keys, self._group, part.index)
-                cursor = "0"
+                entries, cursor = [], "0"
+
+    async def _process_reading_ahead(
+        self, part: HeldPartition, stream: str, consumer: str, entries: Entries, cursor: str
+    ) -> tuple[Entries, str]:
+        """Process ``entries`` while the next batch is being read; return that batch.
+
+        The read goes out before the handler starts, so Redis serves it (on
+        another core) while this process decodes and handles: a busy partition
+        costs the handler's time or the read's, not both. It does not block
+        (an idle partition is read by :meth:`_read`, which acknowledges what
+        was just handled first) and acknowledges the batch before this one;
+        this one's acknowledgement goes with the read after it. A replay of
+        pending entries (cursor ``0``…), a reader about to stop and one holding
+        back all the entries it may (:mod:`bus.runtime.holds`) read nothing ahead.
+        """
+        if cursor != ">" or self._stopping() or part.release or part.holds.full:
+            await self._processor.process(part, entries)
+            return [], cursor
+        ahead = asyncio.create_task(self._read_ahead(part, stream, consumer, held=len(entries)))
+        await asyncio.sleep(0)  # the read is sent before the handler runs
+        try:
+            await self._processor.process(part, entries)
+        except BaseException:
+            # No read is left in flight: its entries stay pending, re-read from "0".
+            await asyncio.wait([ahead])
+            if not ahead.cancelled():
+                ahead.exception()  # retrieved: the processing error is the one to raise
+            raise
+        return await ahead
+
+    async def _read_ahead(
+        self, part: HeldPartition, stream: str, consumer: str, *, held: int
+    ) -> tuple[Entries, str]:
+        """A read that does not block, while ``held`` entries read before are handled."""
+        part.check()
+        reply, pending = await self._xread(part, stream, consumer, ">", None, check=True)
+        entries = entries_of(reply)
+        # The held entries are still pending (acknowledged with the next read),
+        # and so are those of held-back traces.
+        if entries and pending > held + len(entries) + part.holds.entries:
+            log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
+            return [], "0"
+        return entries, ">"
 
     async def flush_acks(self, part: HeldPartition) -> None:
         """Acknowledge the last batch now instead of with the next read."""
-        if part.unacked:
+        if acked := len(part.unacked):
             await self._redis.xack(self._keys.events(part.index), self._group, *part.unacked)
-            part.unacked = []
+            del part.unacked[:acked]
 
     async def _parked(self, part: HeldPartition, stream: str, consumer: str) -> bool:
         """Whether entries wait in this name's pending list that nobody holds.
@@ -221,23 +254,46 @@ class PartitionReader:
         """One read, with the pending acks before it and, if ``check``, the count of
         this name's pending entries right after it (else -1), in one round trip."""
         count = self._settings.read_count
-        if not part.unacked and not check:
-            reply = await self._stream_redis.xreadgroup(
+        acked = len(part.unacked)
+        if self._by_hand:
+            replies = await self._round_trip(part, stream, consumer, cursor, block, check)
+        elif not acked and not check:
+            reply = await self._redis.xreadgroup(
                 self._group, consumer, {stream: cursor}, count=count, block=block
             )
             return reply, -1
-        async with self._stream_redis.pipeline(transaction=False) as pipe:
-            if part.unacked:
-                pipe.xack(stream, self._group, *part.unacked)
-            pipe.xreadgroup(self._group, consumer, {stream: cursor}, count=count, block=block)
-            if check:
-                pipe.xpending(stream, self._group)
-            replies = await pipe.execute()
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if acked:
+                    pipe.xack(stream, self._group, *part.unacked)
+                pipe.xreadgroup(self._group, consumer, {stream: cursor}, count=count, block=block)
+                if check:
+                    pipe.xpending(stream, self._group)
+                replies = await pipe.execute()
         pending = _pending_of(replies.pop(), consumer) if check else -1
         # Kept until here on purpose: XACK is idempotent, so after an error
-        # the same ids simply go out again with the next read.
-        part.unacked = []
+        # the same ids simply go out again with the next read. Ids a batch
+        # handled meanwhile (this read went ahead of it) stay for the next.
+        del part.unacked[:acked]
         return replies[-1], pending
+
+    async def _round_trip(
+        self,
+        part: HeldPartition,
+        stream: str,
+        consumer: str,
+        cursor: str,
+        block: int | None,
+        check: bool,
+    ) -> list[Any]:
+        """The commands of :meth:`_xread`, packed by hand (standalone Redis)."""
+        key, group = stream.encode(), self._group_bytes
+        commands = [xack(key, group, part.unacked)] if part.unacked else []
+        count = self._settings.read_count
+        commands.append(xreadgroup(key, group, consumer.encode(), cursor.encode(), count, block))
+        if check:
+            commands.append(command(b"XPENDING", key, group))
+        return await round_trip(self._redis, commands)
 
 
 def entries_of(reply: Any) -> Entries:
@@ -253,8 +309,13 @@ def entries_of(reply: Any) -> Entries:
 
 
 def _pending_of(summary: Any, consumer: str) -> int:
-    """The pending count of ``consumer`` in an XPENDING summary."""
-    for row in summary.get("consumers") or []:
-        if text(row["name"]) == consumer:
-            return int(row["pending"])
+    """The pending count of ``consumer`` in an XPENDING summary, as Redis sent it
+    (``[count, min, max, [[name, count], …]]``) or as redis-py parsed it."""
+    if isinstance(summary, dict):
+        rows = [(row["name"], row["pending"]) for row in summary.get("consumers") or []]
+    else:
+        rows = summary[3] or []
+    for name, pending in rows:
+        if text(name) == consumer:
+            return int(pending)
     return 0

@@ -283,6 +283,60 @@ async def test_entries_parked_before_newer_ones_are_handled_first(
         await consumer.aclose()
 
 
+async def test_entries_parked_while_a_batch_is_handled_are_found_by_the_read_ahead(
+    settings: Settings,
+    sync_redis: redis.Redis,
+    async_redis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A busy partition's next batch is read while the one before is handled, and
+    that batch is still pending then: the read ahead tells it apart from entries a
+    late read parked. It finds the parked ones (once, and only them) and they are
+    handled before the newer entries that arrived after them."""
+    settings = settings.replace(partitions=1, lease_ttl_ms=60_000, read_block_ms=200, read_count=4)
+    stream = Keys(settings.prefix, settings.partitions).events(0)
+    gate = asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(batch: Sequence[Delivery]) -> None:
+        if not seen:
+            await gate.wait()  # the first batch is handled until the entries are parked
+        seen.extend(d.event.seq for d in batch)
+
+    caplog.set_level("WARNING", logger="bus.runtime.reader")
+    consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=handler)
+    await consumer.start()
+    try:
+        await wait_until_async(lambda: consumer.owned_partitions == {0})
+        await asyncio.sleep(0.3)  # the holder is past its pending re-read, reading new entries
+        # Two batches: the holder handles the first, the second is read ahead meanwhile.
+        with sync_redis.pipeline(transaction=True) as pipe:
+            for seq in range(1, 9):
+                pipe.xadd(stream, {ENTRY_FIELD: encode(make_event("t", seq))})
+            pipe.execute()
+        await wait_until_async(
+            lambda: sync_redis.xpending(stream, GROUP)["pending"] == 8  # type: ignore[index]
+        )
+        with sync_redis.pipeline(transaction=True) as pipe:
+            for seq in range(9, 12):
+                pipe.xadd(stream, {ENTRY_FIELD: encode(make_event("t", seq))})
+            pipe.xreadgroup(GROUP, "p0", {stream: ">"}, count=10)  # the late read
+            for seq in range(12, 15):
+                pipe.xadd(stream, {ENTRY_FIELD: encode(make_event("t", seq))})
+            pipe.execute()
+        assert not [r for r in caplog.records if "parked" in r.message]  # none before
+        gate.set()
+        await wait_until_async(lambda: len(seen) >= 14, within=10)
+        await wait_until_async(lambda: no_pending(async_redis, settings))
+        assert seen == list(range(1, 15))
+        assert [r.message for r in caplog.records if "parked" in r.message] == [
+            "re-reading parked entries of g partition 0"
+        ]
+    finally:
+        gate.set()
+        await consumer.aclose()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_entries_of_any_field_layout_and_deleted_ones_in_either_protocol(
     settings: Settings, sync_redis: redis.Redis, protocol: int
