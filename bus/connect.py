@@ -14,12 +14,12 @@ per-shard connections, the live-channel publish command) ask
 :func:`is_cluster_client`.
 
 A node that fails (a SIGKILLed master without replicas) must cost only the
-work on its slots. redis-py's asyncio cluster client, when a command or a
-pipeline meets a connection error and has retries left, closes every
-connection to every node (``aclose()``) before retrying: in a process that
-shares one client between many tasks, that cuts the blocking reads and
-pipelines in flight on the healthy masters too, again at each retry, for as
-long as the node is down. The bus's clients therefore run with no
+work on its slots (see also :class:`ContainedCluster`). redis-py's asyncio
+cluster client, when a command or a pipeline meets a connection error and
+has retries left, closes every connection to every node (``aclose()``)
+before retrying: in a process that shares one client between many tasks,
+that cuts the blocking reads and pipelines in flight on the healthy masters
+too, again at each retry, for as long as the node is down. The bus's clients therefore run with no
 client-level retry (``Retry(NoBackoff(), 0)``): the error reaches the loop
 that issued the command, which backs off and tries again (the workers'
 outage backoff, the frontend's retryable ``unavailable`` and the hub's
@@ -38,6 +38,7 @@ standalone Redis; default ``LCBUS_REDIS_URL``). See ``bus.runtime.worker``.
 from __future__ import annotations
 
 import threading
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -46,6 +47,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import SlotNotCoveredError
 
 from bus.errors import ConfigError
 from bus.settings import Settings
@@ -107,8 +109,57 @@ def async_client(settings: Settings, **options: Any) -> aioredis.Redis:
         options.pop("health_check_interval", None)  # per-node connections check themselves
         options.setdefault("retry", Retry(NoBackoff(), 0))  # see the module docstring
         options.setdefault("require_full_coverage", False)
-        return cast(aioredis.Redis, AsyncRedisCluster.from_url(settings.redis_url, **options))
+        return cast(aioredis.Redis, ContainedCluster.from_url(settings.redis_url, **options))
     return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+_in_command: ContextVar[bool] = ContextVar("lcbus_cluster_in_command", default=False)
+
+
+class ContainedCluster(AsyncRedisCluster):
+    """redis-py's asyncio cluster client, without one reaction to a lost node.
+
+    On a ``CLUSTERDOWN`` reply (a slot no node serves, a master rejoining) and
+    now and then on ``MOVED``, redis-py closes every connection to every node
+    (``aclose()``) to rebuild its slot map. In a client that many tasks share,
+    that cuts the commands in flight on the healthy masters too (their reads
+    fail with "Connection closed by server", or find their connection's writer
+    gone mid-send), again at each such reply for as long as the node is lost.
+    Inside a command, the close is replaced by what it is for: the slot map is
+    refreshed before the next command, and connections are recycled lazily as
+    redis-py's refresh does. Closing the client (``aclose()`` from outside a
+    command) still closes everything.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py 8.1 looks the key's slot up in its map without catching a slot
+        # the map lacks (no node served it at the last refresh), and nothing
+        # refreshes the map then: the slot would stay unreachable once served
+        # again. Refresh and try once more; still unserved is SlotNotCoveredError.
+        for refreshed in (False, True):
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except KeyError as exc:
+                if not (exc.args and isinstance(exc.args[0], int)):
+                    raise
+                if refreshed:
+                    raise SlotNotCoveredError(f"no node serves slot {exc.args[0]}") from None
+                self._initialize = True
+                await self.initialize()
+        raise AssertionError("unreachable")
+
+    async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _in_command.set(True)
+        try:
+            return await super()._execute_command(target_node, *args, **kwargs)
+        finally:
+            _in_command.reset(token)
+
+    async def aclose(self) -> None:
+        if _in_command.get():
+            self._initialize = True
+            return
+        await super().aclose()
 
 
 def is_cluster_client(client: object) -> bool:

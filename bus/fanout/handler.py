@@ -198,7 +198,15 @@ class FanoutHandler:
 
     async def _copy_to_threads(self, copies: list[_Copy], threads: dict[str, str]) -> None:
         """Append each trace's new entries to its thread, exactly once and in order."""
-        replies = await self._run_copies(copies) if copies else []
+        try:
+            replies = await self._run_copies(copies) if copies else []
+        except BaseException:
+            # The copies may or may not have been applied, and the retry will find
+            # these entries already in the traces' history (nothing to copy then):
+            # forget the markers, so that it catches the threads up from history.
+            for copy in copies:
+                self._copied.pop(copy.trace, None)
+            raise
         for copy, reply in zip(copies, replies, strict=True):
             if reply == 1:
                 self._remember_copied(copy.trace, copy.last)

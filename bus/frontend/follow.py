@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ClusterDownError, TryAgainError
 
 from bus.errors import EventsMissed, InvalidPosition
 from bus.frontend.hub import Hub
@@ -173,6 +174,10 @@ async def _resolve_id(redis: aioredis.Redis, keys: Keys, topic: Topic, event_id:
         raise InvalidPosition(f"not an event id: {event_id!r}")
     try:
         found: Any = await redis.xrange(topic.history(keys), min=event_id, max=event_id, count=1)
+    except (ClusterDownError, TryAgainError):
+        # Replies, but no verdict on the id: the slot's master is down or rejoining
+        # (an outage the client retries, like a lost connection).
+        raise
     except aioredis.ResponseError:
         raise InvalidPosition(f"not an event id: {event_id!r}") from None
     if found:

@@ -5,6 +5,9 @@ a bus event goes to the group's dead letters at once; an unknown event type is
 skipped. A batch whose handler raises is retried with backoff, then split into
 single entries so that only the culprits are dead-lettered and the rest flow on.
 Dead letters are written before the acknowledgement, so nothing is ever lost.
+A batch whose handler meets a transient Redis error is handled again trace by
+trace, and the traces that still fail are held back (:mod:`bus.runtime.holds`):
+one lost cluster node stops only the traces whose work needs it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bus.errors import EventDecodeError, EventRejected
-from bus.events import Event, UnknownEvent, decode
+from bus.events import Event, UnknownEvent, decode, encode
 from bus.keys import ENTRY_FIELD, Keys
 from bus.runtime import deadletter
 from bus.runtime.lease import HeldPartition
@@ -94,15 +97,24 @@ class BatchProcessor:
         self._stats = stats
 
     async def process(self, part: HeldPartition, entries: Entries) -> None:
-        """Handle ``entries`` and leave their ids to acknowledge in ``part.unacked``."""
+        """Handle ``entries`` (and the held traces now due) and leave the ids to
+        acknowledge in ``part.unacked``; a held trace's entries stay unacknowledged."""
         deliveries, dead = self._decode(part, entries)
+        holds = part.holds
+        due: list[tuple[str, list[Delivery]]] = []
+        if holds:
+            deliveries = holds.absorb(deliveries)
+            due = holds.take_due()
+            # A due trace's entries come first: they are older than any of the batch.
+            deliveries = [d for _, held in due for d in held] + deliveries
+        held_now: set[str] = set()
         if deliveries:
-            failures = await self._handle(part, deliveries)
+            failures = await self._handle_or_hold(part, deliveries, held_now)
             if failures:
                 # Only a failure needs the payloads back (for the dead letter).
                 payloads = {i.decode(): payload_of(f) for i, f in entries if f is not None}
                 for delivery, error in failures:
-                    payload = payloads[delivery.entry_id]
+                    payload = payloads.get(delivery.entry_id) or encode(delivery.event)
                     reason = (
                         deadletter.REASON_REJECTED
                         if isinstance(error, EventRejected)
@@ -112,7 +124,43 @@ class BatchProcessor:
                 # Dead letters keep stream order, whichever way each one failed.
                 dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
         part.check()
-        await self._settle(part, [entry_id for entry_id, _ in entries], dead)
+        if not holds and not due:
+            ack = [entry_id for entry_id, _ in entries]
+        else:
+            ack = [entry_id for entry_id, _ in entries if entry_id.decode() not in holds]
+            for trace, _ in due:
+                if trace not in held_now:
+                    ack += [entry_id.encode() for entry_id in holds.release(trace)]
+        await self._settle(part, ack, dead)
+
+    async def _handle_or_hold(
+        self, part: HeldPartition, deliveries: list[Delivery], held_now: set[str]
+    ) -> list[tuple[Delivery, BaseException]]:
+        """:meth:`_handle`, and when Redis fails under it, again trace by trace: the
+        traces that still fail are held (:mod:`bus.runtime.holds`) and added to
+        ``held_now``, the rest go through."""
+        try:
+            return await self._handle(part, deliveries)
+        except TRANSIENT_ERRORS as exc:
+            self._stats.redis_errors += 1
+            error = exc
+        groups: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            groups.setdefault(delivery.event.trace_id, []).append(delivery)
+        if len(groups) == 1:
+            ((trace, group),) = groups.items()
+            part.holds.hold(trace, group, error)
+            held_now.add(trace)
+            return []
+        failures: list[tuple[Delivery, BaseException]] = []
+        for trace, group in groups.items():
+            try:
+                failures += await self._handle(part, group)
+            except TRANSIENT_ERRORS as exc:
+                self._stats.redis_errors += 1
+                part.holds.hold(trace, group, exc)
+                held_now.add(trace)
+        return failures
 
     def _decode(
         self, part: HeldPartition, entries: Entries

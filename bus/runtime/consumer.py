@@ -172,7 +172,7 @@ class GroupConsumer:
 
     def _start_reader(self, partition: int, started: float) -> None:
         valid_until = started + self._settings.lease_ttl_ms / 1000 - self._margin_s
-        part = HeldPartition(partition, valid_until)
+        part = HeldPartition(partition, valid_until, f"consumer {self.group} partition {partition}")
         self._parts[partition] = part
         self.stats.leases_acquired += 1
         part.task = asyncio.create_task(

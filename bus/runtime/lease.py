@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from bus.connect import is_cluster_client
 from bus.keys import Keys
 from bus.parsing import text
+from bus.runtime.holds import TraceHolds
 from bus.runtime.outage import TRANSIENT_ERRORS
 from bus.scripts import LuaScript, execute
 
@@ -177,9 +178,18 @@ class LeaseLost(Exception):
 class HeldPartition:
     """A partition this replica holds: its local lease deadline and its reader task."""
 
-    __slots__ = ("index", "lost", "next_pending_check", "release", "task", "unacked", "valid_until")
+    __slots__ = (
+        "holds",
+        "index",
+        "lost",
+        "next_pending_check",
+        "release",
+        "task",
+        "unacked",
+        "valid_until",
+    )
 
-    def __init__(self, index: int, valid_until: float) -> None:
+    def __init__(self, index: int, valid_until: float, what: str = "") -> None:
         self.index = index
         self.valid_until = valid_until
         self.lost = False
@@ -190,6 +200,9 @@ class HeldPartition:
         self.unacked: list[bytes] = []
         # When an idle reader next looks for entries parked in its pending list.
         self.next_pending_check = 0.0
+        # Traces whose work fails on their own node: held back, the rest flows on.
+        # Gone with the lease: the next holder re-reads their entries from pending.
+        self.holds = TraceHolds(what or f"partition {index}")
 
     def remaining_s(self) -> float:
         return -1.0 if self.lost else self.valid_until - time.monotonic()

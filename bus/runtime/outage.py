@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,6 +24,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     # answers CLUSTERDOWN until it has rejoined, a migrating slot TRYAGAIN.
     ClusterDownError,
     TryAgainError,
+    # A slot that no node served when the client last refreshed its slot map.
+    SlotNotCoveredError,
 )
 
 FIRST_BACKOFF_S = 0.05

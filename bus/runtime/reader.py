@@ -96,6 +96,9 @@ class PartitionReader:
                     )
                     outage.recovered()
                     continue
+                if part.holds.due():
+                    # Nothing new read, and a held trace's retry is due.
+                    await self._processor.process(part, [])
                 part.check()
                 entries, cursor = await self._read(part, stream, consumer, cursor)
                 if not entries and cursor == ">" and await self._parked(part, stream, consumer):
@@ -123,10 +126,10 @@ class PartitionReader:
         (an idle partition is read by :meth:`_read`, which acknowledges what
         was just handled first) and acknowledges the batch before this one;
         this one's acknowledgement goes with the read after it. A replay of
-        pending entries (cursor ``0``…) and a reader about to stop read nothing
-        ahead.
+        pending entries (cursor ``0``…), a reader about to stop and one holding
+        back all the entries it may (:mod:`bus.runtime.holds`) read nothing ahead.
         """
-        if cursor != ">" or self._stopping() or part.release:
+        if cursor != ">" or self._stopping() or part.release or part.holds.full:
             await self._processor.process(part, entries)
             return [], cursor
         ahead = asyncio.create_task(self._read_ahead(part, stream, consumer, held=len(entries)))
@@ -148,8 +151,9 @@ class PartitionReader:
         part.check()
         reply, pending = await self._xread(part, stream, consumer, ">", None, check=True)
         entries = entries_of(reply)
-        # The held entries are still pending (acknowledged with the next read).
-        if entries and pending > held + len(entries):
+        # The held entries are still pending (acknowledged with the next read),
+        # and so are those of held-back traces.
+        if entries and pending > held + len(entries) + part.holds.entries:
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return [], "0"
         return entries, ">"
@@ -173,7 +177,7 @@ class PartitionReader:
             return False
         part.next_pending_check = now + self._settings.lease_ttl_ms / 1000
         summary: Any = await self._redis.xpending(stream, self._group)
-        if _pending_of(summary, consumer) > len(part.unacked):
+        if _pending_of(summary, consumer) > len(part.unacked) + part.holds.entries:
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return True
         return False
@@ -199,7 +203,14 @@ class PartitionReader:
         # Never block past the lease deadline: a read served after the lease
         # moved would park new entries in a name another replica now owns.
         budget_ms = int((part.remaining_s() - self._margin_s) * 1000)
-        block_ms = min(self._settings.read_block_ms, budget_ms)
+        if part.holds.full:
+            # Holding all it may: wait for a held trace's retry instead of reading on.
+            wait_s = min(part.holds.seconds_to_next_retry(), max(budget_ms, 0) / 1000)
+            await asyncio.sleep(max(wait_s, MIN_BLOCK_MS / 1000))
+            return [], ">"
+        # Nor past a held trace's next retry.
+        retry_ms = part.holds.seconds_to_next_retry() * 1000
+        block_ms = int(min(self._settings.read_block_ms, budget_ms, retry_ms))
         if block_ms < MIN_BLOCK_MS:
             await asyncio.sleep(max(block_ms, MIN_BLOCK_MS) / 1000)
             return [], ">"
@@ -225,7 +236,7 @@ class PartitionReader:
         """
         reply, pending = await self._xread(part, stream, consumer, ">", block, check=True)
         entries = entries_of(reply)
-        if entries and pending > len(entries):
+        if entries and pending > len(entries) + part.holds.entries:
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return None
         return entries

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from langchain_core.callbacks.manager import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage
@@ -167,6 +168,7 @@ def _app(
 ) -> None:
     """The traces streamed at once, one thread each, through one callback handler."""
     handler = BusCallbackHandler(settings=settings)
+    out["publisher"] = handler.publisher
 
     def run(trace: Trace) -> None:
         model = GatedModel(messages=iter([AIMessage(content=trace.text())]), gate=gate)
@@ -198,6 +200,36 @@ async def _follow(http: httpx.AsyncClient, url: str, got: Received, resumed: lis
         got.error = None
         resumed[0] += 1
         await asyncio.sleep((got.retry or 1000) / 1000)
+
+
+def _progress(
+    settings: Settings, traces: list[Trace], received: list[Received], victim: int
+) -> str:
+    """Where each trace got to: at the client, in its history, in its partition's groups."""
+    keys = Keys(settings.prefix, settings.partitions)
+    lines = []
+    for trace, got in zip(traces, received, strict=True):
+        partition = partition_of(trace.id, settings.partitions)
+        stages: dict[str, Any] = {"client words": _words(got), "client error": got.error}
+        stages["history"] = _ask(trace.history_port, victim, "XLEN", keys.history(trace.id))
+        stages["groups"] = _ask(
+            trace.partition_port, victim, "XINFO", "GROUPS", keys.events(partition)
+        )
+        where = f"p{partition} on {trace.partition_port}, history on {trace.history_port}"
+        lines.append(f"trace {trace.id[:8]} ({where}): {stages}")
+    return "\n".join(lines)
+
+
+def _ask(port: int, victim: int, *command: str) -> Any:
+    if port == victim:
+        return "(on the killed master)"
+    client = redis.Redis(port=port, socket_timeout=2)
+    try:
+        return client.execute_command(*command)
+    except redis.RedisError as exc:
+        return repr(exc)
+    finally:
+        client.close()
 
 
 def _words(got: Received) -> int:
@@ -232,13 +264,19 @@ async def test_a_master_killed_and_restarted_loses_and_repeats_nothing(
         try:
             gate.set()
             # Down, and the traces that do not touch it go on to their end.
-            await wait_until_async(
-                lambda: all(
-                    got.ended for t, got in zip(traces, received, strict=True) if t in untouched
-                ),
-                within=60,
-                what="the traces on the live masters streaming while one master is down",
-            )
+            try:
+                await wait_until_async(
+                    lambda: all(
+                        got.ended for t, got in zip(traces, received, strict=True) if t in untouched
+                    ),
+                    within=60,
+                    what="the traces on the live masters streaming while one master is down",
+                )
+            except AssertionError as exc:
+                state = await asyncio.to_thread(_progress, settings, traces, received, victim)
+                raise AssertionError(
+                    f"{exc}\npublisher: {out['publisher'].stats}\n{state}"
+                ) from None
             await asyncio.sleep(DOWN_S)
         finally:
             await asyncio.to_thread(cluster.restart, victim)

@@ -222,9 +222,14 @@ def _webhooks_verify(deployment: Deployment, traces: list[str]) -> None:
                 Webhook(deployment.secret).verify(request["body"], request["headers"])
         return found
 
-    wait_until(lambda: len(by_id()) == 2 * len(traces), within=60, what="every webhook")
+    expected = sorted((t, kind) for t in traces for kind in ("llm.end", "trace.completed"))
+    try:
+        wait_until(lambda: len(by_id()) == 2 * len(traces), within=60, what="every webhook")
+    except AssertionError as exc:
+        got = {(body["data"]["trace_id"], body["type"]) for body in by_id().values()}
+        raise AssertionError(f"{exc}: missing {sorted(set(expected) - got)}") from None
     kinds = sorted((body["data"]["trace_id"], body["type"]) for body in by_id().values())
-    assert kinds == sorted((t, kind) for t in traces for kind in ("llm.end", "trace.completed"))
+    assert kinds == expected
 
 
 def _first_trace_streaming(settings: Settings) -> None:

@@ -372,3 +372,76 @@ async def test_entries_of_any_field_layout_and_deleted_ones_in_either_protocol(
         (deadletter.REASON_UNDECODABLE, no_event.decode(), b"")
     ]
     assert (consumer.stats.trimmed, consumer.stats.undecodable) == (1, 1)
+
+
+class NodeDown:
+    """A handler whose work for some traces fails as when the node their keys live
+    on is down (a connection error), while the others go through."""
+
+    def __init__(self, down: set[str]) -> None:
+        self.down = down
+        self.seen: list[Delivery] = []
+
+    async def __call__(self, batch: Sequence[Delivery]) -> None:
+        if any(d.event.trace_id in self.down for d in batch):
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:7002")
+        self.seen.extend(batch)
+
+    def seqs(self, trace: str) -> list[int]:
+        return [d.event.seq for d in self.seen if d.event.trace_id == trace]
+
+
+async def test_a_trace_whose_node_is_down_is_held_while_the_partition_flows_on(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, partitions=1, max_attempts=1)
+    handler = NodeDown({"t0"})
+    publish(sync_redis, settings, traces_events(3, 10))
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=handler
+    ) as consumer:
+        await wait_until_async(lambda: len(handler.seen) == 20)
+        assert handler.seqs("t0") == []
+        # Held, not acknowledged; what arrives for it meanwhile waits behind it.
+        publish(sync_redis, settings, [make_event("t0", s) for s in range(10, 15)])
+        publish(sync_redis, settings, [make_event("t1", s) for s in range(10, 15)])
+        await wait_until_async(lambda: handler.seqs("t1") == list(range(15)))
+        assert handler.seqs("t0") == []
+        assert await pending(async_redis, settings) == 15
+        assert consumer.stats.redis_errors >= 2
+        handler.down.clear()  # the node is back
+        await wait_until_async(lambda: handler.seqs("t0") == list(range(15)))
+        await wait_until_async(lambda: no_pending(async_redis, settings))
+    assert handler.seqs("t0") == list(range(15))
+    assert handler.seqs("t2") == list(range(10))
+    assert await deadletter.dead_letter_count(async_redis, settings, GROUP) == 0
+
+
+async def test_a_held_trace_goes_to_the_next_lease_holder_in_order(
+    settings: Settings, sync_redis: redis.Redis, async_redis: aioredis.Redis
+) -> None:
+    settings = fast(settings, partitions=1, max_attempts=1)
+    failing = NodeDown({"t0"})
+    publish(sync_redis, settings, traces_events(2, 10))
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=failing, replica_id="a"
+    ):
+        await wait_until_async(lambda: failing.seqs("t1") == list(range(10)))
+        publish(sync_redis, settings, [make_event("t0", s) for s in range(10, 20)])
+
+        async def all_read() -> bool:
+            keys = Keys(settings.prefix, settings.partitions)
+            info = await async_redis.xinfo_groups(keys.events(0))
+            return int(info[0]["entries-read"]) == 30
+
+        await wait_until_async(all_read)
+    # Leaving with the trace still held leaves its entries pending, for the next holder.
+    assert await pending(async_redis, settings) == 20
+    healthy = NodeDown(set())
+    async with GroupConsumer(
+        redis=async_redis, settings=settings, group=GROUP, handler=healthy, replica_id="b"
+    ):
+        await wait_until_async(lambda: healthy.seqs("t0") == list(range(20)))
+        await wait_until_async(lambda: no_pending(async_redis, settings))
+    assert healthy.seqs("t1") == []
+    assert failing.seqs("t0") == []
