@@ -72,7 +72,7 @@ def _draining_server(config: Any) -> Any:
 
         On SIGTERM/SIGINT uvicorn stops accepting, closes each WebSocket with
         1012, and waits up to ``drain_s`` while every SSE stream sends its
-        ``reconnect`` frame and ends (sse-starlette sees the shutdown); then the
+        ``reconnect`` frame and ends (``drain_on_shutdown`` sees the shutdown); then the
         lifespan closes the hub and the Redis client. uvicorn would then re-raise
         the signal, so the process would die by it; a drained frontend exits 0.
         """
