@@ -10,6 +10,10 @@ A stream here is the request's own task plus one that waits for the
 disconnect; keep-alive pings and the send timeout are one timer per stream,
 re-armed when it fires, not per frame.
 
+- ``retry_ms``: the first chunk starts with a ``retry:`` field (how soon a
+  browser's EventSource reconnects, say after a frontend restart), as a field
+  of that frame, not as a data-less frame that a client parsing every frame's
+  data would trip over.
 - Pings: ``: ping`` comment frames once the stream has been silent for
   ``ping_s`` (proxies close idle connections; a dead peer shows on a write).
 - The send timeout: a single send blocked longer than ``send_timeout_s``
@@ -89,6 +93,7 @@ class EventStreamResponse(Response):
         ping_s: float,
         send_timeout_s: float,
         streams: EventStreams | None = None,
+        retry_ms: int | None = None,
         drains: bool = False,
         on_send_timeout: Callable[[], None] | None = None,
         headers: Mapping[str, str] | None = None,
@@ -98,6 +103,7 @@ class EventStreamResponse(Response):
         self.background = None
         self.init_headers({**_HEADERS, **(headers or {})})
         self._frames = frames
+        self._first = b"" if retry_ms is None else b"retry: %d\n" % retry_ms
         self._ping_s = ping_s
         self._send_timeout_s = send_timeout_s
         self._streams = streams
@@ -126,10 +132,9 @@ class EventStreamResponse(Response):
         if self._streams is not None:
             self._streams.add(self)
         listener = asyncio.ensure_future(self._until_disconnect(receive))
+        self._last_sent = loop.time()
+        self._timer = loop.call_at(self._last_sent + self._ping_s, self._tick)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            self._last_sent = loop.time()
-            self._timer = loop.call_at(self._last_sent + self._ping_s, self._tick)
             await self._stream()
         finally:
             self._stopped = self._stopped or "done"  # nothing interrupts the cleanup
@@ -138,12 +143,21 @@ class EventStreamResponse(Response):
             listener.cancel()
             if self._streams is not None:
                 self._streams.discard(self)
+            self._task = self._timer = None  # no cycle left for the garbage collector
             await self._close_frames()
 
     async def _stream(self) -> None:
+        assert self._send is not None
         try:
+            await self._send(
+                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            )
             async for chunk in self._frames:
-                await self._write(chunk)
+                if self._first:
+                    await self._write(self._first + chunk)
+                    self._first = b""
+                else:
+                    await self._write(chunk)
             await self._write(b"", more_body=False)
         except asyncio.CancelledError:
             task = self._task

@@ -83,22 +83,6 @@ def _frame(event: str, body: Mapping[str, object], *, retry_ms: int | None = Non
     return f"{retry}event: {event}\ndata: {json.dumps(body)}\n\n".encode()
 
 
-def _frames(
-    state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
-) -> AsyncIterator[bytes]:
-    return _with_retry_hint(_stream_frames(state, topic, start, flt, watch))
-
-
-async def _with_retry_hint(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The first frame carries ``retry:`` (how soon a browser's EventSource reconnects,
-    say after a frontend restart) as a field of its own, not as a data-less frame
-    that a client parsing every frame's data would trip over."""
-    hint = b"retry: %d\n" % RETRY_MS
-    async for chunk in frames:
-        yield hint + chunk
-        hint = b""
-
-
 async def _stream_frames(
     state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
 ) -> AsyncIterator[bytes]:
@@ -200,7 +184,8 @@ def _response(
     # drains: on shutdown the hub ends the frames with a "reconnect" frame (see
     # drain_on_shutdown), so the response waits for that before it stops the stream.
     return EventStreamResponse(
-        _frames(state, topic, start, flt, watch),
+        _stream_frames(state, topic, start, flt, watch),
+        retry_ms=RETRY_MS,
         ping_s=settings.ping_interval_s,
         send_timeout_s=settings.send_timeout_s,
         streams=state.streams,
