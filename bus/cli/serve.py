@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     # Each stream allocates a few objects per event that refcounting frees; with
     # the default threshold (700) a collection ran every few milliseconds, and a
     # full one, walking every client's objects, twice in ten seconds of
-    # bench.clients (0.1 to 0.5 s each on a busy host): that is token latency.
+    # bench.clients (tens to hundreds of ms each, the loop standing still).
     # At 50,000 the same run has three young collections and no full one.
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 10)
     _draining_server(config).run()

@@ -51,9 +51,6 @@ class EventStreams:
         self._open: set[EventStreamResponse] = set()
         self.stopping = False
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def add(self, stream: EventStreamResponse) -> None:
         self._open.add(stream)
 
@@ -62,7 +59,8 @@ class EventStreams:
 
     def stop(self, *, graceful: bool) -> None:
         """End the open streams now: those that have no farewell of their own, or
-        (``graceful``) every one still open. Streams opened later are refused."""
+        (``graceful``) every one still open. From now on a stream with no farewell
+        ends as soon as it opens."""
         self.stopping = True
         for stream in list(self._open):
             if graceful or not stream.drains:
@@ -72,6 +70,7 @@ class EventStreams:
 SHUTDOWN = "server shutdown"
 DISCONNECTED = "client disconnected"
 SEND_TIMEOUT = "send timeout"
+DONE = "done"
 
 
 class EventStreamResponse(Response):
@@ -137,7 +136,7 @@ class EventStreamResponse(Response):
         try:
             await self._stream()
         finally:
-            self._stopped = self._stopped or "done"  # nothing interrupts the cleanup
+            self._stopped = self._stopped or DONE  # nothing interrupts the cleanup
             if self._timer is not None:
                 self._timer.cancel()
             listener.cancel()
