@@ -150,6 +150,12 @@ async def _replay(
                         break
             if fresh:
                 yield fresh
+            if len(page) < REPLAY_PAGE:
+                # History held nothing more when read. Every later event is appended
+                # before it is published, and the subscription was confirmed before
+                # this read: it comes live (duplicates are skipped by seq, a gap
+                # resyncs). One read less per replay, for every client of a burst.
+                return
     finally:
         sub.replaying = False
 

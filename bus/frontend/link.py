@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ClusterDownError, MovedError, RedisError, ResponseError
@@ -40,6 +41,8 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.reconnects = 0
+        self._heard_at = 0.0  # loop time of the last reply on the current connection
+        self._silent = False  # the watchdog cancelled the reader: the connection is dead
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lcbus-hub")
@@ -92,7 +95,13 @@ class Link:
                 await self._pump(conn)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost (%s); reconnecting", exc)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._silent or task is None or task.uncancel() > 0:
+                    raise
+                log.warning("pub/sub connection did not answer PING; reconnecting")
             finally:
+                self._silent = False
                 self._conn = None
                 self.connected = False
                 self.confirmed.clear()
@@ -114,24 +123,46 @@ class Link:
             await self._send(self._subscribe_cmd, channel)
 
     async def _pump(self, conn: Any) -> None:
-        awaiting_pong = False
+        # Replies are read with no timeout: a timeout per read (redis-py enters an
+        # asyncio.timeout for each) was a tenth of the frontend's CPU with 2,000
+        # messages a second. A silent connection is the watchdog's to find.
+        loop = asyncio.get_running_loop()
+        self._heard_at = loop.time()
+        reader = asyncio.current_task()
+        assert reader is not None
+        watchdog = asyncio.create_task(self._watch(conn, reader), name="lcbus-hub-watchdog")
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(timeout=math.inf)
+                except (MovedError, ClusterDownError, ResponseError) as exc:
+                    # A subscription refused (its slot lives elsewhere now): route it anew.
+                    log.info("pub/sub subscription refused (%s); rerouting", exc)
+                    await self._hub.reroute(self)
+                    continue
+                self._heard_at = loop.time()
+                if isinstance(reply, list) and reply:
+                    await self._handle(reply)
+        finally:
+            watchdog.cancel()
+
+    async def _watch(self, conn: Any, reader: asyncio.Task[None]) -> None:
+        """PING a connection silent for a ping interval; no reply within another
+        interval means it is dead (no RST ever came): the reader is cancelled."""
+        loop = asyncio.get_running_loop()
+        interval = self._hub.ping_interval_s
         while True:
-            try:
-                reply = await conn.read_response(timeout=self._hub.ping_interval_s)
-            except (MovedError, ClusterDownError, ResponseError) as exc:
-                # A subscription refused (its slot lives elsewhere now): route it anew.
-                log.info("pub/sub subscription refused (%s); rerouting", exc)
-                await self._hub.reroute(self)
+            await asyncio.sleep(max(0.0, self._heard_at + interval - loop.time()))
+            if loop.time() - self._heard_at < interval:
                 continue
-            if reply is None:
-                if awaiting_pong:
-                    raise ConnectionError("pub/sub connection did not answer PING")
+            asked_at = loop.time()
+            with contextlib.suppress(RedisError, OSError, AttributeError):
                 await conn.send_command("PING")
-                awaiting_pong = True
-                continue
-            awaiting_pong = False
-            if isinstance(reply, list) and reply:
-                await self._handle(reply)
+            await asyncio.sleep(interval)
+            if self._heard_at < asked_at:
+                self._silent = True
+                reader.cancel()
+                return
 
     async def _handle(self, reply: list[Any]) -> None:
         kind = reply[0]

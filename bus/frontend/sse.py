@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -35,13 +36,13 @@ from typing import TypeGuard
 
 import msgspec
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bus.access import check_access
 from bus.access import error_response as _refuse
 from bus.errors import AccessDenied, ServerDraining, StreamError
+from bus.frontend.event_stream import EventStreamResponse
 from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
@@ -80,22 +81,6 @@ _decode_request = msgspec.json.Decoder(StreamRequest).decode
 def _frame(event: str, body: Mapping[str, object], *, retry_ms: int | None = None) -> bytes:
     retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
     return f"{retry}event: {event}\ndata: {json.dumps(body)}\n\n".encode()
-
-
-def _frames(
-    state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
-) -> AsyncIterator[bytes]:
-    return _with_retry_hint(_stream_frames(state, topic, start, flt, watch))
-
-
-async def _with_retry_hint(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The first frame carries ``retry:`` (how soon a browser's EventSource reconnects,
-    say after a frontend restart) as a field of its own, not as a data-less frame
-    that a client parsing every frame's data would trip over."""
-    hint = b"retry: %d\n" % RETRY_MS
-    async for chunk in frames:
-        yield hint + chunk
-        hint = b""
 
 
 async def _stream_frames(
@@ -165,6 +150,11 @@ class _SendWatch:
         if self.transport is not None:
             asyncio.get_running_loop().call_later(self.stall_s, self._abort_if_stuck)
 
+    def abort(self) -> None:
+        """The send timed out: the connection's buffered bytes will never be taken."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def _abort_if_stuck(self) -> None:
         transport = self.transport
         # Also when already closing: a close waits for the bytes the client never takes.
@@ -191,23 +181,49 @@ def _response(
 ) -> Response:
     settings = state.settings
     watch = _SendWatch(request, settings.client_stall_s, settings.client_send_buffer_bytes)
-    # sse-starlette sets the process's shutdown event when the server begins to shut
-    # down; one task of the app then drains the hub, and every stream says "reconnect"
-    # and ends (see drain_on_shutdown): no task per stream waits for it.
-    return EventSourceResponse(
-        _frames(state, topic, start, flt, watch),
-        ping=state.settings.ping_interval_s,
-        send_timeout=state.settings.send_timeout_s,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        shutdown_event=state.shutdown,
-        shutdown_grace_period=state.settings.drain_s,
+    # drains: on shutdown the hub ends the frames with a "reconnect" frame (see
+    # drain_on_shutdown), so the response waits for that before it stops the stream.
+    return EventStreamResponse(
+        _stream_frames(state, topic, start, flt, watch),
+        retry_ms=RETRY_MS,
+        ping_s=settings.ping_interval_s,
+        send_timeout_s=settings.send_timeout_s,
+        streams=state.streams,
+        drains=True,
+        on_send_timeout=watch.abort,
     )
 
 
+SHUTDOWN_POLL_S = 0.5
+
+
+def _uvicorn_exiting() -> bool:
+    """Whether the uvicorn server of this process began to shut down.
+
+    uvicorn installs its bound ``handle_exit`` as the SIGTERM handler, and says
+    nothing to the app until its connections are gone: this is the one way to
+    learn, while they are open, that they should say goodbye.
+    """
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
+
+
 async def drain_on_shutdown(state: AppState) -> None:
-    """Once a stream saw the server shut down, end every stream of the process."""
-    await state.shutdown.wait()
+    """When the server shuts down (or ``state.shutdown`` is set), end every stream.
+
+    Streams of the hub say "reconnect" and end (``hub.drain``); streams with no
+    farewell of their own end at once; whatever is still open after most of
+    ``drain_s`` is stopped, before the server's own deadline cuts it.
+    """
+    while not (state.shutdown.is_set() or _uvicorn_exiting()):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_POLL_S):
+                await state.shutdown.wait()
+    state.shutdown.set()
+    state.streams.stop(graceful=False)
     state.hub.drain()
+    await asyncio.sleep(state.settings.drain_s * 0.8)
+    state.streams.stop(graceful=True)
 
 
 def _bad_resume_point(last: str | None) -> JSONResponse | None:

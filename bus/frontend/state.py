@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
-import anyio
 import redis.asyncio as aioredis
 
+from bus.frontend.event_stream import EventStreams
 from bus.frontend.hub import Hub
 from bus.keys import Keys
 from bus.settings import Settings
@@ -18,5 +19,7 @@ class AppState:
     redis: aioredis.Redis
     keys: Keys
     hub: Hub
-    shutdown: anyio.Event = field(default_factory=anyio.Event)
-    """Set when the server begins to shut down (by the first stream that sees it)."""
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the server begins to shut down (see :func:`bus.frontend.sse.drain_on_shutdown`)."""
+    streams: EventStreams = field(default_factory=EventStreams)
+    """The process's open SSE streams."""

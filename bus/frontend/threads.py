@@ -25,12 +25,12 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from bus.access import check_access
 from bus.errors import AccessDenied, SlowConsumer, StreamError
+from bus.frontend.event_stream import EventStreamResponse
 from bus.frontend.filters import Filter, FilterError
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
@@ -170,9 +170,11 @@ async def stream_events(request: Request) -> Response:
     except (msgspec.DecodeError, FilterError) as exc:
         return refusal(422, "invalid_argument", f"invalid EventStreamRequest: {exc}")
     start = start_of(body, request.headers.get("last-event-id"))
-    return EventSourceResponse(
+    # Not drains: a thread stream has no farewell frame; on shutdown it ends at once
+    # and the SDK reconnects with its last event id.
+    return EventStreamResponse(
         _frames(state, thread_id, kinds, start, flt),
-        ping=state.settings.ping_interval_s,
-        send_timeout=state.settings.send_timeout_s,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        ping_s=state.settings.ping_interval_s,
+        send_timeout_s=state.settings.send_timeout_s,
+        streams=state.streams,
     )

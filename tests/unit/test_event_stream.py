@@ -1,0 +1,138 @@
+"""The frontend's SSE response against an ASGI server of its own: pings, the client
+leaving, a send that never returns, shutdown, HEAD, the first chunk's retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bus.frontend.event_stream import PING, EventStreamResponse, EventStreams
+from tests.support.waiting import wait_until_async
+
+
+class _Server:
+    """One connection's ASGI side: what was sent, and a disconnect on demand."""
+
+    def __init__(self, *, method: str = "GET") -> None:
+        self.scope = {"type": "http", "method": method}
+        self.messages: list[dict[str, Any]] = []
+        self.gone = asyncio.Event()
+        self.blocked = asyncio.Event()  # set: every body send blocks forever
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and self.blocked.is_set():
+            await asyncio.Event().wait()
+        self.messages.append(message)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages)
+
+    @property
+    def complete(self) -> bool:
+        return any(m.get("more_body") is False for m in self.messages)
+
+
+class _Frames:
+    """An endless stream of frames, put by the test; knows whether it was closed."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.closed = False
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield await self.queue.get()
+        finally:
+            self.closed = True
+
+
+def _start(response: EventStreamResponse, server: _Server) -> asyncio.Task[None]:
+    return asyncio.ensure_future(response(server.scope, server.receive, server.send))
+
+
+async def test_frames_go_out_with_the_retry_hint_first_and_pings_when_silent() -> None:
+    server, source = _Server(), _Frames()
+    response = EventStreamResponse(source.frames(), ping_s=0.05, send_timeout_s=5, retry_ms=1000)
+    task = _start(response, server)
+    source.queue.put_nowait(b"data: 1\n\n")
+    source.queue.put_nowait(b"data: 2\n\n")
+    await wait_until_async(lambda: server.body.count(PING) >= 2, within=10, what="pings")
+    assert server.body.startswith(b"retry: 1000\ndata: 1\n\ndata: 2\n\n")
+    start = server.messages[0]
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
+    assert not any(name == b"content-length" for name, _ in start["headers"])
+    server.gone.set()
+    await task
+
+
+async def test_the_client_leaving_ends_the_stream_and_closes_its_frames() -> None:
+    server, source = _Server(), _Frames()
+    task = _start(EventStreamResponse(source.frames(), ping_s=30, send_timeout_s=5), server)
+    source.queue.put_nowait(b"data: 1\n\n")
+    await wait_until_async(lambda: b"data: 1" in server.body, within=10, what="the frame")
+    server.gone.set()
+    await task  # returns normally: nothing for the server to log
+    assert source.closed and not server.complete
+
+
+async def test_a_send_that_never_returns_ends_the_stream_after_the_send_timeout() -> None:
+    server, source = _Server(), _Frames()
+    timed_out: list[bool] = []
+    response = EventStreamResponse(
+        source.frames(),
+        ping_s=0.05,
+        send_timeout_s=0.2,
+        on_send_timeout=lambda: timed_out.append(True),
+    )
+    task = _start(response, server)
+    server.blocked.set()
+    source.queue.put_nowait(b"data: stuck\n\n")
+    await task
+    assert timed_out == [True] and source.closed
+
+
+async def test_shutdown_ends_streams_without_a_farewell_at_once_and_the_others_later() -> None:
+    streams = EventStreams()
+    plain, draining = _Server(), _Server()
+    plain_frames, draining_frames = _Frames(), _Frames()
+    plain_task = _start(
+        EventStreamResponse(plain_frames.frames(), ping_s=30, send_timeout_s=5, streams=streams),
+        plain,
+    )
+    draining_task = _start(
+        EventStreamResponse(
+            draining_frames.frames(), ping_s=30, send_timeout_s=5, streams=streams, drains=True
+        ),
+        draining,
+    )
+    await wait_until_async(
+        lambda: plain.messages and draining.messages, within=10, what="both streams open"
+    )
+    streams.stop(graceful=False)
+    await plain_task
+    assert plain.complete and plain_frames.closed  # a clean end, not a cut
+    assert not draining_task.done()
+    # A stream with no farewell opened from now on ends at once.
+    late = _Server()
+    await _start(
+        EventStreamResponse(_Frames().frames(), ping_s=30, send_timeout_s=5, streams=streams), late
+    )
+    assert late.complete and late.body == b""
+    streams.stop(graceful=True)
+    await draining_task
+    assert draining.complete and draining_frames.closed
+
+
+async def test_head_gets_the_headers_and_no_stream() -> None:
+    server, source = _Server(method="HEAD"), _Frames()
+    await _start(EventStreamResponse(source.frames(), ping_s=30, send_timeout_s=5), server)
+    assert server.messages[0]["status"] == 200 and server.complete and server.body == b""
+    assert not source.closed  # never iterated
