@@ -93,19 +93,21 @@ def stack(module_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         read_block_ms=200,
     )
     tmp_path = tmp_path_factory.mktemp("sdk-stack")
-    workers = [
-        start_worker(settings, tmp_path / "fanout-a.log", target=FANOUT),
-        start_worker(settings, tmp_path / "fanout-b.log", target=FANOUT),
-        start_worker(settings, tmp_path / "traces.log", target=TRACE_WORKER),
-    ]
-    with contextlib.ExitStack() as exits:
-        fronts = [exits.enter_context(_frontend(settings)) for _ in range(2)]
-        ports = [int(f.url.rsplit(":", 1)[1]) for f in fronts]
-        try:
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        # Stopped whatever fails after they start (a frontend that does not come up).
+        for log, target in [("fanout-a", FANOUT), ("fanout-b", FANOUT), ("traces", TRACE_WORKER)]:
+            workers.append(start_worker(settings, tmp_path / f"{log}.log", target=target))
+        with contextlib.ExitStack() as exits:
+            fronts = [exits.enter_context(_frontend(settings)) for _ in range(2)]
+            ports = [int(f.url.rsplit(":", 1)[1]) for f in fronts]
             yield Stack(settings, fronts, ports, exits)
-        finally:
-            for worker in workers:
+    finally:
+        for worker in workers:
+            try:
                 stop(worker, signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                stop(worker, signal.SIGKILL)
 
 
 @dataclass
