@@ -242,7 +242,10 @@ async def test_sigterm_ends_every_stream_cleanly_and_exits_0(
         closes = await asyncio.gather(*ws)
         code = await asyncio.to_thread(server.process.wait, 15)
         assert code == 0
-        assert closes == [(1012, "")] * 2  # "service restart": reconnect
+        # "Service restart": reconnect. The reason is the bus's own when its drain
+        # reached the socket first, empty when uvicorn's shutdown did.
+        assert [code for code, _ in closes] == [1012] * 2
+        assert {reason for _, reason in closes} <= {"server_shutdown", ""}
         # Each SSE client got the history, then a reconnect frame with a retry hint.
         for body in bodies:
             frames = _frames(body)
