@@ -42,7 +42,9 @@ def follow(
         block = block_ms if block_ms > 0 else None
         replies: Any = client.xread(positions, count=500, block=block)  # type: ignore[arg-type]
         if not replies:
-            time.sleep(0.02)  # an embedded server answers a blocking read at once
+            # A server whose blocking read answers empty at once (plain fakeredis)
+            # would otherwise make this a busy loop.
+            time.sleep(0.02)
             continue
         for stream, entries in replies:
             name = text(stream)
