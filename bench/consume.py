@@ -81,48 +81,52 @@ def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
     return raw
 
 
+ReadAcking = Callable[[list[bytes]], Awaitable[list[Any]]]
+"""One round trip: the XACK of the given ids (when any), then the next XREADGROUP."""
+
+
 async def _raw(
     client: aioredis.Redis, stream: str, group: str, events: int, count: int
 ) -> tuple[float, float]:
     """Read and acknowledge, each batch's XACK pipelined with the next read."""
     client = _raw_replies(client)
-    _settle_heap()
-    await client.xgroup_create(stream, group, id="0")
-    done = first = 0
-    started = cpu = 0.0
-    unacked: list[bytes] = []
-    while done < events:
+
+    async def read_acking(unacked: list[bytes]) -> list[Any]:
         async with client.pipeline(transaction=False) as pipe:
             if unacked:
                 pipe.xack(stream, group, *unacked)
             pipe.xreadgroup(group, "c", {stream: ">"}, count=count, block=1000)
-            replies = await pipe.execute()
-        reply = replies[-1]
-        # RESP3 answers a map {stream: entries}, RESP2 [[stream, entries]].
-        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
-        unacked = [entry_id for entry_id, _ in entries]
-        if not done:  # the first batch is in hand: the clock starts
-            started, cpu, first = time.perf_counter(), time.process_time(), len(entries)
-        done += len(entries)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    await client.xack(stream, group, *unacked)
-    return _figures(events - first, elapsed, cpu)
+            return await pipe.execute()
+
+    return await _read_loop(client, stream, group, events, read_acking)
 
 
 async def _bare(
     client: aioredis.Redis, stream: str, group: str, events: int, count: int
 ) -> tuple[float, float]:
     """:func:`_raw` with each round trip packed by hand."""
-    _settle_heap()
-    await client.xgroup_create(stream, group, id="0")
     key, name = stream.encode(), group.encode()
     read = xreadgroup(key, name, b"c", b">", count, 1000)
+
+    async def read_acking(unacked: list[bytes]) -> list[Any]:
+        commands = [xack(key, name, unacked), read] if unacked else [read]
+        return await round_trip(client, commands, len(commands))
+
+    return await _read_loop(client, stream, group, events, read_acking)
+
+
+async def _read_loop(
+    client: aioredis.Redis, stream: str, group: str, events: int, read_acking: ReadAcking
+) -> tuple[float, float]:
+    """Consume ``events`` with ``read_acking``, clocked from the first batch in hand."""
+    _settle_heap()
+    await client.xgroup_create(stream, group, id="0")
     done = first = 0
     started = cpu = 0.0
     unacked: list[bytes] = []
     while done < events:
-        replies = await round_trip(client, [xack(key, name, unacked), read] if unacked else [read])
-        reply = replies[-1]
+        reply = (await read_acking(unacked))[-1]
+        # RESP3 answers a map {stream: entries}, RESP2 [[stream, entries]].
         entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
         unacked = [entry_id for entry_id, _ in entries]
         if not done:  # the first batch is in hand: the clock starts

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError
 
 from bus.connect import is_cluster_client
+from bus.runtime.roundtrip import round_trip
 from bus.scripts import LuaScript
 from bus.scripts import send as pipelined
 
@@ -91,27 +92,8 @@ async def send(redis: aioredis.Redis, build: Callable[[Any], None]) -> list[Any]
     build(commands)
     if not commands.queued:
         return []
-    pool = redis.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        await conn.send_packed_command(pack(commands.queued), check_health=False)
-        replies: list[Any] = []
-        error: ResponseError | None = None
-        for _ in commands.queued:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-                error = error or exc
-    except BaseException:
-        # Replies out of step with the commands (a timeout, a cancel): start over.
-        await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
-    if error is not None:
-        raise error
-    return replies
+    queued = commands.queued
+    return await round_trip(redis, [pack(queued)], len(queued), check_health=False)
 
 
 async def execute(

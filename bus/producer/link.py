@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import hiredis
 from redis.connection import parse_url
 
-from bus.producer.resp import command
+from bus.runtime.roundtrip import command
 
 Reply = Any
 """A hiredis reply: bytes, int, list, or a ``hiredis.ReplyError`` for an error reply."""

@@ -18,11 +18,6 @@ Entry = tuple[bytes, bytes]
 """(the partition's packed XADD head, the payload)."""
 
 
-def command(*args: bytes) -> bytes:
-    """One command as RESP."""
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
 def xadd_head(key: str, maxlen: int) -> bytes:
     """RESP for ``XADD key MAXLEN ~ maxlen * e``, missing only the payload."""
     args = [b"XADD", key.encode(), b"MAXLEN", b"~", str(maxlen).encode(), b"*", ENTRY_FIELD]

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from bus.errors import EventDecodeError, EventRejected
 from bus.events import Event, UnknownEvent, decode, encode
 from bus.keys import ENTRY_FIELD, Keys
+from bus.parsing import entry_order
 from bus.runtime import deadletter
 from bus.runtime.lease import HeldPartition
 from bus.runtime.outage import TRANSIENT_ERRORS
@@ -122,7 +123,7 @@ class BatchProcessor:
                     )
                     dead.append(self._dead(reason, error, part, delivery.entry_id, payload))
                 # Dead letters keep stream order, whichever way each one failed.
-                dead.sort(key=lambda fields: _id_order(fields[b"entry_id"]))
+                dead.sort(key=lambda fields: entry_order(fields[b"entry_id"]))
         part.check()
         if not holds and not due:
             ack = [entry_id for entry_id, _ in entries]
@@ -287,8 +288,3 @@ def payload_of(fields: Fields) -> bytes:
         if fields[at] == ENTRY_FIELD:
             return fields[at + 1]
     return b""
-
-
-def _id_order(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from bus.parsing import entry_order
 from bus.runtime.outage import FIRST_BACKOFF_S, MAX_BACKOFF_S
 
 if TYPE_CHECKING:
@@ -150,9 +151,4 @@ class TraceHolds:
 
 
 def _in_stream_order(deliveries: Iterable[Delivery]) -> list[Delivery]:
-    return sorted(deliveries, key=lambda d: _id_order(d.entry_id))
-
-
-def _id_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    return sorted(deliveries, key=lambda d: entry_order(d.entry_id))

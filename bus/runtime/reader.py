@@ -149,14 +149,8 @@ class PartitionReader:
     ) -> tuple[Entries, str]:
         """A read that does not block, while ``held`` entries read before are handled."""
         part.check()
-        reply, pending = await self._xread(part, stream, consumer, ">", None, check=True)
-        entries = entries_of(reply)
-        # The held entries are still pending (acknowledged with the next read),
-        # and so are those of held-back traces.
-        if entries and pending > held + len(entries) + part.holds.entries:
-            log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
-            return [], "0"
-        return entries, ">"
+        new = await self._read_new(part, stream, consumer, None, in_hand=held)
+        return ([], "0") if new is None else (new, ">")
 
     async def flush_acks(self, part: HeldPartition) -> None:
         """Acknowledge the last batch now instead of with the next read."""
@@ -223,7 +217,13 @@ class PartitionReader:
         return new, ">"
 
     async def _read_new(
-        self, part: HeldPartition, stream: str, consumer: str, block: int | None
+        self,
+        part: HeldPartition,
+        stream: str,
+        consumer: str,
+        block: int | None,
+        *,
+        in_hand: int = 0,
     ) -> Entries | None:
         """New entries, or None when older ones wait, parked, in this name's pending list.
 
@@ -233,10 +233,12 @@ class PartitionReader:
         out. The pending count read right after every read tells: if this
         name holds more than it just received, the caller re-reads the whole
         pending list, which returns the parked entries first, in stream order.
+        Still pending, and so not parked: the ``in_hand`` entries of a batch being
+        handled while this read went ahead, and those of held-back traces.
         """
         reply, pending = await self._xread(part, stream, consumer, ">", block, check=True)
         entries = entries_of(reply)
-        if entries and pending > len(entries) + part.holds.entries:
+        if entries and pending > in_hand + len(entries) + part.holds.entries:
             log.warning("re-reading parked entries of %s partition %d", self._group, part.index)
             return None
         return entries
@@ -293,7 +295,7 @@ class PartitionReader:
         commands.append(xreadgroup(key, group, consumer.encode(), cursor.encode(), count, block))
         if check:
             commands.append(command(b"XPENDING", key, group))
-        return await round_trip(self._redis, commands)
+        return await round_trip(self._redis, commands, len(commands))
 
 
 def entries_of(reply: Any) -> Entries:

@@ -4,11 +4,16 @@ Each read is one write and its replies: the ``XACK`` of the ids handled since th
 last read, the ``XREADGROUP`` and, when asked, the ``XPENDING`` summary. Through
 redis-py's pipeline (a command object per call, each of the ack's ids encoded
 argument by argument, a reply callback per command) a bare read-and-ack loop
-spends about 2.5 µs of CPU per entry; packed by hand, as the publisher's batches
-are (:mod:`bus.producer.resp`), about 1.4 (``bench.consume``). The replies stay
-as Redis sent them: redis-py's parsing would also build a dict per entry, which
-costs about as much as decoding the event. A cluster client routes each command to its slot's
-master and is used through its pipeline instead (see :mod:`bus.runtime.reader`).
+spends about 2.5 µs of CPU per entry; packed by hand, about 1.4
+(``bench.consume``). The replies stay as Redis sent them: redis-py's parsing
+would also build a dict per entry, which costs about as much as decoding the
+event. A cluster client routes each command
+to its slot's master and is used through its pipeline instead (see
+:mod:`bus.runtime.reader`).
+
+:func:`command` and :func:`round_trip` serve the other hand-packed paths too:
+the publisher's connection set-up (:mod:`bus.producer.link`) and the fan-out
+handler's writes (:mod:`bus.fanout.wire`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 
 def command(*args: bytes) -> bytes:
@@ -41,17 +47,34 @@ def xreadgroup(
     return command(*head, *blocking, b"STREAMS", stream, cursor)
 
 
-async def round_trip(redis: aioredis.Redis, commands: Sequence[bytes]) -> list[Any]:
-    """Write the packed ``commands`` on one of ``redis``'s pooled connections and read
-    one reply each. An error reply raises (a ``ResponseError``), as any failure does."""
+async def round_trip(
+    redis: aioredis.Redis, packed: Sequence[bytes], replies: int, *, check_health: bool = True
+) -> list[Any]:
+    """Write ``packed`` (``replies`` commands) on one of ``redis``'s pooled connections
+    and read their replies, as Redis sent them.
+
+    Raises the first error reply after reading every reply (the connection stays
+    in step for its next user), like a pipeline with ``raise_on_error``; any other
+    failure (a timeout, a cancel) leaves replies unread, so the connection is
+    dropped.
+    """
     pool = redis.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        await conn.send_packed_command(list(commands))
-        return [await conn.read_response() for _ in commands]
+        await conn.send_packed_command(list(packed), check_health=check_health)
+        answers: list[Any] = []
+        error: ResponseError | None = None
+        for _ in range(replies):
+            try:
+                answers.append(await conn.read_response())
+            except ResponseError as exc:
+                answers.append(exc)
+                error = error or exc
     except BaseException:
-        # Replies left unread would answer the connection's next user: start over.
         await conn.disconnect()
         raise
     finally:
         await pool.release(conn)
+    if error is not None:
+        raise error
+    return answers
