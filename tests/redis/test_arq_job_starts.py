@@ -82,6 +82,22 @@ async def test_each_start_is_one_round_trip_and_only_claimable_jobs_start(
     assert started == [f"j{n}" for n in range(20) if n not in (3, 4)]
     assert worker.sem._value == 50  # every slot given back, taken or not
 
+    # The next poll lists the jobs this worker is running again: no round trip for them.
+    release = asyncio.Event()
+
+    async def run_until_released(job_id: str, score: int) -> None:
+        await release.wait()
+
+    worker.run_job = run_until_released  # type: ignore[method-assign]
+    worker.tasks.clear()
+    await pool.enqueue_job("job", 50, _job_id="long")
+    await worker.start_jobs([b"long"])
+    CountingConnection.writes = 0
+    await worker.start_jobs([b"long", b"long"])
+    assert CountingConnection.writes == 0
+    release.set()
+    await asyncio.gather(*worker.tasks.values())
+
     # A claimed job is marked in progress: claiming it again starts nothing.
     worker.run_job = real_run_job  # type: ignore[method-assign]
     worker.tasks.clear()
