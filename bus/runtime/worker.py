@@ -7,7 +7,9 @@ Each stage package has a ``worker`` module whose factory calls
 
 and is started with ``arq workers.traces.WorkerSettings``. arq's own job
 queue (``{prefix}:arq:{worker}``) runs beside the consumer for jobs such as
-webhook attempts; ``arq --check`` reads the health key arq keeps fresh.
+webhook attempts, each started with one round trip
+(:mod:`bus.runtime.jobstarts`); ``arq --check`` reads the health key arq
+keeps fresh.
 The consumer and handlers use the data plane's Redis (a cluster or not, see
 :mod:`bus.connect`); arq's keys live on ``LCBUS_QUEUE_REDIS_URL``, a
 standalone Redis (the data plane's own Redis when that is standalone).
@@ -38,6 +40,7 @@ from bus.connect import async_client, queue_url
 from bus.keys import Keys
 from bus.runtime.arqpool import arq_pool
 from bus.runtime.consumer import BatchHandler, GroupConsumer
+from bus.runtime.jobstarts import claim_jobs_in_one_round_trip, running_worker
 from bus.runtime.metrics import MetricsExporter
 from bus.settings import Settings
 
@@ -210,6 +213,9 @@ def consumer_worker_settings(
 
     async def startup(ctx: dict[str, Any]) -> None:
         queue_url(cfg)  # a clear ConfigError when the data plane is a cluster and arq is on it
+        worker = running_worker()
+        if worker is not None:
+            claim_jobs_in_one_round_trip(worker, keys=Keys(cfg.prefix, cfg.partitions))
         wctx = WorkerContext(settings=cfg, redis=redis_client(cfg), arq=ctx)
         wctx.cleanup.push_async_callback(wctx.redis.aclose)
         _stop_on_signals(wctx)

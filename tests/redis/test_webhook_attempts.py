@@ -268,6 +268,24 @@ async def test_the_logged_response_is_cut_at_the_bound(rig: Rig) -> None:
     assert await rig.log(endpoint) == [(1, 200, "success", "xxxxxxxx", "")]
 
 
+async def test_a_receivers_cookie_is_never_sent_back(rig: Rig) -> None:
+    # Webhooks carry their signature, nothing a receiver asked to keep: a cookie
+    # set by one answer must not ride on the next delivery (to it or anyone).
+    endpoint = await rig.registry.add(URL)
+    rig.receiver.answers = [
+        answer(200, **{"set-cookie": "session=abc; Path=/"}),
+        answer(200),
+    ]
+    async with rig.deliverer() as deliverer:
+        await rig.route_one(endpoint)
+        await rig.route_one(endpoint)
+        for queued in await rig.queued():
+            assert await deliverer.attempt(queued.job) == Outcome.DELIVERED
+    first, second = rig.receiver.requests
+    assert "cookie" not in first.headers and "cookie" not in second.headers
+    assert second.headers["user-agent"].startswith("lcbus-webhooks/")
+
+
 def test_outcomes_keep_their_wire_values() -> None:
     # arq stores them as job results and logs print them: the values are the contract.
     assert {o.name: o.value for o in Outcome} == {

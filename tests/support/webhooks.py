@@ -18,6 +18,7 @@ from arq.worker import func
 from bus.events import ChainEnd, CustomEvent, LLMNewToken, ToolEnd, new_event_id
 from bus.keys import Keys
 from bus.runtime.arqpool import arq_pool
+from bus.runtime.jobstarts import claim_jobs_in_one_round_trip
 from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, deliver_webhook
@@ -130,6 +131,8 @@ async def run_jobs(settings: Settings, redis: aioredis.Redis) -> None:
             ctx=ctx,
             log_results=False,
         )
+        # As the worker process does (bus.runtime.worker): one round trip per job start.
+        claim_jobs_in_one_round_trip(worker, keys=Keys(settings.prefix, settings.partitions))
         try:
             await worker.main()
         finally:
