@@ -3,7 +3,7 @@
 Phase 1, the burst: this process is the app (``BusCallbackHandler``, ``traces``
 LLM runs streaming ``rate`` tokens/s each for ``seconds``); a fan-out worker
 (arq, from its command line) and one frontend (``lcbus serve``) run beside it.
-One second into the runs, ``clients`` httpx SSE clients (split over
+One second into the runs, ``clients`` SSE clients (split over
 ``client_procs`` processes) all connect at once, spread evenly over the
 traces. Every client must end with every event of its trace, in order, with
 the exact text the app sent (the part sent before it connected comes from
@@ -108,9 +108,10 @@ class ClientGroup:
             opened += int(line[1])
         return opened
 
-    def collect(self, timeout_s: float) -> tuple[list[dict[str, Any]], list[int]]:
+    def collect(self, timeout_s: float) -> tuple[list[dict[str, Any]], list[int], list[int]]:
         clients: list[dict[str, Any]] = []
         latencies: list[int] = []
+        steady: list[int] = []
         for proc, result in zip(self.procs, self.results, strict=True):
             proc.wait(timeout=timeout_s)
             body = json.loads(result.read_text())
@@ -118,7 +119,8 @@ class ClientGroup:
             result.with_suffix("").unlink(missing_ok=True)
             clients += body["clients"]
             latencies += body["latencies_ns"]
-        return clients, latencies
+            steady += body["steady_latencies_ns"]
+        return clients, latencies, steady
 
     def kill(self) -> None:
         for proc in self.procs:
@@ -239,13 +241,15 @@ def _burst(app: App, port: int, env: dict[str, str], args: argparse.Namespace) -
         time.sleep(max(0.0, start_at - 1.0 - time.time()))
         app.stream(runs, args.rate, args.seconds)
         app.end(runs)
-        clients, latencies = group.collect(timeout_s=120)
+        clients, latencies, steady = group.collect(timeout_s=120)
     finally:
         group.kill()
-    return _summary(app, clients, latencies)
+    return _summary(app, clients, latencies, steady)
 
 
-def _summary(app: App, clients: list[dict[str, Any]], latencies: list[int]) -> dict[str, Any]:
+def _summary(
+    app: App, clients: list[dict[str, Any]], latencies: list[int], steady: list[int]
+) -> dict[str, Any]:
     exact = 0
     for client in clients:
         trace = client["url"].split("/")[-2]
@@ -262,6 +266,9 @@ def _summary(app: App, clients: list[dict[str, Any]], latencies: list[int]) -> d
         "p99_ms": round(percentile(ms, 99), 1),
         "max_ms": round(max(ms, default=float("nan")), 1),
         "tokens_measured": len(ms),
+        # Past the burst (tokens sent 2 s or more after the client's stream opened).
+        "steady_p50_ms": round(percentile([lat / 1e6 for lat in steady], 50), 1),
+        "steady_p99_ms": round(percentile([lat / 1e6 for lat in steady], 99), 1),
         "resumes": sum(c["resumes"] for c in clients),
         "errors": errors[:3],
     }
@@ -286,7 +293,7 @@ def _idle(
         cpu_pct = 100 * (cpu_s(pid) - cpu0) / (time.monotonic() - wall0)
         rss = rss_mb(pid)
         app.end(runs)
-        clients, _ = group.collect(timeout_s=300)
+        clients, _, _ = group.collect(timeout_s=300)
     finally:
         group.kill()
     return {

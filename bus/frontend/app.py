@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from bus.connect import async_client, is_cluster
 from bus.frontend.commands import commands
+from bus.frontend.event_stream import SERVER_SEND_SCOPE_KEY
 from bus.frontend.hub import Hub, hub_name
 from bus.frontend.sse import (
     TRANSPORT_SCOPE_KEY,
@@ -149,12 +150,15 @@ class FrontendApp(Starlette):
     reading. Under uvicorn the ``send`` callable belongs to an object holding
     the connection's transport: it is put in the scope as ``lcbus.transport``
     (absent under other servers, where a frozen client waits for the send timeout).
+    The ``send`` itself goes in as ``lcbus.server_send``, for the body chunks of
+    event streams (see :mod:`bus.frontend.event_stream`).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         transport = getattr(getattr(send, "__self__", None), "transport", None)
         if is_transport(transport):
             scope[TRANSPORT_SCOPE_KEY] = transport
+        scope[SERVER_SEND_SCOPE_KEY] = send
         await super().__call__(scope, receive, send)
 
 

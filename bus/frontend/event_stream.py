@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
 
+SERVER_SEND_SCOPE_KEY = "lcbus.server_send"
+"""The server's own ``send`` of the connection, as the app received it (see FrontendApp).
+
+The body chunks of a stream go there, past the middleware's wrappers: those
+(Starlette's error handlers, CORS) act on the response start only, and they
+were three coroutine calls of every chunk, to every client.
+"""
+
 _HEADERS = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
@@ -109,10 +117,10 @@ class EventStreamResponse(Response):
         self.drains = drains
         self._on_send_timeout = on_send_timeout
         self._send: Send | None = None
+        self._body_send: Send | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped: str | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._lock = asyncio.Lock()  # a ping and a chunk are never sent at once
         self._sending_since: float | None = None
         self._last_sent = 0.0
         self._pinging: asyncio.Future[None] | None = None  # held: the loop keeps weak refs
@@ -128,6 +136,7 @@ class EventStreamResponse(Response):
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._send = send
+        self._body_send = scope.get(SERVER_SEND_SCOPE_KEY, send)
         if self._streams is not None:
             self._streams.add(self)
         listener = asyncio.ensure_future(self._until_disconnect(receive))
@@ -143,6 +152,7 @@ class EventStreamResponse(Response):
             if self._streams is not None:
                 self._streams.discard(self)
             self._task = self._timer = None  # no cycle left for the garbage collector
+            self._send = self._body_send = None
             await self._close_frames()
 
     async def _stream(self) -> None:
@@ -166,8 +176,8 @@ class EventStreamResponse(Response):
             if self._stopped == SHUTDOWN:
                 # Ended cleanly, not cut: a client reconnects (to any frontend) and resumes.
                 with contextlib.suppress(OSError):
-                    assert self._send is not None
-                    await self._send(
+                    assert self._body_send is not None
+                    await self._body_send(
                         {"type": "http.response.body", "body": b"", "more_body": False}
                     )
         except OSError:
@@ -180,17 +190,21 @@ class EventStreamResponse(Response):
                 await aclose()
 
     async def _write(self, chunk: bytes, *, more_body: bool = True) -> None:
-        assert self._send is not None
+        """One send at a time: a chunk waits for a ping still in its send (rare: a ping
+        starts only while no chunk is being sent), and a ping gives way to a chunk."""
+        assert self._body_send is not None
+        pinging = self._pinging
+        if pinging is not None and not pinging.done() and chunk is not PING:
+            await asyncio.shield(pinging)
         loop = asyncio.get_running_loop()
-        async with self._lock:
-            self._sending_since = loop.time()
-            try:
-                await self._send(
-                    {"type": "http.response.body", "body": chunk, "more_body": more_body}
-                )
-            finally:
-                self._sending_since = None
-                self._last_sent = loop.time()
+        self._sending_since = loop.time()
+        try:
+            await self._body_send(
+                {"type": "http.response.body", "body": chunk, "more_body": more_body}
+            )
+        finally:
+            self._sending_since = None
+            self._last_sent = loop.time()
 
     async def _until_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -229,5 +243,7 @@ class EventStreamResponse(Response):
         self._timer = loop.call_at(due, self._tick)
 
     async def _ping(self) -> None:
+        if self._sending_since is not None or self._stopped is not None:
+            return  # a chunk went out since the timer fired: no ping needed, and none at once
         with contextlib.suppress(OSError):
             await self._write(PING)

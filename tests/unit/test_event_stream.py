@@ -7,7 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bus.frontend.event_stream import PING, EventStreamResponse, EventStreams
+from bus.frontend.event_stream import (
+    PING,
+    SERVER_SEND_SCOPE_KEY,
+    EventStreamResponse,
+    EventStreams,
+)
 from tests.support.waiting import wait_until_async
 
 
@@ -136,3 +141,52 @@ async def test_head_gets_the_headers_and_no_stream() -> None:
     await _start(EventStreamResponse(source.frames(), ping_s=30, send_timeout_s=5), server)
     assert server.messages[0]["status"] == 200 and server.complete and server.body == b""
     assert not source.closed  # never iterated
+
+
+async def test_body_chunks_go_to_the_servers_own_send_past_the_middleware() -> None:
+    server, source = _Server(), _Frames()
+    wrapped: list[str] = []
+
+    async def middleware_send(message: dict[str, Any]) -> None:
+        wrapped.append(message["type"])
+        await server.send(message)
+
+    scope = {**server.scope, SERVER_SEND_SCOPE_KEY: server.send}
+    response = EventStreamResponse(source.frames(), ping_s=30, send_timeout_s=5)
+    task = asyncio.ensure_future(response(scope, server.receive, middleware_send))
+    source.queue.put_nowait(b"data: 1\n\n")
+    await wait_until_async(lambda: b"data: 1" in server.body, within=10, what="the frame")
+    assert wrapped == ["http.response.start"]
+    server.gone.set()
+    await task
+
+
+async def test_a_chunk_waits_for_a_ping_still_in_its_send() -> None:
+    server, source = _Server(), _Frames()
+    release = asyncio.Event()
+    in_send: list[bytes] = []
+    overlapped: list[bool] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        body = message.get("body", b"")
+        overlapped.append(bool(in_send))
+        in_send.append(body)
+        try:
+            if body == PING:
+                await release.wait()
+            await server.send(message)
+        finally:
+            in_send.remove(body)
+
+    response = EventStreamResponse(source.frames(), ping_s=0.05, send_timeout_s=5)
+    task = asyncio.ensure_future(response(server.scope, server.receive, send))
+    await wait_until_async(lambda: PING in in_send, within=10, what="a ping in its send")
+    source.queue.put_nowait(b"data: 1\n\n")
+    await asyncio.sleep(0.1)
+    assert b"data: 1" not in server.body
+    release.set()
+    await wait_until_async(lambda: b"data: 1" in server.body, within=10, what="the frame")
+    assert not any(overlapped)
+    assert server.body.index(PING) < server.body.index(b"data: 1")
+    server.gone.set()
+    await task
