@@ -258,6 +258,7 @@ def _summary(
             exact += 1
     errors = sorted({c["error"] for c in clients if c["error"]})
     ms = [lat / 1e6 for lat in latencies]
+    steady_ms = [lat / 1e6 for lat in steady]
     return {
         "clients": len(clients),
         "completed": sum(1 for c in clients if c["ended"] and not c["error"]),
@@ -267,8 +268,8 @@ def _summary(
         "max_ms": round(max(ms, default=float("nan")), 1),
         "tokens_measured": len(ms),
         # Past the burst (tokens sent 2 s or more after the client's stream opened).
-        "steady_p50_ms": round(percentile([lat / 1e6 for lat in steady], 50), 1),
-        "steady_p99_ms": round(percentile([lat / 1e6 for lat in steady], 99), 1),
+        "steady_p50_ms": round(percentile(steady_ms, 50), 1),
+        "steady_p99_ms": round(percentile(steady_ms, 99), 1),
         "resumes": sum(c["resumes"] for c in clients),
         "errors": errors[:3],
     }
