@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from bus import events as ev
 from bus.fanout.handler import FanoutHandler
 from bus.runtime.consumer import Delivery
+from bus.runtime.resp_link import RespLink
 from bus.settings import DEFAULT_REDIS_URL, Settings
 
 
@@ -53,7 +54,9 @@ def _deliveries(streams: int, tokens: int, token_gap_s: float) -> list[Delivery]
 async def _run(settings: Settings, items: list[Delivery], batch: int) -> tuple[float, float, int]:
     """(wall s, this process's CPU s, protocol events written)."""
     client = aioredis.Redis.from_url(settings.redis_url)
-    handler = FanoutHandler(redis=client, settings=settings)
+    # Its own connection, as the fan-out worker gives it (bus.fanout.worker).
+    link = RespLink.for_client(client)
+    handler = FanoutHandler(redis=client, settings=settings, link=link)
     try:
         started, cpu = time.perf_counter(), time.process_time()
         for offset in range(0, len(items), batch):
@@ -64,6 +67,8 @@ async def _run(settings: Settings, items: list[Delivery], batch: int) -> tuple[f
         keys = [k async for k in client.scan_iter(match=f"{settings.prefix}:*", count=1000)]
         for offset in range(0, len(keys), 500):
             await client.delete(*keys[offset : offset + 500])
+        if link is not None:
+            link.close()
         await client.aclose()
 
 

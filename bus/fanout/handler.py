@@ -43,6 +43,7 @@ from bus.history import SCRIPTS, GuardedWriter, Outgoing, Topic
 from bus.keys import HISTORY_CHANNEL, HISTORY_PAYLOAD, STATE_BLOB, STATE_VERSION, Keys
 from bus.parsing import text
 from bus.runtime.consumer import Delivery
+from bus.runtime.resp_link import RespLink
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,13 @@ class FanoutHandler:
     """A :data:`~bus.runtime.consumer.BatchHandler` writing protocol events to trace and thread
     history."""
 
-    def __init__(self, *, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, *, redis: aioredis.Redis, settings: Settings, link: RespLink | None = None
+    ) -> None:
         self._redis = redis
+        self._link = link
+        """Where the handler's round trips go when given (the worker gives it one of its
+        own, see :mod:`bus.runtime.resp_link`); else through ``redis``'s pool."""
         self._keys = Keys(settings.prefix, settings.partitions)
         self._writer = GuardedWriter(
             redis, self._keys, maxlen=settings.history_maxlen, ttl_s=settings.history_ttl_s
@@ -130,7 +136,7 @@ class FanoutHandler:
             for trace in traces:
                 pipe.hmget(self._keys.fanout_state(trace), [STATE_VERSION, STATE_BLOB])
 
-        replies = await send(self._redis, build)
+        replies = await send(self._redis, build, link=self._link)
         for trace, (version, blob) in zip(traces, replies, strict=True):
             self._cache[trace] = state = fanstate.load(blob, version)
             if state.version == 0:
@@ -149,7 +155,7 @@ class FanoutHandler:
                     written.append((trace, events))
 
         try:
-            replies = await send(self._redis, build)
+            replies = await send(self._redis, build, link=self._link)
         except BaseException:
             # The state in memory may be ahead of Redis now: reload it next time.
             for trace in groups:
@@ -228,7 +234,7 @@ class FanoutHandler:
                     items=c.items,
                 )
 
-        return await execute(self._redis, SCRIPTS, build)
+        return await execute(self._redis, SCRIPTS, build, link=self._link)
 
     async def _catch_up(self, trace: str, thread: str) -> None:
         """Copy to the thread every trace history entry after the thread's marker."""

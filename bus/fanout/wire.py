@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import DataError, NoScriptError
 
 from bus.connect import is_cluster_client
+from bus.runtime.resp_link import RespLink
 from bus.runtime.roundtrip import round_trip
 from bus.scripts import LuaScript
 from bus.scripts import send as pipelined
@@ -80,11 +81,15 @@ def pack(commands: list[tuple[Arg, ...]]) -> bytes:
     return b"".join(parts)
 
 
-async def send(redis: aioredis.Redis, build: Callable[[Any], None]) -> list[Any]:
+async def send(
+    redis: aioredis.Redis, build: Callable[[Any], None], *, link: RespLink | None = None
+) -> list[Any]:
     """The commands ``build`` queues, sent in one round trip; their replies in order.
 
     Raises the first error reply (after reading every reply, so that the
-    connection stays in step), like a pipeline with ``raise_on_error``.
+    connection stays in step), like a pipeline with ``raise_on_error``. Over
+    ``link`` when given (standalone only), else on one of ``redis``'s pooled
+    connections.
     """
     if is_cluster_client(redis):
         return await pipelined(redis, build)
@@ -93,16 +98,22 @@ async def send(redis: aioredis.Redis, build: Callable[[Any], None]) -> list[Any]
     if not commands.queued:
         return []
     queued = commands.queued
+    if link is not None:
+        return await link.round_trip([pack(queued)], len(queued))
     return await round_trip(redis, [pack(queued)], len(queued), check_health=False)
 
 
 async def execute(
-    redis: aioredis.Redis, scripts: Sequence[LuaScript], build: Callable[[Any], None]
+    redis: aioredis.Redis,
+    scripts: Sequence[LuaScript],
+    build: Callable[[Any], None],
+    *,
+    link: RespLink | None = None,
 ) -> list[Any]:
     """:func:`send`, loading ``scripts`` and sending again once on NOSCRIPT."""
     try:
-        return await send(redis, build)
+        return await send(redis, build, link=link)
     except NoScriptError:
         for script in scripts:
             await redis.script_load(script.text)
-    return await send(redis, build)
+    return await send(redis, build, link=link)

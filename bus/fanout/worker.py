@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bus.fanout.handler import FanoutHandler
 from bus.runtime.consumer import BatchHandler
+from bus.runtime.resp_link import RespLink
 from bus.runtime.worker import WorkerContext, consumer_worker_settings
 from bus.settings import Settings
 
@@ -15,8 +16,15 @@ GROUP = "fanout"
 
 
 async def build_fanout(ctx: WorkerContext) -> BatchHandler:
-    """The :data:`bus.runtime.worker.HandlerFactory` of the fan-out worker."""
-    return FanoutHandler(redis=ctx.redis, settings=ctx.settings)
+    """The :data:`bus.runtime.worker.HandlerFactory` of the fan-out worker.
+
+    The handler writes on a connection of its own (where the client allows one):
+    its round trips then skip redis-py's per-command costs (see
+    :mod:`bus.runtime.resp_link`)."""
+    link = RespLink.for_client(ctx.redis)
+    if link is not None:
+        ctx.cleanup.callback(link.close)
+    return FanoutHandler(redis=ctx.redis, settings=ctx.settings, link=link)
 
 
 def worker_settings(settings: Settings | None = None) -> type:

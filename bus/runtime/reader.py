@@ -9,8 +9,10 @@ checked before every read and no blocking read outlasts it, so a read served
 after the lease moved cannot park entries under a name another replica owns.
 
 On a standalone Redis each read is packed by hand and its replies stay as Redis
-sent them (:mod:`bus.runtime.roundtrip`); a cluster client reads through its
-pipeline, and :func:`entries_of` reads both shapes.
+sent them (:mod:`bus.runtime.roundtrip`), on a connection of the partition's own
+(:class:`~bus.runtime.resp_link.RespLink`, where the client's options allow one);
+a cluster client reads through its pipeline, and :func:`entries_of` reads both
+shapes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bus.parsing import text
 from bus.runtime.batches import BatchHandler, BatchProcessor, ConsumerStats, Entries
 from bus.runtime.lease import HeldPartition
 from bus.runtime.outage import TRANSIENT_ERRORS, Outage
+from bus.runtime.resp_link import RespLink
 from bus.runtime.roundtrip import command, round_trip, xack, xreadgroup
 from bus.settings import Settings
 
@@ -79,9 +82,23 @@ class PartitionReader:
         self._stats = stats
         self._margin_s = margin_s
         self._stopping = stopping
+        self._links: dict[int, RespLink] = {}
+        """Each running partition's own connection for its reads (standalone Redis)."""
 
     async def run(self, part: HeldPartition) -> None:
         """Read and process until the consumer stops or the partition is to be released."""
+        link = RespLink.for_client(self._redis) if self._by_hand else None
+        if link is not None:
+            self._links[part.index] = link
+        try:
+            await self._run(part)
+        finally:
+            if link is not None:
+                link.close()
+                if self._links.get(part.index) is link:
+                    del self._links[part.index]
+
+    async def _run(self, part: HeldPartition) -> None:
         stream = self._keys.events(part.index)
         consumer = f"p{part.index}"
         outage = Outage(f"consumer {self._group} partition {part.index}", self._stats)
@@ -295,6 +312,9 @@ class PartitionReader:
         commands.append(xreadgroup(key, group, consumer.encode(), cursor.encode(), count, block))
         if check:
             commands.append(command(b"XPENDING", key, group))
+        link = self._links.get(part.index)
+        if link is not None:
+            return await link.round_trip(commands, len(commands), blocking=block is not None)
         return await round_trip(self._redis, commands, len(commands))
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,20 @@ class OwnedRedis:
     :meth:`close`, to kill it and remove its data directory.
     """
 
-    def __init__(self, *, aof: bool = False) -> None:
+    def __init__(
+        self, *, aof: bool = False, password: str | None = None, args: Sequence[str] = ()
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
         self.binary = binary
         self.aof = aof
+        self.password = password
+        self.args = list(args)
+        """More ``redis-server`` options (say, ``--unixsocket PATH``)."""
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.dir = Path(tempfile.mkdtemp(prefix="lcbus-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -55,11 +62,13 @@ class OwnedRedis:
                 self.binary,
                 *("--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--dir", str(self.dir), *aof),
+                *(("--requirepass", self.password) if self.password else ()),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         try:
             wait_until(lambda: self._pings(client), within=10, what="redis-server up", every=0.02)
         finally:
@@ -91,7 +100,7 @@ class OwnedRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        return redis.Redis(port=self.port, password=self.password)
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self.process is not None, "the server is not running"
