@@ -207,7 +207,7 @@ class RespLink:
                 raise RedisTimeoutError(f"Timeout connecting to {where}") from None
             except OSError as exc:
                 raise RedisConnectionError(f"Error connecting to {where}: {exc}") from exc
-            assert isinstance(transport, asyncio.Transport)
+            # Not checked: uvloop's transports do not derive from asyncio's classes.
             self._transport, self._protocol = transport, protocol
             self._reader = hiredis.Reader(
                 protocolError=InvalidResponse, replyError=BaseParser.parse_error

@@ -242,3 +242,24 @@ async def test_a_closed_link_refuses_round_trips(async_redis: aioredis.Redis) ->
     link.close()
     with pytest.raises(RedisConnectionError, match="closed"):
         await link.round_trip([command(b"PING")], 1)
+
+
+def test_a_link_runs_on_uvloop(settings: Settings) -> None:
+    """uvloop's transports are not asyncio's classes; the frontend's loop is uvloop."""
+    uvloop = pytest.importorskip("uvloop")
+    key = f"{settings.prefix}:uv".encode()
+
+    async def run() -> list[object]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        link = _link(client)
+        try:
+            await link.round_trip([command(b"SET", key, b"1")], 1)
+            return await asyncio.gather(
+                *(link.round_trip([command(b"GET", key)], 1) for _ in range(20))
+            )
+        finally:
+            link.close()
+            await client.delete(key)
+            await client.aclose()
+
+    assert uvloop.run(run()) == [[b"1"]] * 20
