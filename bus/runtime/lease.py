@@ -183,6 +183,7 @@ class HeldPartition:
         "index",
         "lost",
         "next_pending_check",
+        "reading_ahead",
         "release",
         "task",
         "unacked",
@@ -200,6 +201,8 @@ class HeldPartition:
         self.unacked: list[bytes] = []
         # When an idle reader next looks for entries parked in its pending list.
         self.next_pending_check = 0.0
+        # The last read made ahead found entries: the partition is busy (see the reader).
+        self.reading_ahead = False
         # Traces whose work fails on their own node: held back, the rest flows on.
         # Gone with the lease: the next holder re-reads their entries from pending.
         self.holds = TraceHolds(what or f"partition {index}")

@@ -42,6 +42,9 @@ IDLE_SLEEP_S = 0.05
 """Pause after an empty read that came back early (a server whose blocking read does
 not block, such as plain fakeredis 2.40)."""
 MIN_BLOCK_MS = 20
+READ_AHEAD_AT = 8
+"""A batch this big (or full, or after a read ahead that found entries) says entries come
+faster than they are handled: the next read goes out while this batch is handled."""
 
 
 async def ensure_group(redis: aioredis.Redis, keys: Keys, group: str, partition: int) -> None:
@@ -145,8 +148,17 @@ class PartitionReader:
         this one's acknowledgement goes with the read after it. A replay of
         pending entries (cursor ``0``…), a reader about to stop and one holding
         back all the entries it may (:mod:`bus.runtime.holds`) read nothing ahead.
+
+        Nor does a quiet partition: a batch of a few entries (not full), after a read ahead
+        that found none (or none made), means the stream was drained when read;
+        a read ahead would come back empty, and is one round trip of three
+        per batch then. The blocking read after the batch gets what arrived
+        meanwhile at once.
         """
-        if cursor != ">" or self._stopping() or part.release or part.holds.full:
+        busy_at = min(READ_AHEAD_AT, self._settings.read_count)  # a full batch: more may wait
+        quiet = len(entries) < busy_at and not part.reading_ahead
+        if cursor != ">" or quiet or self._stopping() or part.release or part.holds.full:
+            part.reading_ahead = False
             await self._processor.process(part, entries)
             return [], cursor
         ahead = asyncio.create_task(self._read_ahead(part, stream, consumer, held=len(entries)))
@@ -167,6 +179,7 @@ class PartitionReader:
         """A read that does not block, while ``held`` entries read before are handled."""
         part.check()
         new = await self._read_new(part, stream, consumer, None, in_hand=held)
+        part.reading_ahead = bool(new)
         return ([], "0") if new is None else (new, ">")
 
     async def flush_acks(self, part: HeldPartition) -> None:

@@ -445,3 +445,54 @@ async def test_a_held_trace_goes_to_the_next_lease_holder_in_order(
         await wait_until_async(lambda: no_pending(async_redis, settings))
     assert healthy.seqs("t1") == []
     assert failing.seqs("t0") == []
+
+
+async def test_a_quiet_partition_reads_once_per_batch_and_a_busy_one_reads_ahead(
+    settings: Settings,
+    sync_redis: redis.Redis,
+    async_redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Events arriving one at a time cost one read each (the blocking read; a read
+    ahead would come back empty); a backlog is read ahead while batches are handled."""
+    from bus.runtime.resp_link import RespLink
+
+    reads = 0
+    round_trip = RespLink.round_trip
+
+    async def counted(self: RespLink, *args: object, **kwargs: object) -> list[object]:
+        nonlocal reads
+        reads += 1
+        return await round_trip(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RespLink, "round_trip", counted)
+    # Blocking reads that do not time out within the test (each would be one more read).
+    settings = settings.replace(
+        partitions=1, read_count=8, lease_ttl_ms=60_000, read_block_ms=5000, retry_backoff_ms=1
+    )
+    stream = Keys(settings.prefix, settings.partitions).events(0)
+    recorder = Recorder()
+    consumer = GroupConsumer(redis=async_redis, settings=settings, group=GROUP, handler=recorder)
+    await consumer.start()
+    try:
+        await wait_until_async(lambda: consumer.owned_partitions == {0})
+        await asyncio.sleep(0.3)  # past the pending re-read
+        for seq in range(1, 11):
+            before = reads
+            sync_redis.xadd(stream, {ENTRY_FIELD: encode(make_event("t-quiet", seq))})
+            await wait_until_async(lambda n=seq: len(recorder.seen) == n)  # type: ignore[misc]
+            await asyncio.sleep(0.02)  # the reader is blocked again
+            assert reads - before == 1, "a quiet partition read more than once per event"
+        with sync_redis.pipeline(transaction=True) as pipe:  # a backlog: 5 full batches
+            for seq in range(11, 51):
+                pipe.xadd(stream, {ENTRY_FIELD: encode(make_event("t-quiet", seq))})
+            pipe.execute()
+        before = reads
+        await wait_until_async(lambda: len(recorder.seen) == 50)
+        assert [d.event.seq for d in recorder.seen] == list(range(1, 51))
+        # Each full batch's successor was read while it was handled, and the
+        # read ahead after the last found nothing: 5 + 1 reads, then the block.
+        await asyncio.sleep(0.05)
+        assert reads - before <= 7
+    finally:
+        await consumer.aclose()
