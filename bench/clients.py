@@ -268,8 +268,9 @@ def _summary(
         "max_ms": round(max(ms, default=float("nan")), 1),
         "tokens_measured": len(ms),
         # Past the burst (tokens sent 2 s or more after the client's stream opened).
-        "steady_p50_ms": round(percentile(steady_ms, 50), 1),
-        "steady_p99_ms": round(percentile(steady_ms, 99), 1),
+        # null, not NaN (not JSON), on a run too short to have a steady part.
+        "steady_p50_ms": round(percentile(steady_ms, 50), 1) if steady_ms else None,
+        "steady_p99_ms": round(percentile(steady_ms, 99), 1) if steady_ms else None,
         "resumes": sum(c["resumes"] for c in clients),
         "errors": errors[:3],
     }
