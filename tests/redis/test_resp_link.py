@@ -8,8 +8,10 @@ client name, a Unix socket).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -28,6 +30,18 @@ def _link(client: aioredis.Redis) -> RespLink:
     link = RespLink.for_client(client)
     assert link is not None, "a plain TCP client gets a link"
     return link
+
+
+@contextlib.asynccontextmanager
+async def _link_to(url: str, **options: Any) -> AsyncIterator[RespLink]:
+    """A link made from a redis-py client of ``url`` (both closed afterwards)."""
+    client = aioredis.Redis.from_url(url, **options)
+    link = _link(client)
+    try:
+        yield link
+    finally:
+        link.close()
+        await client.aclose()
 
 
 @pytest.fixture
@@ -107,9 +121,7 @@ async def test_concurrent_round_trips_pipeline_on_one_connection(
 
 
 async def test_a_cancelled_caller_leaves_its_replies_to_be_dropped(owned: OwnedRedis) -> None:
-    client = aioredis.Redis.from_url(owned.url, socket_timeout=10)
-    link = _link(client)
-    try:
+    async with _link_to(owned.url, socket_timeout=10) as link:
         await link.round_trip([command(b"SET", b"k", b"first")], 1)
         owned.pause()  # the replies wait until the server runs again
         early = asyncio.ensure_future(link.round_trip([command(b"GET", b"k")], 1))
@@ -121,9 +133,6 @@ async def test_a_cancelled_caller_leaves_its_replies_to_be_dropped(owned: OwnedR
         assert await later == [b"later"]  # not the cancelled GET's reply
         assert early.cancelled()
         assert await link.round_trip([command(b"GET", b"k")], 1) == [b"first"]
-    finally:
-        link.close()
-        await client.aclose()
 
 
 async def test_a_cancelled_blocking_read_is_dropped_by_redis(
@@ -153,9 +162,7 @@ async def test_a_cancelled_blocking_read_is_dropped_by_redis(
 
 
 async def test_a_paused_server_times_out_and_the_link_reconnects(owned: OwnedRedis) -> None:
-    client = aioredis.Redis.from_url(owned.url, socket_timeout=0.3)
-    link = _link(client)
-    try:
+    async with _link_to(owned.url, socket_timeout=0.3) as link:
         assert await link.round_trip([command(b"PING")], 1) == [b"PONG"]
         owned.pause()
         try:
@@ -165,17 +172,12 @@ async def test_a_paused_server_times_out_and_the_link_reconnects(owned: OwnedRed
         finally:
             owned.resume()
         assert await link.round_trip([command(b"PING")], 1) == [b"PONG"]
-    finally:
-        link.close()
-        await client.aclose()
 
 
 async def test_a_killed_server_fails_the_waiters_and_a_new_one_is_reached(
     owned: OwnedRedis,
 ) -> None:
-    client = aioredis.Redis.from_url(owned.url, socket_timeout=5)
-    link = _link(client)
-    try:
+    async with _link_to(owned.url, socket_timeout=5) as link:
         await link.round_trip([command(b"SET", b"k", b"1")], 1)
         owned.pause()
         waiting = asyncio.ensure_future(link.round_trip([command(b"GET", b"k")], 1))
@@ -187,9 +189,6 @@ async def test_a_killed_server_fails_the_waiters_and_a_new_one_is_reached(
             await link.round_trip([command(b"PING")], 1)  # nobody listens
         owned.start()  # empty: it kept nothing on disk
         assert await link.round_trip([command(b"GET", b"k")], 1) == [None]
-    finally:
-        link.close()
-        await client.aclose()
 
 
 async def test_the_handshake_sends_password_database_and_name(tmp_path: Path) -> None:
@@ -213,15 +212,10 @@ async def test_the_handshake_sends_password_database_and_name(tmp_path: Path) ->
             finally:
                 link.close()
                 await client.aclose()
-        wrong = aioredis.Redis.from_url(f"redis://:nope@127.0.0.1:{server.port}/0")
-        link = _link(wrong)
-        try:
+        async with _link_to(f"redis://:nope@127.0.0.1:{server.port}/0") as wrong:
             with pytest.raises(AuthenticationError):
-                await link.round_trip([command(b"PING")], 1)
-            assert not link.connected
-        finally:
-            link.close()
-            await wrong.aclose()
+                await wrong.round_trip([command(b"PING")], 1)
+            assert not wrong.connected
 
 
 async def test_clients_a_link_does_not_cover_get_none() -> None:
