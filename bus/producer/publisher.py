@@ -359,12 +359,6 @@ class Publisher:
         return refused
 
     def _on_failure(self, batch: list[Entry], exc: BaseException) -> None:
-        self._errors += 1
-        self._connected = False
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        if not self._failing:
-            self._failing = True
-            log.warning("lcbus publisher cannot reach Redis (%s); buffering", self._last_error)
         # Put the batch back in front, in order, then apply the drop policy to
         # whatever exceeds the bound: the same outcome as if publish() had dropped.
         buffer = self._buffer
@@ -378,6 +372,14 @@ class Publisher:
             ):
                 self._buffered_bytes -= len(trim()[1])
                 self._dropped_by_flusher += 1
+        # Counted once the batch is back: stats that show the error show its batch
+        # in the buffer too, never in between.
+        self._errors += 1
+        self._connected = False
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if not self._failing:
+            self._failing = True
+            log.warning("lcbus publisher cannot reach Redis (%s); buffering", self._last_error)
 
     def _backoff(self) -> float:
         return min(_MAX_BACKOFF_S, 0.05 * 2.0 ** min(self._errors, 5))
