@@ -154,9 +154,6 @@ class RespLink:
         self._closed = True
         self._drop(RedisConnectionError("the link was closed"))
 
-    async def aclose(self) -> None:
-        self.close()
-
     # -- internals ---------------------------------------------------------------
 
     async def _exchange(self, data: bytes, replies: int, *, blocking: bool) -> list[Any]:
