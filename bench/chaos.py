@@ -61,6 +61,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk
 
 from bench._support import report
+from bus.demo.ports import free_port
 from bus.events import decode
 from bus.history import Topic, read_after
 from bus.keys import Keys
@@ -82,15 +83,6 @@ WORKERS = {
 HOOKED = ("chat_model.start", "llm.end")
 STOP_S = 7.0  # past the publisher's (5 s) and the workers' (read block + 5 s) socket timeouts
 SETTLE_S = 240.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ChaosRedis:

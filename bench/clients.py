@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._support import REDIS_URL, percentile, report, throwaway_prefix
-from bench.fanout import _env, _free_port, _processes, _wait_http
+from bench.fanout import _env, _processes, _wait_http
+from bus.demo.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096  # bytes of a memory page, for /proc/<pid>/statm
@@ -193,7 +194,7 @@ def _stack(server: list[str], prefix: str) -> Iterator[tuple[int, dict[str, str]
 
 
 def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     if kind == "bus":
         server = [
             sys.executable,

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fanout_stages import percentiles, stage_times
+from bus.demo.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -49,15 +50,6 @@ PARTITIONS = 4
 TOKENS_PER_PRODUCER_S = 20_000
 """Load one producer process is given at most (by default): a Python process
 publishing much more than this spends its event loop on the handler calls."""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _env(prefix: str) -> dict[str, str]:
@@ -157,7 +149,7 @@ def run_bus(
     count = min(count, streams)
     prefix = f"lcbus-bench-{uuid.uuid4().hex[:8]}"
     env = _env(prefix)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     serve = [
         [sys.executable, "-m", "bus.cli", "serve", "--port", str(p), "--log-level", "warning"]
         for p in ports
@@ -188,7 +180,7 @@ def run_bus(
 
 
 def run_baseline(streams: int, rate: float, per_stream: int, seconds: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     env = _env("unused")
     args = [str(streams), str(rate), str(seconds), str(streams * per_stream), str(port)]
     with _processes([_procs("baseline", *args)], env):

@@ -27,7 +27,8 @@ from langchain_openai import ChatOpenAI
 
 from bench._support import REDIS_URL, median, report, throwaway_prefix
 from bus import BusCallbackHandler, Publisher, Settings
-from tests.support.processes import free_port, spawn, wait_http
+from bus.demo.ports import free_port
+from tests.support.processes import spawn, wait_http
 
 SERVER = """
 import sys, uvicorn

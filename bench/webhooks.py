@@ -38,6 +38,7 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
+from bus.demo.ports import free_port
 from bus.events import ChainEnd, encode, new_event_id
 from bus.keys import Keys, partition_of
 from bus.settings import DEFAULT_REDIS_URL, Settings
@@ -45,15 +46,6 @@ from bus.webhooks.endpoints import Endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RECEIVER = ROOT / "tests" / "support" / "webhook_receiver.py"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_http(url: str) -> None:
@@ -163,7 +155,7 @@ def run(events: int, concurrency: int, paced: int, load: float) -> dict[str, flo
     settings = Settings(
         redis_url=redis_url, prefix=prefix, webhook_allow_networks="127.0.0.0/8,::1/128"
     )
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,

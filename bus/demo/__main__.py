@@ -36,7 +36,8 @@ from bus.demo.app import build_tool_chain, openai_model
 from bus.demo.client import StreamWatcher, fetch_json, render_tree, wait_for_deliveries
 from bus.demo.embedded import EmbeddedRedis
 from bus.demo.openai_server import DEFAULT_ANSWER
-from bus.demo.stack import DemoError, Stack, free_port
+from bus.demo.ports import free_port
+from bus.demo.stack import DemoError, Stack
 from bus.keys import Keys
 from bus.producer.callbacks import BusCallbackHandler
 from bus.settings import Settings

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
+from bus.demo.ports import free_port
 from bus.settings import Settings
-from tests.support.processes import ROOT, free_port
+from tests.support.processes import ROOT
 from tests.support.waiting import wait_until
 
 COMPOSE = ROOT / "compose.yaml"

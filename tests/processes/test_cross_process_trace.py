@@ -17,11 +17,12 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import tool
 
 from bus import BusCallbackHandler, Settings, get_trace, stream_token, trace_headers
+from bus.demo.ports import free_port
 from bus.traces.aggregator import TraceAggregator
 from bus.traces.tree import RunNode, Trace
 from tests.processes.test_demo import CHROMIUM, IN_CI
 from tests.support.frontend import SECRET, frontend
-from tests.support.processes import free_port, spawn, start_worker, stop, wait_http
+from tests.support.processes import spawn, start_worker, stop, wait_http
 from tests.support.published import bus_deliveries
 from tests.support.waiting import wait_until
 

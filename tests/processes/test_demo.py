@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.processes import ROOT, free_port, wait_http
+from bus.demo.ports import free_port
+from tests.support.processes import ROOT, wait_http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

@@ -20,10 +20,11 @@ from bus import BusCallbackHandler, Settings
 from bus import events as ev
 from bus.demo.app import build_tool_chain, openai_model
 from bus.demo.openai_server import DEFAULT_ANSWER
+from bus.demo.ports import free_port
 from bus.traces.aggregator import TraceAggregator
 from bus.webhooks.outbox import build_body
 from tests.support.frontend import frontend
-from tests.support.processes import free_port, spawn, stop, wait_http
+from tests.support.processes import spawn, stop, wait_http
 from tests.support.published import bus_deliveries, by_trace, check_trace, read_all
 
 

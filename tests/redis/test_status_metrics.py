@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import redis
 import redis.asyncio as aioredis
 
+from bus.demo.ports import free_port
 from bus.keys import Keys
 from bus.runtime.consumer import Delivery, GroupConsumer
 from bus.runtime.metrics import MetricsExporter
 from bus.runtime.status import collect_status
 from bus.settings import Settings
-from tests.support.processes import free_port
 from tests.support.publishing import publish, traces_events
 
 

@@ -17,10 +17,11 @@ import redis.asyncio as aioredis
 from langchain_protocol import protocol
 from pydantic import TypeAdapter
 
+from bus.demo.ports import free_port
 from bus.history import SCRIPTS, HistoryWriter, Outgoing, Topic
 from bus.keys import Keys
 from bus.scripts import execute
-from tests.support.processes import ROOT, free_port
+from tests.support.processes import ROOT
 from tests.support.protocol import check_keys
 from tests.support.waiting import wait_until
 

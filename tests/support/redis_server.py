@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.processes import free_port
+from bus.demo.ports import free_port
 from tests.support.waiting import wait_until
 
 

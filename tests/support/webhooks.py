@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from arq import Worker
 from arq.worker import func
 
+from bus.demo.ports import free_port
 from bus.events import ChainEnd, CustomEvent, LLMNewToken, ToolEnd, new_event_id
 from bus.keys import Keys
 from bus.runtime.arqpool import arq_pool
@@ -23,7 +24,6 @@ from bus.runtime.worker import WorkerContext
 from bus.settings import Settings
 from bus.webhooks.delivery import Deliverer, deliver_webhook
 from bus.webhooks.outbox import JOB_FUNCTION, WORKER
-from tests.support.processes import free_port
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
