@@ -2,7 +2,7 @@
 
 :class:`Sender` holds the worker process's one httpx transport (a
 keep-alive connection pool shared by every endpoint). It is the SSRF guard
-(:class:`bus.webhooks.ssrf.GuardedTransport`) unless one is passed, as
+(:class:`bus.webhooks.ssrf.GuardedTransport`, httpx over aiohttp) unless one is passed, as
 broadcaster's backends take an injected client: tests pass
 ``httpx.MockTransport`` to script the receiver's answers. Requests go to the
 transport directly, not through an ``httpx.AsyncClient``: a webhook needs

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import ssl
 
 import httpx
 import pytest
+import trustme
 
 from bus.errors import ConfigError, UnsafeURLError
 from bus.webhooks import ssrf
@@ -167,3 +170,77 @@ async def test_delivery_refuses_every_ipv6_form(
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(UnsafeURLError, match=r"hook\.example.*public addresses"):
             await client.post("http://hook.example/hook", content=b"{}")
+
+
+class _OneAnswerServer:
+    """A loopback HTTP(S) server answering 200 and recording each request's Host and SNI."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+        self.sni: list[str | None] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers = dict(
+            line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
+        )
+        self.hosts.append(headers.get("Host", headers.get("host", "")))
+        await reader.readexactly(
+            int(headers.get("Content-Length", headers.get("content-length", 0)))
+        )
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+
+async def test_an_ip_literal_is_checked_as_the_socket_is_made() -> None:
+    """aiohttp never resolves an IP literal: the socket factory checks it instead."""
+    server = _OneAnswerServer()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        refusing = ssrf.GuardedTransport(limits=httpx.Limits())
+        async with httpx.AsyncClient(transport=refusing) as client:
+            with pytest.raises(UnsafeURLError, match=r"127\.0\.0\.1 is loopback"):
+                await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+        allowing = ssrf.GuardedTransport(
+            allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits()
+        )
+        async with httpx.AsyncClient(transport=allowing) as client:
+            assert (await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")).text == "ok"
+        assert server.hosts == [f"127.0.0.1:{port}"]
+    finally:
+        listener.close()
+
+
+async def test_https_connects_to_the_checked_ip_and_verifies_the_hostname(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The name resolves to a checked IP; SNI, certificate and Host stay the name's."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hook.example").configure_cert(server_ctx)
+    server = _OneAnswerServer()
+    server_ctx.sni_callback = lambda _sock, name, _ctx: server.sni.append(name)  # type: ignore[assignment,func-returns-value]
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = listener.sockets[0].getsockname()[1]
+
+    async def answer(host: str, port: int) -> list[ssrf.IPAddress]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(ssrf, "resolve", answer)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    transport = ssrf.GuardedTransport(
+        allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits(), ssl_context=client_ctx
+    )
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.post(f"https://hook.example:{port}/hook", content=b"{}")
+            assert response.text == "ok"
+            with pytest.raises(httpx.HTTPError):  # a name the certificate does not carry
+                await client.post(f"https://other.example:{port}/hook", content=b"{}")
+        assert server.hosts == [f"hook.example:{port}"]
+        assert server.sni[:2] == ["hook.example", "other.example"]
+    finally:
+        listener.close()
