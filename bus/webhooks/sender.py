@@ -2,7 +2,7 @@
 
 :class:`Sender` holds the worker process's one httpx transport (a
 keep-alive connection pool shared by every endpoint). It is the SSRF guard
-(:class:`bus.webhooks.ssrf.GuardedTransport`, httpx over aiohttp) unless one is passed, as
+(:class:`bus.webhooks.transport.GuardedTransport`, httpx over aiohttp) unless one is passed, as
 broadcaster's backends take an injected client: tests pass
 ``httpx.MockTransport`` to script the receiver's answers. Requests go to the
 transport directly, not through an ``httpx.AsyncClient``: a webhook needs
@@ -28,6 +28,7 @@ from bus.settings import Settings
 from bus.webhooks import ssrf
 from bus.webhooks.endpoints import AttemptOutcome, Endpoint
 from bus.webhooks.signing import sign_headers
+from bus.webhooks.transport import GuardedTransport
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Sender:
                 max_connections=settings.webhook_max_jobs * 2,
                 max_keepalive_connections=settings.webhook_max_jobs,
             )
-            transport = ssrf.GuardedTransport(allow=allow, limits=limits)
+            transport = GuardedTransport(allow=allow, limits=limits)
         self.transport = transport
         self._timeouts = httpx.Timeout(settings.webhook_timeout_s).as_dict()
 

@@ -10,6 +10,7 @@ import trustme
 
 from bus.errors import ConfigError, UnsafeURLError
 from bus.webhooks import ssrf
+from bus.webhooks.transport import GuardedTransport
 
 LOOPBACK = ssrf.parse_networks("127.0.0.0/8,::1/128")
 
@@ -107,7 +108,7 @@ async def test_transport_checks_the_address_it_connects_to(
 
     monkeypatch.setattr(ssrf, "resolve", rebinding)
     await ssrf.check_url("http://rebind.example/hook")
-    transport = ssrf.GuardedTransport(limits=httpx.Limits())
+    transport = GuardedTransport(limits=httpx.Limits())
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(UnsafeURLError, match=r"rebind\.example.*127\.0\.0\.1.*loopback"):
             await client.post("http://rebind.example/hook", content=b"{}")
@@ -166,7 +167,7 @@ async def test_delivery_refuses_every_ipv6_form(
         return [ipaddress.ip_address(address)]
 
     monkeypatch.setattr(ssrf, "resolve", answer)
-    transport = ssrf.GuardedTransport(limits=httpx.Limits())
+    transport = GuardedTransport(limits=httpx.Limits())
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(UnsafeURLError, match=r"hook\.example.*public addresses"):
             await client.post("http://hook.example/hook", content=b"{}")
@@ -199,13 +200,11 @@ async def test_an_ip_literal_is_checked_as_the_socket_is_made() -> None:
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        refusing = ssrf.GuardedTransport(limits=httpx.Limits())
+        refusing = GuardedTransport(limits=httpx.Limits())
         async with httpx.AsyncClient(transport=refusing) as client:
             with pytest.raises(UnsafeURLError, match=r"127\.0\.0\.1 is loopback"):
                 await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
-        allowing = ssrf.GuardedTransport(
-            allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits()
-        )
+        allowing = GuardedTransport(allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits())
         async with httpx.AsyncClient(transport=allowing) as client:
             assert (await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")).text == "ok"
         assert server.hosts == [f"127.0.0.1:{port}"]
@@ -231,7 +230,7 @@ async def test_https_connects_to_the_checked_ip_and_verifies_the_hostname(
     monkeypatch.setattr(ssrf, "resolve", answer)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
-    transport = ssrf.GuardedTransport(
+    transport = GuardedTransport(
         allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits(), ssl_context=client_ctx
     )
     try:
