@@ -26,7 +26,7 @@ def free_port() -> int:
     lowest, highest = _outside_ephemeral_range()
     for _ in range(1000):
         port = random.randint(lowest, highest)
-        if port not in _handed_out and _bindable(port):
+        if port not in _handed_out and bindable(port):
             _handed_out.add(port)
             return port
     raise RuntimeError(f"no free loopback port in {lowest}-{highest}")
@@ -45,7 +45,8 @@ def _outside_ephemeral_range() -> tuple[int, int]:
     return LOWEST, 65_535  # the ephemeral range is nearly everything: take the risk
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Whether a loopback TCP socket can be bound to ``port`` now."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

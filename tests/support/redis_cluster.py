@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from bus.demo.ports import bindable
 from tests.support.waiting import wait_until
 
 MASTERS = 3
@@ -242,18 +242,9 @@ def _cluster_port() -> int:
     """A free port p with p + 10000 free too (the node's cluster bus), at most 55535."""
     for _ in range(100):
         port = random.randint(20_000, 55_000)
-        if all(_free(p) for p in (port, port + 10_000)):
+        if all(bindable(p) for p in (port, port + 10_000)):
             return port
     raise RuntimeError("no free port pair for a cluster node")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _served_by(node_port: int, slot: int) -> int | None:
