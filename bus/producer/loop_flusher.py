@@ -85,6 +85,11 @@ class LoopFlusher:
 
     # -- any thread -----------------------------------------------------------
 
+    @property
+    def holds_link(self) -> bool:
+        """Whether a link is attached to the loop or on its way to it."""
+        return self.link is not None or self.offered is not None
+
     def wake(self, now: bool) -> bool:
         """Have the loop drain after the linger (at once if ``now``); False if it cannot."""
         if self.link is None:

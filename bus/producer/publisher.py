@@ -182,6 +182,10 @@ class Publisher:
         self._wakeup.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
+        if flusher is not None and flusher.holds_link and not self._thread.is_alive():
+            # The first detach found the thread mid-send (or opening a link), and the
+            # thread stopped without its next check: close the link now, not at GC.
+            flusher.detach(0.0)
         if self._injected is None and self._client is not None:
             self._client.close()
 
