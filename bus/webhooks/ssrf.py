@@ -32,6 +32,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from bus.errors import ConfigError, UnsafeURLError
@@ -115,6 +116,11 @@ def check_address(ip: IPAddress, allow: Iterable[IPNetwork] = ()) -> None:
             )
 
 
+def sockaddr_ip(sockaddr: tuple[Any, ...]) -> IPAddress:
+    """The IP of a socket address, without an IPv6 scope (``fe80::1%eth0``)."""
+    return ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+
+
 async def resolve(host: str, port: int) -> list[IPAddress]:
     """Every address ``host`` resolves to (a literal IP resolves to itself)."""
     try:
@@ -128,7 +134,7 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         raise UnsafeURLError(f"cannot resolve webhook host {host!r}: {exc}") from exc
     found: list[IPAddress] = []
     for *_, sockaddr in infos:
-        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        ip = sockaddr_ip(sockaddr)
         if ip not in found:
             found.append(ip)
     if not found:

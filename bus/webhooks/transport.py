@@ -6,7 +6,6 @@ imports :mod:`bus.webhooks.ssrf` (registration checks URLs) but never sends.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ import httpx
 from aiohttp.abc import ResolveResult
 from httpx_aiohttp import AiohttpTransport
 
-from bus.webhooks.ssrf import IPNetwork, check_address, checked_addresses
+from bus.webhooks.ssrf import IPNetwork, check_address, checked_addresses, sockaddr_ip
 
 
 class _GuardedResolver(aiohttp.abc.AbstractResolver):
@@ -56,7 +55,7 @@ def _guarded_socket(allow: tuple[IPNetwork, ...]) -> Any:
 
     def make(addr_info: Any) -> socket.socket:
         family, type_, proto, _, sockaddr = addr_info
-        check_address(ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]), allow)
+        check_address(sockaddr_ip(sockaddr), allow)
         return socket.socket(family=family, type=type_, proto=proto)
 
     return make
