@@ -119,7 +119,14 @@ class LoopFlusher:
             except OSError as exc:  # the thread keeps draining; tried again on the next watch
                 log.debug("lcbus publisher could not link the event loop: %s", exc)
                 return
-            self.offered = link
+            # detach() runs under the drain lock: either it sees this offer and closes
+            # it, or it ran while the link was opening, and a detached flusher takes none
+            # (its attach might never run, should the loop stop first: the link would leak).
+            with publisher._drain_lock:
+                if publisher._loop_flusher is not self:
+                    link.close()
+                    return
+                self.offered = link
             if not _call_soon(loop, self.attach, link):
                 self.offered = None
                 link.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bus import Keys, Publisher, Settings
+from bus.producer.loop_flusher import LoopFlusher
 from tests.support.redis_server import OwnedRedis
 from tests.support.waiting import wait_until
 
@@ -139,6 +140,21 @@ def test_flush_called_on_the_loop_returns_with_everything_sent(server: OwnedRedi
 
     assert asyncio.run(app()) == (True, True)
     assert landed(server, settings) == sent
+    publisher.close()
+
+
+def test_a_flusher_detached_while_its_link_opened_closes_the_link(server: OwnedRedis) -> None:
+    """The thread's check opens a link for the loop while flush() on the loop detaches the
+    flusher: the link is closed at once, not offered to a loop that may never attach it
+    (seen as a socket left to the garbage collector when the loop closed first)."""
+    publisher = Publisher(settings=settings_for(server))
+
+    async def app() -> bool:
+        detached = LoopFlusher(publisher, asyncio.get_running_loop())  # not the publisher's
+        detached.watch()
+        return detached.holds_link
+
+    assert asyncio.run(app()) is False
     publisher.close()
 
 
