@@ -3,5 +3,8 @@
 from __future__ import annotations
 
 from bus.fanout.worker import worker_settings
+from bus.runtime.eventloop import use_uvloop
+
+use_uvloop()  # before arq builds its Worker, which takes the current loop
 
 WorkerSettings = worker_settings()
