@@ -27,13 +27,13 @@ import asyncio
 import logging
 import random
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 
-import httpx
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
@@ -118,8 +118,8 @@ class Deliverer:
     went away right after the POST) is re-run by arq; the same process then
     records the remembered outcome instead of sending the message again.
 
-    ``transport`` is the httpx transport the POSTs go through (see
-    :class:`bus.webhooks.sender.Sender`); by default the SSRF guard.
+    ``ssl_context`` is the TLS trust of the POSTs (default: certifi's roots;
+    tests pass one trusting their own CA).
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class Deliverer:
         redis: aioredis.Redis,
         arq: ArqRedis,
         settings: Settings,
-        transport: httpx.AsyncBaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.redis = redis
         self.arq = arq
@@ -145,7 +145,7 @@ class Deliverer:
         self._sizes: dict[str, int] = {}
         self._unsettled: dict[str, _Posted] = {}
         """By job id: attempts sent whose outcome Redis did not take."""
-        self.sender = Sender(settings=settings, allow=self.endpoints.allow, transport=transport)
+        self.sender = Sender(settings=settings, allow=self.endpoints.allow, ssl_context=ssl_context)
 
     async def aclose(self) -> None:
         await self.sender.aclose()

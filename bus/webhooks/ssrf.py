@@ -18,7 +18,7 @@ networks, e.g. ``127.0.0.0/8,::1/128`` for tests and the demo.
 
 The check runs twice: at registration (the host is resolved and every
 address checked), and at delivery on the address actually connected to.
-``bus.webhooks.transport.GuardedTransport`` resolves the host itself, checks every candidate
+``bus.webhooks.transport.guarded_session`` resolves the host itself, checks every candidate
 address and connects to a checked IP (and checks the address again as the
 socket is made for it), while the Host header and the TLS SNI and
 certificate check still use the hostname; so a DNS answer that changes

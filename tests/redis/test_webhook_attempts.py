@@ -1,6 +1,7 @@
-"""The attempt job's decisions, in process: the receiver is an ``httpx.MockTransport``
-injected into the Deliverer, the state is in the real Redis, and each queued attempt
-is taken off arq's queue and run by hand, so the schedule is read exactly."""
+"""The attempt job's decisions, in process: the receiver is a loopback HTTP server
+answering from a script, the Deliverer posts to it through its real (guarded) client,
+the state is in the real Redis, and each queued attempt is taken off arq's queue and
+run by hand, so the schedule is read exactly."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
@@ -30,25 +31,61 @@ from bus.webhooks.outbox import JOB_FUNCTION, WORKER, AttemptJob, dead_letters
 from bus.webhooks.router import Router
 from tests.support.webhooks import chain_end, webhook_settings
 
-URL = "http://127.0.0.1:9/hook"
-"""Never connected to: the mock transport answers instead."""
 
-Answer = httpx.Response | Exception
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    text: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+DROP = "drop"
+"""A scripted answer: the receiver closes the connection without answering."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the receiver got it (header names in lower case)."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+
 class ScriptedReceiver:
-    """Answers requests from a list, in order; records every request."""
+    """A loopback HTTP server answering ``POST /hook`` from a list, in order; records every
+    request."""
 
-    answers: list[Answer]
-    requests: list[httpx.Request] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.answers: list[Answer | str] = []
+        self.requests: list[Recorded] = []
+        self.url = ""
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/hook"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        self.requests.append(
+            Recorded(request.method, str(request.url), headers, await request.read())
+        )
         answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+        if not isinstance(answer, Answer):
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)  # never reaches the client
+        return web.Response(status=answer.status, text=answer.text, headers=answer.headers)
 
 
 @dataclass
@@ -64,13 +101,14 @@ class Rig:
         self.arq = arq
         self.keys = Keys(settings.prefix, settings.partitions)
         self.registry = Endpoints(redis=redis, settings=settings)
-        self.receiver = ScriptedReceiver([])
+        self.receiver = ScriptedReceiver()
+
+    @property
+    def url(self) -> str:
+        return self.receiver.url
 
     def deliverer(self) -> Deliverer:
-        transport = httpx.MockTransport(self.receiver)
-        return Deliverer(
-            redis=self.redis, arq=self.arq, settings=self.settings, transport=transport
-        )
+        return Deliverer(redis=self.redis, arq=self.arq, settings=self.settings)
 
     async def route_one(self, endpoint: Endpoint) -> str:
         """Route one chain end to ``endpoint``; the message id."""
@@ -115,12 +153,15 @@ class Rig:
 async def rig(settings: Settings, async_redis: aioredis.Redis) -> AsyncIterator[Rig]:
     wh = webhook_settings(settings, webhook_schedule="0,5,30", webhook_registry_cache_ms=0)
     arq = queue_client(wh)
-    yield Rig(wh, async_redis, arq)
+    rig = Rig(wh, async_redis, arq)
+    await rig.receiver.start()
+    yield rig
+    await rig.receiver.stop()
     await arq.aclose()
 
 
-def answer(status: int, text: str = "", **headers: str) -> httpx.Response:
-    return httpx.Response(status, text=text, headers=headers)
+def answer(status: int, text: str = "", **headers: str) -> Answer:
+    return Answer(status, text, headers)
 
 
 async def run_schedule(rig: Rig, endpoint: Endpoint) -> tuple[list[Outcome], list[Queued]]:
@@ -136,7 +177,7 @@ async def run_schedule(rig: Rig, endpoint: Endpoint) -> tuple[list[Outcome], lis
 
 
 async def test_failures_follow_the_schedule_then_dead_letter(rig: Rig) -> None:
-    endpoint = await rig.registry.add(URL, events=["chain.end"])
+    endpoint = await rig.registry.add(rig.url, events=["chain.end"])
     rig.receiver.answers = [answer(500, "boom 1"), answer(500, "boom 2"), answer(500, "boom 3")]
     msg_id = await rig.route_one(endpoint)
 
@@ -166,7 +207,7 @@ async def test_failures_follow_the_schedule_then_dead_letter(rig: Rig) -> None:
     # Every attempt is the same signed message: one webhook-id, the stored body.
     secret = endpoint.active_secrets(time.time())[0]
     for request in rig.receiver.requests:
-        assert (request.method, str(request.url)) == ("POST", URL)
+        assert (request.method, str(request.url)) == ("POST", rig.url)
         assert request.headers["webhook-id"] == msg_id
         assert request.content == body
         Webhook(secret).verify(request.content, dict(request.headers))
@@ -176,8 +217,8 @@ async def test_failures_follow_the_schedule_then_dead_letter(rig: Rig) -> None:
 
 
 async def test_a_success_ends_the_failure_streak(rig: Rig) -> None:
-    endpoint = await rig.registry.add(URL)
-    rig.receiver.answers = [httpx.ConnectError("connection refused"), answer(204)]
+    endpoint = await rig.registry.add(rig.url)
+    rig.receiver.answers = [DROP, answer(204)]
     msg_id = await rig.route_one(endpoint)
 
     outcomes, queued = await run_schedule(rig, endpoint)
@@ -186,7 +227,7 @@ async def test_a_success_ends_the_failure_streak(rig: Rig) -> None:
     assert [(q.job.attempt, q.defer_ms) for q in queued] == [(1, 0), (2, 5_000)]
     assert {q.job.msg_id for q in queued} == {msg_id}
     assert await rig.log(endpoint) == [
-        (1, None, "failure", "", "ConnectError: connection refused"),
+        (1, None, "failure", "", "ServerDisconnectedError: Server disconnected"),
         (2, 204, "success", "", ""),
     ]
     after = await rig.registry.get(endpoint.id)
@@ -195,7 +236,7 @@ async def test_a_success_ends_the_failure_streak(rig: Rig) -> None:
 
 
 async def test_410_disables_the_endpoint_and_dead_letters_what_waits(rig: Rig) -> None:
-    endpoint = await rig.registry.add(URL)
+    endpoint = await rig.registry.add(rig.url)
     rig.receiver.answers = [answer(410, "gone for good")]
     msg_id = await rig.route_one(endpoint)
 
@@ -209,7 +250,7 @@ async def test_410_disables_the_endpoint_and_dead_letters_what_waits(rig: Rig) -
     (event,) = await rig.disabled_events()
     assert (event.endpoint_id, event.url, event.reason) == (
         endpoint.id,
-        URL,
+        rig.url,
         "the endpoint answered 410 Gone",
     )
     # An attempt that was already queued when the endpoint got disabled sends nothing.
@@ -245,7 +286,7 @@ async def test_retry_after_stretches_the_next_delay_within_its_bound(
     rig: Rig, status: int, retry_after: Callable[[], str], defer_ms: int, paused: bool
 ) -> None:
     rig.settings = rig.settings.replace(webhook_retry_after_max_s=600)
-    endpoint = await rig.registry.add(URL)
+    endpoint = await rig.registry.add(rig.url)
     rig.receiver.answers = [answer(status, "later", **{"retry-after": retry_after()})]
     msg_id = await rig.route_one(endpoint)
     async with rig.deliverer() as deliverer:
@@ -260,7 +301,7 @@ async def test_retry_after_stretches_the_next_delay_within_its_bound(
 
 async def test_the_logged_response_is_cut_at_the_bound(rig: Rig) -> None:
     rig.settings = rig.settings.replace(webhook_response_max_bytes=8)
-    endpoint = await rig.registry.add(URL)
+    endpoint = await rig.registry.add(rig.url)
     rig.receiver.answers = [answer(200, "x" * 10_000)]
     await rig.route_one(endpoint)
     outcomes, _ = await run_schedule(rig, endpoint)
@@ -271,7 +312,7 @@ async def test_the_logged_response_is_cut_at_the_bound(rig: Rig) -> None:
 async def test_a_receivers_cookie_is_never_sent_back(rig: Rig) -> None:
     # Webhooks carry their signature, nothing a receiver asked to keep: a cookie
     # set by one answer must not ride on the next delivery (to it or anyone).
-    endpoint = await rig.registry.add(URL)
+    endpoint = await rig.registry.add(rig.url)
     rig.receiver.answers = [
         answer(200, **{"set-cookie": "session=abc; Path=/"}),
         answer(200),
@@ -303,7 +344,7 @@ def test_outcomes_keep_their_wire_values() -> None:
 
 
 async def test_a_busy_endpoint_puts_the_same_attempt_back(rig: Rig) -> None:
-    endpoint = await rig.registry.add(URL, max_concurrency=1)
+    endpoint = await rig.registry.add(rig.url, max_concurrency=1)
     msg_id = await rig.route_one(endpoint)
     # Another worker process holds the endpoint's one slot for the next minute.
     lease_end_ms = int((time.time() + 60) * 1000)

@@ -298,7 +298,8 @@ async def test_an_attempt_httpx_refuses_is_a_logged_failure_retried_then_dead(
     setup: Setup,
 ) -> None:
     """An endpoint stored before registration checked URLs as httpx does: its attempts fail
-    (InvalidURL is no httpx.HTTPError), and each one is logged, retried, then dead-lettered."""
+    (the sender sends only the form registration checks, and this URL has none), and
+    each one is logged, retried, then dead-lettered."""
     setup.settings = setup.settings.replace(webhook_schedule="0,0.1")
     endpoint, _name = await setup.endpoint()
     bad_url = "http://\uff11\uff12\uff17.0.0.1:9/hook"
@@ -311,10 +312,12 @@ async def test_an_attempt_httpx_refuses_is_a_logged_failure_retried_then_dead(
         (2, "failure", None),
         (1, "failure", None),
     ]
-    assert all(a.error.startswith("InvalidURL: Invalid IDNA hostname") for a in attempts)
+    refused = "WebhookError: webhook URL 'http://\uff11\uff12\uff17.0.0.1:9/hook' cannot be sent"
+    assert all(a.error.startswith(refused) for a in attempts)
+    assert all("Invalid IDNA hostname" in a.error for a in attempts)
     (dead,) = await dead_letters(setup.redis, setup.settings)
     assert dead.message_id == "msg_" + event.id and dead.attempts == 2
-    assert dead.error.startswith("InvalidURL: Invalid IDNA hostname")
+    assert dead.error.startswith(refused)
 
 
 async def test_token_webhooks_filtered_on_tags_match_the_runs_start(

@@ -4,13 +4,13 @@ import asyncio
 import ipaddress
 import ssl
 
-import httpx
+import aiohttp
 import pytest
 import trustme
 
 from bus.errors import ConfigError, UnsafeURLError
 from bus.webhooks import ssrf
-from bus.webhooks.transport import GuardedTransport
+from bus.webhooks.transport import guarded_session
 
 LOOPBACK = ssrf.parse_networks("127.0.0.0/8,::1/128")
 
@@ -108,10 +108,9 @@ async def test_transport_checks_the_address_it_connects_to(
 
     monkeypatch.setattr(ssrf, "resolve", rebinding)
     await ssrf.check_url("http://rebind.example/hook")
-    transport = GuardedTransport(limits=httpx.Limits())
-    async with httpx.AsyncClient(transport=transport) as client:
+    async with guarded_session(max_connections=1) as session:
         with pytest.raises(UnsafeURLError, match=r"rebind\.example.*127\.0\.0\.1.*loopback"):
-            await client.post("http://rebind.example/hook", content=b"{}")
+            await session.post("http://rebind.example/hook", data=b"{}")
 
 
 # IPv6 forms that carry an IPv4 address, each with the refused address inside.
@@ -167,10 +166,9 @@ async def test_delivery_refuses_every_ipv6_form(
         return [ipaddress.ip_address(address)]
 
     monkeypatch.setattr(ssrf, "resolve", answer)
-    transport = GuardedTransport(limits=httpx.Limits())
-    async with httpx.AsyncClient(transport=transport) as client:
+    async with guarded_session(max_connections=1) as session:
         with pytest.raises(UnsafeURLError, match=r"hook\.example.*public addresses"):
-            await client.post("http://hook.example/hook", content=b"{}")
+            await session.post("http://hook.example/hook", data=b"{}")
 
 
 class _OneAnswerServer:
@@ -200,13 +198,13 @@ async def test_an_ip_literal_is_checked_as_the_socket_is_made() -> None:
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        refusing = GuardedTransport(limits=httpx.Limits())
-        async with httpx.AsyncClient(transport=refusing) as client:
+        async with guarded_session(max_connections=1) as refusing:
             with pytest.raises(UnsafeURLError, match=r"127\.0\.0\.1 is loopback"):
-                await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
-        allowing = GuardedTransport(allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits())
-        async with httpx.AsyncClient(transport=allowing) as client:
-            assert (await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")).text == "ok"
+                await refusing.post(f"http://127.0.0.1:{port}/hook", data=b"{}")
+        loopback = ssrf.parse_networks("127.0.0.0/8")
+        allowing = guarded_session(allow=loopback, max_connections=1)
+        async with allowing, allowing.post(f"http://127.0.0.1:{port}/hook", data=b"{}") as answer:
+            assert await answer.text() == "ok"
         assert server.hosts == [f"127.0.0.1:{port}"]
     finally:
         listener.close()
@@ -230,15 +228,15 @@ async def test_https_connects_to_the_checked_ip_and_verifies_the_hostname(
     monkeypatch.setattr(ssrf, "resolve", answer)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
-    transport = GuardedTransport(
-        allow=ssrf.parse_networks("127.0.0.0/8"), limits=httpx.Limits(), ssl_context=client_ctx
-    )
+    loopback = ssrf.parse_networks("127.0.0.0/8")
     try:
-        async with httpx.AsyncClient(transport=transport) as client:
-            response = await client.post(f"https://hook.example:{port}/hook", content=b"{}")
-            assert response.text == "ok"
-            with pytest.raises(httpx.HTTPError):  # a name the certificate does not carry
-                await client.post(f"https://other.example:{port}/hook", content=b"{}")
+        async with guarded_session(
+            allow=loopback, max_connections=1, ssl_context=client_ctx
+        ) as session:
+            async with session.post(f"https://hook.example:{port}/hook", data=b"{}") as answer:
+                assert await answer.text() == "ok"
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # not the cert's name
+                await session.post(f"https://other.example:{port}/hook", data=b"{}")
         assert server.hosts == [f"hook.example:{port}"]
         assert server.sni[:2] == ["hook.example", "other.example"]
     finally:
