@@ -92,7 +92,6 @@ class Sender:
             self._session = guarded_session(
                 allow=self._allow,
                 max_connections=self.settings.webhook_max_jobs * 2,
-                timeout_s=self.settings.webhook_timeout_s,
                 ssl_context=self._ssl_context,
             )
         return self._session

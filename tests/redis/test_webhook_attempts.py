@@ -5,6 +5,7 @@ run by hand, so the schedule is read exactly."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Answer:
     status: int
     text: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
 
 
 DROP = "drop"
@@ -85,6 +87,7 @@ class ScriptedReceiver:
             assert request.transport is not None
             request.transport.close()
             return web.Response(status=500)  # never reaches the client
+        await asyncio.sleep(answer.delay_s)
         return web.Response(status=answer.status, text=answer.text, headers=answer.headers)
 
 
@@ -233,6 +236,25 @@ async def test_a_success_ends_the_failure_streak(rig: Rig) -> None:
     after = await rig.registry.get(endpoint.id)
     assert after.failing_since is None and after.last_success_at is not None
     assert await dead_letters(rig.redis, rig.settings) == []
+
+
+async def test_a_receiver_slower_than_the_timeout_is_a_failed_attempt_retried(rig: Rig) -> None:
+    rig.settings = rig.settings.replace(webhook_timeout_s=0.3)
+    endpoint = await rig.registry.add(rig.url)
+    rig.receiver.answers = [Answer(200, "too late", delay_s=2.0), answer(200, "ok")]
+    msg_id = await rig.route_one(endpoint)
+
+    outcomes, queued = await run_schedule(rig, endpoint)
+
+    assert outcomes == [Outcome.RETRYING, Outcome.DELIVERED]
+    assert [(q.job, q.defer_ms) for q in queued] == [
+        (AttemptJob(endpoint.id, msg_id, 1), 0),
+        (AttemptJob(endpoint.id, msg_id, 2), 5_000),
+    ]
+    assert await rig.log(endpoint) == [
+        (1, None, "failure", "", "timed out after 0.3 s"),
+        (2, 200, "success", "ok", ""),
+    ]
 
 
 async def test_410_disables_the_endpoint_and_dead_letters_what_waits(rig: Rig) -> None:
