@@ -1,24 +1,29 @@
 """Webhook throughput and latency: one worker process vs a raw httpx POST loop.
 
-``python -m bench.webhooks [--events N] [--concurrency C] [--paced M] [--load F]``
+``python -m bench.webhooks [--events N] [--concurrency C] [--rounds R] [--paced M] [--load F]``
 
 Starts the test receiver and one ``arq workers.webhooks.WorkerSettings``
-process and registers two endpoints (max_concurrency C each, told apart by
-tag). Two phases, both timed from the receiver's arrival times:
+process and registers an endpoint per round and one for the latency phase
+(max_concurrency C each, told apart by tag). Both phases are timed from the
+receiver's arrival times:
 
-- throughput: N events XADDed in one burst; deliveries_per_s is N over the
-  time from the first XADD to the last arrival;
+- throughput, R rounds: each round XADDs N events in one burst for its own
+  endpoint (deliveries_per_s is N over the time from the first XADD to the
+  last arrival), then POSTs the same bodies from the baseline loop. A
+  round's ratio compares the two measured back to back, so that the
+  machine's speed, which drifts by tens of percent within minutes on a
+  shared host, moves both sides of it alike; the figures reported are the
+  rounds' medians (and each round in ``rounds``);
 - latency: M events published one by one at a steady F x deliveries_per_s
   (default 0.5: half the measured capacity, so queueing does not dominate);
   p50_ms and p99_ms are event time to arrival at the receiver. (Latency under
-  the burst is mostly time spent queued behind the burst: burst_p50_ms.)
+  a burst is mostly time spent queued behind it: burst_p50_ms.)
 
-The baseline POSTs the same bodies from C concurrent ``httpx.AsyncClient``
-loops to the same receiver. worker_cpu_ms is the worker's CPU time per
-delivery in the burst (Linux /proc; steadier than rates on a busy machine).
-Last line: JSON with deliveries_per_s, raw_per_s, ratio, p50_ms, p99_ms and
-the figures above. Needs Redis at REDIS_URL (default 127.0.0.1:6379); uses its
-own prefix.
+The baseline POSTs the bodies from C concurrent ``httpx.AsyncClient`` loops
+to the same receiver. worker_cpu_ms is the worker's CPU time per delivery in
+a burst (Linux /proc; steadier than rates on a busy machine). Last line: JSON
+with deliveries_per_s, raw_per_s, ratio, p50_ms, p99_ms and the figures
+above. Needs Redis at REDIS_URL (default 127.0.0.1:6379); uses its own prefix.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +95,11 @@ def _event(settings: Settings, i: int, tag: str) -> tuple[str, bytes]:
     ), encode(event)
 
 
-def _publish(client: redis.Redis, settings: Settings, count: int) -> float:
+def _publish(client: redis.Redis, settings: Settings, count: int, tag: str) -> float:
     pipe = client.pipeline(transaction=False)
     started = time.time()
     for i in range(count):
-        stream, entry = _event(settings, i, "burst")
+        stream, entry = _event(settings, i, tag)
         pipe.xadd(stream, {b"e": entry})
         if i % 100 == 99:
             pipe.execute()
@@ -110,10 +117,10 @@ def _publish_paced(client: redis.Redis, settings: Settings, count: int, per_s: f
         client.xadd(stream, {b"e": entry})
 
 
-async def _register(settings: Settings, base: str, concurrency: int) -> None:
+async def _register(settings: Settings, base: str, concurrency: int, names: list[str]) -> None:
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        for name in ("burst", "paced"):
+        for name in names:
             await Endpoints(redis=client, settings=settings).add(
                 f"{base}/hook/{name}",
                 events=["chain.end"],
@@ -149,7 +156,49 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(events: int, concurrency: int, paced: int, load: float) -> dict[str, float]:
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One burst through the worker, and the baseline loop right after it."""
+
+    deliveries_per_s: float
+    raw_per_s: float
+    worker_cpu_ms: float
+    latencies: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.deliveries_per_s / self.raw_per_s
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "deliveries_per_s": round(self.deliveries_per_s, 1),
+            "raw_per_s": round(self.raw_per_s, 1),
+            "ratio": round(self.ratio, 3),
+            "worker_cpu_ms": round(self.worker_cpu_ms, 3),
+        }
+
+
+def _round(
+    sync: redis.Redis,
+    settings: Settings,
+    base: str,
+    worker_pid: int,
+    name: str,
+    args: argparse.Namespace,
+) -> Round:
+    cpu_before = _cpu_s(worker_pid)
+    started = _publish(sync, settings, args.events, name)
+    got = _wait_received(base, name, args.events)
+    if len(got) < args.events:
+        raise RuntimeError(f"{name}: {len(got)} of {args.events} deliveries arrived")
+    cpu_ms = (_cpu_s(worker_pid) - cpu_before) * 1000 / len(got)
+    per_s = len(got) / (max(r["at"] for r in got) - started)
+    bodies = [r["body"].encode() for r in got]
+    raw_per_s = asyncio.run(_raw(f"{base}/hook/raw", bodies, args.concurrency))
+    return Round(per_s, raw_per_s, cpu_ms, _latencies(got))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     prefix = f"lcbus-bench-{uuid.uuid4().hex[:8]}"
     settings = Settings(
@@ -164,13 +213,14 @@ def run(events: int, concurrency: int, paced: int, load: float) -> dict[str, flo
         "LCBUS_PREFIX": prefix,
         "LCBUS_WEBHOOK_ALLOW_NETWORKS": settings.webhook_allow_networks,
     }
+    bursts = [f"burst{i}" for i in range(args.rounds)]
     receiver = subprocess.Popen([sys.executable, str(RECEIVER), str(port)], cwd=ROOT)
     worker = None
     sync = redis.Redis.from_url(redis_url)
     log = open(os.environ.get("BENCH_WORKER_LOG", os.devnull), "ab")  # noqa: SIM115
     try:
         _wait_http(base + "/health")
-        asyncio.run(_register(settings, base, concurrency))
+        asyncio.run(_register(settings, base, args.concurrency, [*bursts, "paced"]))
         worker = subprocess.Popen(
             [sys.executable, "-m", "arq", "workers.webhooks.WorkerSettings"],
             cwd=ROOT,
@@ -179,16 +229,10 @@ def run(events: int, concurrency: int, paced: int, load: float) -> dict[str, flo
             stderr=log,
         )
         time.sleep(2)  # let the worker take its partition leases
-        cpu_before = _cpu_s(worker.pid)
-        started = _publish(sync, settings, events)
-        got = _wait_received(base, "burst", events)
-        cpu_ms = (_cpu_s(worker.pid) - cpu_before) * 1000 / max(1, len(got))
-        per_s = len(got) / (max(r["at"] for r in got) - started)
-        burst = _latencies(got)
-        _publish_paced(sync, settings, paced, per_s * load)
-        latencies = _latencies(_wait_received(base, "paced", paced))
-        bodies = [r["body"].encode() for r in got]
-        raw_per_s = asyncio.run(_raw(f"{base}/hook/raw", bodies, concurrency))
+        rounds = [_round(sync, settings, base, worker.pid, name, args) for name in bursts]
+        per_s = statistics.median(r.deliveries_per_s for r in rounds)
+        _publish_paced(sync, settings, args.paced, per_s * args.load)
+        latencies = _latencies(_wait_received(base, "paced", args.paced))
     finally:
         if worker is not None:
             worker.kill()
@@ -199,15 +243,16 @@ def run(events: int, concurrency: int, paced: int, load: float) -> dict[str, flo
         for key in sync.scan_iter(match=f"{prefix}:*", count=1000):
             sync.delete(key)
         sync.close()
+    burst = sorted(ms for r in rounds for ms in r.latencies)
     return {
-        "events": events,
-        "delivered": len(got),
+        "events": args.events,
+        "rounds": [r.summary() for r in rounds],
         "deliveries_per_s": round(per_s, 1),
-        "raw_per_s": round(raw_per_s, 1),
-        "ratio": round(per_s / raw_per_s, 3),
-        "worker_cpu_ms": round(cpu_ms, 3),
+        "raw_per_s": round(statistics.median(r.raw_per_s for r in rounds), 1),
+        "ratio": round(statistics.median(r.ratio for r in rounds), 3),
+        "worker_cpu_ms": round(statistics.median(r.worker_cpu_ms for r in rounds), 3),
         "burst_p50_ms": _pct(burst, 0.5),
-        "paced_per_s": round(per_s * load, 1),
+        "paced_per_s": round(per_s * args.load, 1),
         "paced_delivered": len(latencies),
         "p50_ms": _pct(latencies, 0.5),
         "p99_ms": _pct(latencies, 0.99),
@@ -218,10 +263,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="bursts, each with its baseline")
     parser.add_argument("--paced", type=int, default=500, help="events in the latency phase")
     parser.add_argument("--load", type=float, default=0.5, help="paced rate / measured rate")
     args = parser.parse_args()
-    print(json.dumps(run(args.events, args.concurrency, args.paced, args.load)))
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":
