@@ -1,4 +1,5 @@
-"""A raw connection to a standalone Redis that an event loop can drive without blocking.
+"""A raw connection to a standalone Redis, driven without blocking by an event loop
+or blocking by the publisher's thread.
 
 The loop flusher (:mod:`bus.producer.loop_flusher`) writes packed XADD batches
 on it from the app's event loop and reads the replies when the socket is
@@ -6,11 +7,11 @@ readable. Everything that may block (name lookup, connect, ``AUTH``,
 ``SELECT``) happens in :func:`open_link`, which the publisher's thread calls;
 the loop only ever calls the non-blocking :meth:`Link.write` and
 :meth:`Link.read`. :meth:`Link.settle` reads what is still owed with a
-deadline, for the moment the thread takes the link back from a loop that
-stopped.
+deadline: the thread's own sends wait for a batch's replies with it, and so
+does the thread when it takes the link back from a loop that stopped.
 
 Only ``redis://`` and ``unix://`` URLs qualify (:func:`loop_capable`): for TLS
-or a cluster the publisher keeps its thread, whose redis-py client handles them.
+or a cluster the publisher keeps redis-py's client, which handles them.
 """
 
 from __future__ import annotations

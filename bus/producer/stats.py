@@ -27,6 +27,11 @@ class PublisherStats:
 
 
 def leave_stats(client: redis.Redis, key: str, stats: PublisherStats) -> None:
-    """Store ``stats`` under ``key``, expiring; a failure is left to the next report."""
-    with contextlib.suppress(redis.RedisError, OSError):
+    """Store ``stats`` under ``key``, expiring; a failure is left to the next report.
+
+    Any failure: the flusher thread calls this, and must outlive whatever the
+    server at the URL answers (redis-py raises AttributeError on a handshake
+    reply it cannot read, say).
+    """
+    with contextlib.suppress(Exception):
         client.set(key, msgspec.json.encode(asdict(stats)), ex=STATS_TTL_S)

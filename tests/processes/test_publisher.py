@@ -206,6 +206,25 @@ def test_refused_entries_are_counted_and_the_rest_flow(server: OwnedRedis) -> No
     publisher.close()
 
 
+def test_a_connection_redis_closed_while_idle_costs_no_error(server: OwnedRedis) -> None:
+    server.start()
+    client = server.client()
+    client.config_set("timeout", 1)  # Redis closes clients idle for a second
+    settings = settings_for(server)
+    publisher = Publisher(settings=settings)
+    publisher.publish(0, b"before")
+    assert publisher.flush(5)
+    # Until Redis has dropped every client but this one: the publisher's link too.
+    wait_until(lambda: client.client_list() and len(client.client_list()) == 1, within=10)
+    publisher.publish(0, b"after")
+    assert publisher.flush(5)
+    stats = publisher.stats
+    publisher.close()
+    assert payloads_on(server, settings) == [b"before", b"after"]
+    assert (stats.published, stats.errors, stats.dropped) == (2, 0, 0), stats.last_error
+    client.close()
+
+
 class RecordingPublisher(Publisher):
     """A publisher that also remembers every payload handed to it, in order."""
 
