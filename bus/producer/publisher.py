@@ -397,6 +397,9 @@ class Publisher:
         try:
             link.write(packed(batch))
             replies = link.settle(len(batch), _SOCKET_TIMEOUT_S)
+        except TimeoutError:  # a send blocked that long: Redis is not reading
+            self._drop_thread_link()
+            return [], False
         except OSError:
             self._drop_thread_link()
             return [], True
