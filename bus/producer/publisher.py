@@ -44,7 +44,7 @@ from bus.producer.link import Link, loop_capable, open_link
 from bus.producer.loop_flusher import WATCH_EVERY_S, LoopFlusher
 from bus.producer.resp import Entry, packed, send_batch, xadd_head
 from bus.producer.routing import ClusterSender, PartlySent
-from bus.producer.stats import PublisherStats, leave_stats
+from bus.producer.stats import PublisherStats, leave_stats, stats_command
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -462,8 +462,34 @@ class Publisher:
         return min(_MAX_BACKOFF_S, 0.05 * 2.0 ** min(self._errors, 5))
 
     def _report_stats(self) -> None:
-        if self._client is not None and self._connected:
-            leave_stats(self._client, self._keys.publisher(self._source), self.stats)
+        if not self._connected:
+            return
+        key = self._keys.publisher(self._source)
+        leave_on_link = self._link_capable and self._leave_stats_on_link(key)
+        if not leave_on_link and self._client is not None:
+            # No link of the thread's (a loop drains, or TLS, a cluster, an injected
+            # client): redis-py's client, whose connection opens on first use.
+            leave_stats(self._client, key, self.stats)
+
+    def _leave_stats_on_link(self, key: str) -> bool:
+        """The stats as one more command on the thread's link, so that a sync
+        publisher holds one connection; False when it has no link at the moment."""
+        if not self._drain_lock.acquire(timeout=_CONNECT_TIMEOUT_S):
+            return True  # the thread is mid-send: left to the next report
+        try:
+            link = self._thread_link
+            if link is None:
+                return False
+            try:
+                link.write(stats_command(key, self.stats))
+                answered = link.settle(1, _SOCKET_TIMEOUT_S)
+            except Exception:  # the flusher must outlive any failure
+                answered = []
+            if not answered:
+                self._drop_thread_link()  # replies out of step: the next batch opens a new one
+            return True
+        finally:
+            self._drain_lock.release()
 
 
 def _call(ref: weakref.ref[Publisher], method: str) -> Any:

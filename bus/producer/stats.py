@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import msgspec
 import redis
 
+from bus.runtime.roundtrip import command
+
 STATS_TTL_S = 30
 """A process that stopped reporting drops out of ``lcbus status`` after this."""
 
@@ -26,6 +28,15 @@ class PublisherStats:
     last_error: str
 
 
+def stats_command(key: str, stats: PublisherStats) -> bytes:
+    """``SET key stats EX STATS_TTL_S`` as RESP, for a publisher's own link."""
+    return command(b"SET", key.encode(), _encoded(stats), b"EX", str(STATS_TTL_S).encode())
+
+
+def _encoded(stats: PublisherStats) -> bytes:
+    return msgspec.json.encode(asdict(stats))
+
+
 def leave_stats(client: redis.Redis, key: str, stats: PublisherStats) -> None:
     """Store ``stats`` under ``key``, expiring; a failure is left to the next report.
 
@@ -34,4 +45,4 @@ def leave_stats(client: redis.Redis, key: str, stats: PublisherStats) -> None:
     reply it cannot read, say).
     """
     with contextlib.suppress(Exception):
-        client.set(key, msgspec.json.encode(asdict(stats)), ex=STATS_TTL_S)
+        client.set(key, _encoded(stats), ex=STATS_TTL_S)

@@ -174,6 +174,8 @@ def test_stats_are_reported_to_redis(server: OwnedRedis) -> None:
     client: redis.Redis = server.client()
     stored = client.get(Keys(settings.prefix, settings.partitions).publisher(publisher.source))
     assert stored is not None and b'"published":1' in stored
+    # The stats went over the flusher's own link: this client and that link, no other.
+    assert len(client.client_list()) == 2
     client.close()
     publisher.close()
 
