@@ -40,11 +40,12 @@ import redis
 
 from bus.connect import is_cluster_client, sync_client
 from bus.keys import Keys
-from bus.producer.link import Link, loop_capable, open_link
+from bus.producer.link import loop_capable
 from bus.producer.loop_flusher import WATCH_EVERY_S, LoopFlusher
-from bus.producer.resp import Entry, packed, send_batch, xadd_head
+from bus.producer.resp import Entry, send_batch, xadd_head
 from bus.producer.routing import ClusterSender, PartlySent
 from bus.producer.stats import PublisherStats, leave_stats, stats_command
+from bus.producer.thread_link import ThreadLink
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class Publisher:
             # thread stopped without its next check: close the link now, not at GC.
             flusher.detach(0.0)
         if not self._thread.is_alive():
-            self._drop_thread_link()  # else the thread is stuck mid-send: it is a daemon
+            self._thread_link.close()  # else the thread is stuck mid-send: it is a daemon
         if self._injected is None and self._client is not None:
             self._client.close()
 
@@ -227,7 +228,11 @@ class Publisher:
         inherited_link = getattr(self, "_thread_link", None)
         if inherited_link is not None:
             inherited_link.close()  # this process's descriptor only; the parent keeps its own
-        self._thread_link: Link | None = None
+        self._thread_link = ThreadLink(
+            self.settings.redis_url,
+            connect_timeout_s=_CONNECT_TIMEOUT_S,
+            reply_timeout_s=_SOCKET_TIMEOUT_S,
+        )
         """The thread's own connection, for a ``redis://`` or ``unix://`` Redis (see _send)."""
         self._link_capable = False
         self._buffer: deque[Entry] = deque()
@@ -355,22 +360,9 @@ class Publisher:
         return self._refused(*refused)
 
     def _send_on_link(self, batch: list[Entry]) -> int:
-        """:meth:`_send` on the thread's own :class:`~bus.producer.link.Link`.
-
-        The replies of a batch are parsed in one go by hiredis, where redis-py's
-        connection reads them one call each: a batch of 100 cost the thread
-        286 µs of CPU through redis-py and 115 µs here (60 µs and 44 µs for one
-        entry), all of it time the thread holds the app's GIL. A link that fails
-        or stops answering is closed; the entries it answered count, the rest go
-        back to the buffer, and the next batch opens a new link.
-        """
-        reused = self._thread_link is not None
-        replies, closed = self._round_trip(batch)
-        if closed and not replies and reused:
-            # Closed before it answered anything, on a link kept from an earlier
-            # batch: Redis (or a proxy) drops idle clients after its timeout. Once
-            # more on a new link, as redis-py retries a pooled connection.
-            replies, closed = self._round_trip(batch)
+        """:meth:`_send` on the thread's own link (:mod:`bus.producer.thread_link`): the
+        entries answered count, the rest go back to the buffer."""
+        replies, closed = self._thread_link.send(batch)
         errors = [reply for reply in replies if isinstance(reply, hiredis.ReplyError)]
         refused = self._refused(len(errors), f"ResponseError: {errors[-1]}") if errors else 0
         if len(replies) < len(batch):
@@ -384,37 +376,6 @@ class Publisher:
             )
             raise PartlySent(batch[len(replies) :], refused, cause)
         return refused
-
-    def _round_trip(self, batch: list[Entry]) -> tuple[list[Any], bool]:
-        """The batch's replies, and whether the link closed before it gave them all
-        (else it timed out); a link that did not give them all is dropped."""
-        link = self._thread_link
-        if link is None:
-            link = self._thread_link = open_link(
-                self.settings.redis_url, timeout=_CONNECT_TIMEOUT_S
-            )
-        started = time.monotonic()
-        try:
-            link.write(packed(batch))
-            replies = link.settle(len(batch), _SOCKET_TIMEOUT_S)
-        except TimeoutError:  # a send blocked that long: Redis is not reading
-            self._drop_thread_link()
-            return [], False
-        except OSError:
-            self._drop_thread_link()
-            return [], True
-        except BaseException:
-            self._drop_thread_link()
-            raise
-        if len(replies) < len(batch):
-            self._drop_thread_link()
-            return replies, time.monotonic() - started < _SOCKET_TIMEOUT_S
-        return replies, False
-
-    def _drop_thread_link(self) -> None:
-        link, self._thread_link = self._thread_link, None
-        if link is not None:
-            link.close()
 
     def _refused(self, count: int, error: str) -> int:
         # Redis answered, but refused some entries (say, a key that is not a
@@ -477,17 +438,7 @@ class Publisher:
         if not self._drain_lock.acquire(timeout=_CONNECT_TIMEOUT_S):
             return True  # the thread is mid-send: left to the next report
         try:
-            link = self._thread_link
-            if link is None:
-                return False
-            try:
-                link.write(stats_command(key, self.stats))
-                answered = link.settle(1, _SOCKET_TIMEOUT_S)
-            except Exception:  # the flusher must outlive any failure
-                answered = []
-            if not answered:
-                self._drop_thread_link()  # replies out of step: the next batch opens a new one
-            return True
+            return self._thread_link.command(stats_command(key, self.stats))
         finally:
             self._drain_lock.release()
 
