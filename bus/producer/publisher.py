@@ -35,17 +35,14 @@ import weakref
 from collections import deque
 from typing import Any
 
-import hiredis
 import redis
 
-from bus.connect import is_cluster_client, sync_client
 from bus.keys import Keys
-from bus.producer.link import loop_capable
 from bus.producer.loop_flusher import WATCH_EVERY_S, LoopFlusher
-from bus.producer.resp import Entry, send_batch, xadd_head
-from bus.producer.routing import ClusterSender, PartlySent
+from bus.producer.resp import Entry, xadd_head
+from bus.producer.routing import PartlySent
+from bus.producer.sender import BatchSender, Refused
 from bus.producer.stats import PublisherStats, leave_stats, stats_command
-from bus.producer.thread_link import ThreadLink
 from bus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,10 +185,8 @@ class Publisher:
             # The first detach found the thread mid-send (or opening a link), and the
             # thread stopped without its next check: close the link now, not at GC.
             flusher.detach(0.0)
-        if not self._thread.is_alive():
-            self._thread_link.close()  # else the thread is stuck mid-send: it is a daemon
-        if self._injected is None and self._client is not None:
-            self._client.close()
+        # A thread still alive is stuck mid-send (it is a daemon): its link stays.
+        self._sender.close(link=not self._thread.is_alive())
 
     def __enter__(self) -> Publisher:
         return self
@@ -225,16 +220,18 @@ class Publisher:
         inherited = getattr(self, "_loop_flusher", None)
         if inherited is not None:
             inherited.abandon()  # the parent's link: its socket is the parent's to use
-        inherited_link = getattr(self, "_thread_link", None)
-        if inherited_link is not None:
-            inherited_link.close()  # this process's descriptor only; the parent keeps its own
-        self._thread_link = ThreadLink(
-            self.settings.redis_url,
+        inherited_sender = getattr(self, "_sender", None)
+        if inherited_sender is not None:
+            # This process's descriptor only; the parent keeps its own.
+            inherited_sender.link.close()
+        self._sender = BatchSender(
+            self.settings,
+            self._keys,
+            self._heads,
+            client=self._injected,
             connect_timeout_s=_CONNECT_TIMEOUT_S,
             reply_timeout_s=_SOCKET_TIMEOUT_S,
         )
-        """The thread's own connection, for a ``redis://`` or ``unix://`` Redis (see _send)."""
-        self._link_capable = False
         self._buffer: deque[Entry] = deque()
         self._buffered_bytes = 0
         self._lock = threading.Lock()
@@ -246,8 +243,6 @@ class Publisher:
         self._drop_oldest = self.settings.drop_policy == "oldest"
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
-        self._client: redis.Redis | None = self._injected
-        self._router: ClusterSender | None = None
         # Drops are counted apart per thread: an unlocked += shared by two
         # threads could lose counts.
         self._published = self._dropped = self._dropped_by_flusher = self._errors = 0
@@ -303,8 +298,10 @@ class Publisher:
             if not batch:
                 return True
             try:
-                refused = self._send(batch)
+                refused, error = self._send(batch)
             except PartlySent as partial:
+                if partial.refused:
+                    self._refused(partial.refused, partial.error)
                 self._published += len(batch) - len(partial.unsent) - partial.refused
                 self._on_failure(partial.unsent, partial.cause)
                 return False
@@ -313,7 +310,7 @@ class Publisher:
                 return False
             # Counted before in_flight clears, so that flush() never returns
             # before the stats show what it waited for.
-            self._sent(len(batch) - refused)
+            self._sent(len(batch), refused, error)
         finally:
             self._in_flight = False
         return True
@@ -330,71 +327,21 @@ class Publisher:
             log.warning("lcbus publisher reconnected to Redis; sending resumed")
         self._connected = True
 
-    def _ensure_client(self) -> redis.Redis:
-        client = self._client
-        if client is None:
-            client = self._client = sync_client(
-                self.settings,
-                socket_timeout=_SOCKET_TIMEOUT_S,
-                socket_connect_timeout=_CONNECT_TIMEOUT_S,
-            )
-            self._link_capable = (
-                self._injected is None
-                and loop_capable(self.settings.redis_url)
-                and not is_cluster_client(client)
-            )
-            self._loop_capable = self.settings.loop_flusher and self._link_capable
-        return client
+    def _send(self, batch: list[Entry]) -> Refused:
+        """One round trip (see bus.producer.sender); what Redis refused."""
+        sender = self._sender
+        if sender.client is None:
+            sender.ensure_client()
+            # Decided once: a loop flusher whose link fails turns it off for good.
+            self._loop_capable = self.settings.loop_flusher and sender.link_capable
+        return sender.send(batch)
 
-    def _send(self, batch: list[Entry]) -> int:
-        """One round trip: the batch packed as one RESP write (bus.producer.resp), then the
-        replies. Returns how many entries Redis refused."""
-        client = self._ensure_client()
-        if is_cluster_client(client):
-            return self._send_to_cluster(client, batch)
-        if self._link_capable:
-            return self._send_on_link(batch)
-        refused = send_batch(client, batch)
-        if refused is None:
-            return 0
-        return self._refused(*refused)
-
-    def _send_on_link(self, batch: list[Entry]) -> int:
-        """:meth:`_send` on the thread's own link (:mod:`bus.producer.thread_link`): the
-        entries answered count, the rest go back to the buffer."""
-        replies, closed = self._thread_link.send(batch)
-        errors = [reply for reply in replies if isinstance(reply, hiredis.ReplyError)]
-        refused = self._refused(len(errors), f"ResponseError: {errors[-1]}") if errors else 0
-        if len(replies) < len(batch):
-            how = (
-                "closed the connection"
-                if closed
-                else f"did not answer within {_SOCKET_TIMEOUT_S} s"
-            )
-            cause = ConnectionError(
-                f"Redis answered {len(replies)} of {len(batch)} entries, then {how}"
-            )
-            raise PartlySent(batch[len(replies) :], refused, cause)
-        return refused
-
-    def _refused(self, count: int, error: str) -> int:
+    def _refused(self, count: int, error: str) -> None:
         # Redis answered, but refused some entries (say, a key that is not a
         # stream): resending would fail the same way, so they count as dropped.
         self._dropped_by_flusher += count
         self._errors += 1
         self._last_error = error
-        return count
-
-    def _send_to_cluster(self, client: redis.Redis, batch: list[Entry]) -> int:
-        """The batch split by master, one packed pipeline each (see bus.producer.routing)."""
-        if self._router is None:
-            streams = [self._keys.events(p) for p in range(self.settings.partitions)]
-            self._router = ClusterSender(client, self._heads, streams)
-        sent = self._router.send(batch)
-        refused = self._refused(sent.refused, sent.last_error) if sent.refused else 0
-        if sent.failure is not None:
-            raise PartlySent(sent.unsent_in_order(), refused, sent.failure)
-        return refused
 
     def _on_failure(self, batch: list[Entry], exc: BaseException) -> None:
         # Put the batch back in front, in order, then apply the drop policy to
@@ -426,11 +373,12 @@ class Publisher:
         if not self._connected:
             return
         key = self._keys.publisher(self._source)
-        leave_on_link = self._link_capable and self._leave_stats_on_link(key)
-        if not leave_on_link and self._client is not None:
+        sender = self._sender
+        leave_on_link = sender.link_capable and self._leave_stats_on_link(key)
+        if not leave_on_link and sender.client is not None:
             # No link of the thread's (a loop drains, or TLS, a cluster, an injected
             # client): redis-py's client, whose connection opens on first use.
-            leave_stats(self._client, key, self.stats)
+            leave_stats(sender.client, key, self.stats)
 
     def _leave_stats_on_link(self, key: str) -> bool:
         """The stats as one more command on the thread's link, so that a sync
@@ -438,7 +386,7 @@ class Publisher:
         if not self._drain_lock.acquire(timeout=_CONNECT_TIMEOUT_S):
             return True  # the thread is mid-send: left to the next report
         try:
-            return self._thread_link.command(stats_command(key, self.stats))
+            return self._sender.link.command(stats_command(key, self.stats))
         finally:
             self._drain_lock.release()
 

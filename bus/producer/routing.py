@@ -63,11 +63,14 @@ class ClusterSend:
 
 
 class PartlySent(Exception):
-    """Some of a batch's entries reached the cluster; ``unsent`` go back to the buffer."""
+    """Some of a batch's entries reached Redis; ``unsent`` go back to the buffer.
 
-    def __init__(self, unsent: list[Entry], refused: int, cause: BaseException) -> None:
+    ``refused`` of the answered ones were refused, the last with ``error``.
+    """
+
+    def __init__(self, unsent: list[Entry], refused: int, error: str, cause: BaseException) -> None:
         super().__init__(str(cause))
-        self.unsent, self.refused, self.cause = unsent, refused, cause
+        self.unsent, self.refused, self.error, self.cause = unsent, refused, error, cause
 
 
 class ClusterSender:
