@@ -54,6 +54,8 @@ async def healthz(request: Request) -> JSONResponse:
         "pubsub": state.hub.connected,
         "channels": state.hub.channel_count,
         "pubsub_reconnects": state.hub.reconnects,
+        "live_sent_at_once": state.hub.sent_at_once,
+        "live_queued": state.hub.queued,
     }
     return JSONResponse(body, status_code=200 if state.hub.connected else 503)
 

@@ -21,6 +21,11 @@ re-armed when it fires, not per frame.
 - The client leaving (``http.disconnect``) ends the stream at once, wherever
   it waits (the frames' iterator is closed, so its subscription goes).
 - Shutdown: :meth:`EventStreams.stop` ends the streams of the process.
+- :meth:`EventStreamResponse.send_now` sends a chunk from outside the
+  stream's task (the hub's read loop, for a live token), when nothing else is
+  being sent and the connection's write buffer is empty: the server's
+  ``send`` then completes without waiting, and the token skips a task wake-up
+  and the trip through the stream's iterators.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -36,6 +42,10 @@ from starlette.types import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
+
+SEND_NOW_MAX_BYTES = 16 * 1024
+"""Larger chunks go through the stream's task: one that fills the write buffer
+would make the server's ``send`` wait for it to drain."""
 
 SERVER_SEND_SCOPE_KEY = "lcbus.server_send"
 """The server's own ``send`` of the connection, as the app received it (see FrontendApp).
@@ -104,6 +114,7 @@ class EventStreamResponse(Response):
         drains: bool = False,
         on_send_timeout: Callable[[], None] | None = None,
         headers: Mapping[str, str] | None = None,
+        transport: asyncio.WriteTransport | None = None,
     ) -> None:
         # Not Response.__init__: it would add a content-length for an empty body.
         self.status_code = 200
@@ -124,6 +135,11 @@ class EventStreamResponse(Response):
         self._sending_since: float | None = None
         self._last_sent = 0.0
         self._pinging: asyncio.Future[None] | None = None  # held: the loop keeps weak refs
+        """A send begun outside the stream's task (a ping, or a send_now that had to wait)."""
+        self._transport = transport
+        """The connection's transport, when the server exposes it: send_now needs it."""
+        self._started = False
+        """The response's start went out: body chunks may follow."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stopping = self._streams is not None and self._streams.stopping and not self.drains
@@ -161,6 +177,7 @@ class EventStreamResponse(Response):
             await self._send(
                 {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
             )
+            self._started = True
             async for chunk in self._frames:
                 if self._first:
                     await self._write(self._first + chunk)
@@ -206,6 +223,67 @@ class EventStreamResponse(Response):
             self._sending_since = None
             self._last_sent = loop.time()
 
+    def send_now(self, chunk: bytes) -> bool:
+        """Send ``chunk`` at once, from outside the stream's task; False when it cannot
+        (something is being sent, the response has not started, the write buffer holds
+        bytes, the chunk is large, the stream ended): the caller sends it the usual way.
+
+        Called by the hub's read loop, so it never raises: a send that fails (the
+        client left) returns False, and the stream's own next send meets the same end.
+        """
+        body_send = self._body_send
+        transport = self._transport
+        pinging = self._pinging
+        if (
+            body_send is None
+            or transport is None
+            or not self._started
+            or self._first
+            or self._stopped is not None
+            or self._sending_since is not None
+            or (pinging is not None and not pinging.done())
+            or len(chunk) > SEND_NOW_MAX_BYTES
+            or transport.get_write_buffer_size() > 0
+        ):
+            return False
+        sending = body_send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            waiting_on = sending.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            self._last_sent = asyncio.get_running_loop().time()
+            return True
+        except Exception:  # the connection is gone: the stream's task finds out itself
+            return False
+        # The server's send waits after all (it wrote, then found the transport paused):
+        # a task finishes it, the stream's next send waits for that task, and the send
+        # timeout watches it like any send.
+        self._sending_since = asyncio.get_running_loop().time()
+        self._pinging = asyncio.ensure_future(self._finish_sending(sending, waiting_on))
+        return True
+
+    async def _finish_sending(self, sending: Any, waiting_on: Any) -> None:
+        """Drive a send that :meth:`send_now` began, and that stopped to wait on
+        ``waiting_on``, to its end, as a task would: resume it once what it waits on is
+        done, whatever the outcome (the send reads the outcome itself)."""
+        try:
+            while True:
+                if waiting_on is None:
+                    await asyncio.sleep(0)
+                else:
+                    await asyncio.wait([waiting_on])
+                try:
+                    waiting_on = sending.send(None)
+                except StopIteration:
+                    return
+        except asyncio.CancelledError:
+            sending.close()
+            raise
+        except Exception:  # the connection failed mid-send: the stream's next send finds out
+            return
+        finally:
+            self._sending_since = None
+            self._last_sent = asyncio.get_running_loop().time()
+
     async def _until_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
@@ -236,7 +314,8 @@ class EventStreamResponse(Response):
             self._timer = loop.call_at(since + self._send_timeout_s, self._tick)
             return
         due = self._last_sent + self._ping_s
-        if now >= due:
+        pinging = self._pinging
+        if now >= due and (pinging is None or pinging.done()):
             # Rare (a silent stream, once per interval): a task of its own sends it.
             self._pinging = asyncio.ensure_future(self._ping())
             due = now + self._ping_s

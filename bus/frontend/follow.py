@@ -10,6 +10,13 @@ client then re-reads history instead of getting a gap.
 Items come in batches (:func:`follow_batches`): a history page, or every live
 item already queued for the client. A frontend writes a batch to its client
 as one chunk, so a burst costs one socket write instead of one per event.
+
+A caller that can write an item at once passes ``inline``: while the follower
+waits for live items, the hub hands it each one that continues the cursor
+(not the final one, not after a gap) from its own read loop, and the cursor
+advances when ``inline`` took it. Order is kept: an item that ``inline``
+refuses is queued, and every later one queues behind it until the follower
+has taken the queue.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ async def follow_batches(
     *,
     on_overflow: Callable[[], None] | None = None,
     stalled: Callable[[], bool] | None = None,
+    inline: Callable[[StreamItem], bool] | None = None,
 ) -> AsyncIterator[list[StreamItem]]:
     """Every event of ``topic`` after ``start``, in order, ending after the final one.
 
@@ -85,6 +93,7 @@ async def follow_batches(
         async with hub.history_reads.slots:
             cursor = await resolve(redis, keys, topic, start)
         strict = start.resuming
+        take_now = None if inline is None else _inline_taker(cursor, inline)
         while not cursor.ended:
             if sub.resync and not sub.draining:
                 replay = _replay(sub, hub.history_reads, redis, keys, topic, cursor, strict=strict)
@@ -92,12 +101,34 @@ async def follow_batches(
                     yield page
                 strict = True
                 continue
-            live = await sub.next()
+            sub.inline = take_now
+            try:
+                live = await sub.next()
+            finally:
+                sub.inline = None
             if live is None:
                 continue
             batch = _accept(sub, cursor, (live, *sub.drain()))
             if batch:
                 yield batch
+
+
+def _inline_taker(
+    cursor: _Cursor, inline: Callable[[StreamItem], bool]
+) -> Callable[[StreamItem], bool]:
+    """What the subscriber offers live items to while the follower waits (see the module
+    docstring): the next item in sequence goes to ``inline``; a duplicate is dropped, as
+    :func:`_accept` drops it; a gap or the final item queues, for the follower to handle."""
+
+    def take_now(item: StreamItem) -> bool:
+        if item.seq <= cursor.seq:
+            return True
+        if item.seq > cursor.seq + 1 or item.final or not inline(item):
+            return False
+        _advance(cursor, item)
+        return True
+
+    return take_now
 
 
 def _accept(sub: Subscriber, cursor: _Cursor, items: Iterable[StreamItem]) -> list[StreamItem]:

@@ -97,6 +97,11 @@ class Hub:
         """Channels with clients that no node serves yet (retried by ``_router``)."""
         self._router: asyncio.Task[None] | None = None
         self._started = False
+        self.sent_at_once = 0
+        """Live items written to a waiting client from the read loop (see Subscriber.inline)."""
+        self.queued = 0
+        """Live items left to a client's own stream instead (it was sending, replaying or
+        behind), counted per client."""
 
     async def __aenter__(self) -> Hub:
         await self.start()
@@ -285,8 +290,11 @@ class Hub:
         except (ValueError, UnicodeDecodeError):
             log.warning("skipping a malformed live message on %r", channel)
             return
+        at_once = 0
         for sub in state.subscribers:
-            sub.offer(item)
+            at_once += sub.offer(item)
+        self.sent_at_once += at_once
+        self.queued += len(state.subscribers) - at_once
 
     def lost(self, link: Link) -> None:
         """``link``'s connection dropped: its channels wait for a fresh confirmation,

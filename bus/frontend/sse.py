@@ -31,7 +31,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TypeGuard
 
 import msgspec
@@ -47,7 +47,7 @@ from bus.frontend.filters import Filter, FilterError, parse_channels
 from bus.frontend.follow import Start, follow_batches
 from bus.frontend.state import AppState
 from bus.frontend.threads import RETRY_MS
-from bus.history import Topic, is_event_id
+from bus.history import StreamItem, Topic, is_event_id
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,35 @@ def _frame(event: str, body: Mapping[str, object], *, retry_ms: int | None = Non
     return f"{retry}event: {event}\ndata: {json.dumps(body)}\n\n".encode()
 
 
+class _LiveSender:
+    """Writes a live item to the client at once, from the hub's read loop (follow's
+    ``inline``), through :meth:`EventStreamResponse.send_now` once the response exists.
+
+    ``last`` is the id of the last event the stream has passed on, by either way.
+    """
+
+    __slots__ = ("flt", "last", "send_now")
+
+    def __init__(self, flt: Filter, last: str | None) -> None:
+        self.flt = flt
+        self.last = last
+        self.send_now: Callable[[bytes], bool] | None = None
+
+    def __call__(self, item: StreamItem) -> bool:
+        send_now = self.send_now
+        if send_now is None:
+            return False
+        flt = self.flt
+        if (flt.everything or flt.matches(item)) and not send_now(item.sse_frame()):
+            return False
+        self.last = item.event_id
+        return True
+
+
 async def _stream_frames(
-    state: AppState, topic: Topic, start: Start, flt: Filter, watch: _SendWatch
+    state: AppState, topic: Topic, start: Start, live: _LiveSender, watch: _SendWatch
 ) -> AsyncIterator[bytes]:
-    last = start.event_id
+    flt = live.flt
     try:
         stream = follow_batches(
             state.hub,
@@ -96,9 +121,10 @@ async def _stream_frames(
             start,
             on_overflow=watch.cut,
             stalled=watch.stalled,
+            inline=live,
         )
         async for batch in stream:
-            last = batch[-1].event_id
+            live.last = batch[-1].event_id
             # One chunk per batch: one send (and one socket write) for a whole burst.
             chunk = b"".join(
                 item.sse_frame() for item in batch if flt.everything or flt.matches(item)
@@ -109,7 +135,7 @@ async def _stream_frames(
                 yield chunk
                 watch.blocked_since = None
     except ServerDraining:
-        farewell = {"reason": "server_shutdown", "lastEventId": last or ""}
+        farewell = {"reason": "server_shutdown", "lastEventId": live.last or ""}
         yield _frame("reconnect", farewell, retry_ms=RETRY_MS)
         return
     except StreamError as exc:
@@ -120,7 +146,7 @@ async def _stream_frames(
         retryable = {"code": "unavailable", "message": message, "retryable": True}
         yield _frame("error", retryable, retry_ms=RETRY_MS)
         return
-    yield _frame("end", {"lastEventId": last or ""})
+    yield _frame("end", {"lastEventId": live.last or ""})
 
 
 class _SendWatch:
@@ -181,17 +207,22 @@ def _response(
 ) -> Response:
     settings = state.settings
     watch = _SendWatch(request, settings.client_stall_s, settings.client_send_buffer_bytes)
+    live = _LiveSender(flt, start.event_id)
     # drains: on shutdown the hub ends the frames with a "reconnect" frame (see
     # drain_on_shutdown), so the response waits for that before it stops the stream.
-    return EventStreamResponse(
-        _stream_frames(state, topic, start, flt, watch),
+    response = EventStreamResponse(
+        _stream_frames(state, topic, start, live, watch),
         retry_ms=RETRY_MS,
         ping_s=settings.ping_interval_s,
         send_timeout_s=settings.send_timeout_s,
         streams=state.streams,
         drains=True,
         on_send_timeout=watch.abort,
+        transport=watch.transport,
     )
+    if watch.transport is not None:
+        live.send_now = response.send_now
+    return response
 
 
 SHUTDOWN_POLL_S = 0.5

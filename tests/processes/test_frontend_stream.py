@@ -147,7 +147,10 @@ async def test_every_client_on_two_frontends_gets_every_event_in_order(
     _assert_complete(late, len(events))
     assert late.ended
     # Every client left: both processes dropped every channel they had subscribed.
-    assert [server.health()["channels"] for server in frontends] == [0, 0]
+    health = [server.health() for server in frontends]
+    assert [h["channels"] for h in health] == [0, 0]
+    # Live events went to waiting clients straight from the hub's read loop.
+    assert all(h["live_sent_at_once"] > 0 for h in health)
 
 
 async def test_cut_client_resumes_with_exactly_the_missing_events(

@@ -190,3 +190,96 @@ async def test_a_chunk_waits_for_a_ping_still_in_its_send() -> None:
     assert server.body.index(PING) < server.body.index(b"data: 1")
     server.gone.set()
     await task
+
+
+class _Transport:
+    """What send_now reads of a connection: how many bytes wait in its write buffer."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+async def _streaming(
+    server: _Server, source: _Frames, transport: _Transport, send: Any = None
+) -> tuple[EventStreamResponse, asyncio.Task[None]]:
+    """A response whose first chunk went out, so that send_now may be used."""
+    response = EventStreamResponse(
+        source.frames(),
+        ping_s=60,
+        send_timeout_s=5,
+        retry_ms=1000,
+        transport=transport,  # type: ignore[arg-type]
+    )
+    task = asyncio.ensure_future(response(server.scope, server.receive, send or server.send))
+    source.queue.put_nowait(b"data: first\n\n")
+    await wait_until_async(lambda: b"data: first" in server.body, within=10, what="first")
+    return response, task
+
+
+async def test_send_now_sends_at_once_only_while_nothing_else_is_sent() -> None:
+    server, source, transport = _Server(), _Frames(), _Transport()
+    fresh = EventStreamResponse(source.frames(), ping_s=60, send_timeout_s=5, retry_ms=1000)
+    assert not fresh.send_now(b"data: early\n\n")  # not started: no transport, no start
+    response, task = await _streaming(server, source, transport)
+
+    assert response.send_now(b"data: 1\n\n")  # done before it returns: no task ran
+    assert server.body.endswith(b"data: 1\n\n")
+    transport.buffered = 10  # the client has not taken everything yet
+    assert not response.send_now(b"data: 2\n\n")
+    transport.buffered = 0
+    assert not response.send_now(b"x" * (64 * 1024))  # large: the stream's own send
+    assert response.send_now(b"data: 2\n\n")
+    server.gone.set()
+    await task
+    assert not response.send_now(b"data: 3\n\n")  # the stream ended
+    assert server.body.count(b"data: 2") == 1 and b"data: 3" not in server.body
+
+
+async def test_a_send_now_that_has_to_wait_holds_back_the_streams_next_chunk() -> None:
+    server, source, transport = _Server(), _Frames(), _Transport()
+    release = asyncio.Event()
+    in_send: list[bytes] = []
+    overlapped: list[bool] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        body = message.get("body", b"")
+        overlapped.append(bool(in_send))
+        in_send.append(body)
+        try:
+            server.messages.append(message)  # written, then it waits, as a paused transport
+            if body == b"data: waits\n\n":
+                await release.wait()
+        finally:
+            in_send.remove(body)
+
+    response, task = await _streaming(server, source, transport, send)
+    assert response.send_now(b"data: waits\n\n")
+    assert not response.send_now(b"data: refused\n\n")  # the first is still in its send
+    source.queue.put_nowait(b"data: next\n\n")
+    await asyncio.sleep(0.1)
+    assert b"data: next" not in server.body
+    release.set()
+    await wait_until_async(lambda: b"data: next" in server.body, within=10, what="next")
+    assert server.body.index(b"data: waits") < server.body.index(b"data: next")
+    assert not any(overlapped) and b"refused" not in server.body
+    server.gone.set()
+    await task
+
+
+async def test_a_send_now_that_fails_says_so() -> None:
+    server, source, transport = _Server(), _Frames(), _Transport()
+    failing = False
+
+    async def send(message: dict[str, Any]) -> None:
+        if failing and message.get("body"):
+            raise OSError("the client is gone")
+        await server.send(message)
+
+    response, task = await _streaming(server, source, transport, send)
+    failing = True
+    assert not response.send_now(b"data: 1\n\n")
+    server.gone.set()
+    await task
