@@ -161,32 +161,44 @@ async def test_body_chunks_go_to_the_servers_own_send_past_the_middleware() -> N
     await task
 
 
+class _HoldingSend:
+    """An ASGI send that holds ``held`` until ``release`` is set, noting each send that
+    began while another was under way. ``written_first``: the body is recorded before
+    the wait (a server that wrote, then waits for its transport), else after it."""
+
+    def __init__(self, server: _Server, held: bytes, *, written_first: bool) -> None:
+        self.server, self.held, self.written_first = server, held, written_first
+        self.release = asyncio.Event()
+        self.in_send: list[bytes] = []
+        self.overlapped: list[bool] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        body = message.get("body", b"")
+        self.overlapped.append(bool(self.in_send))
+        self.in_send.append(body)
+        try:
+            if self.written_first:
+                self.server.messages.append(message)
+            if body == self.held:
+                await self.release.wait()
+            if not self.written_first:
+                await self.server.send(message)
+        finally:
+            self.in_send.remove(body)
+
+
 async def test_a_chunk_waits_for_a_ping_still_in_its_send() -> None:
     server, source = _Server(), _Frames()
-    release = asyncio.Event()
-    in_send: list[bytes] = []
-    overlapped: list[bool] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        body = message.get("body", b"")
-        overlapped.append(bool(in_send))
-        in_send.append(body)
-        try:
-            if body == PING:
-                await release.wait()
-            await server.send(message)
-        finally:
-            in_send.remove(body)
-
+    send = _HoldingSend(server, PING, written_first=False)
     response = EventStreamResponse(source.frames(), ping_s=0.05, send_timeout_s=5)
     task = asyncio.ensure_future(response(server.scope, server.receive, send))
-    await wait_until_async(lambda: PING in in_send, within=10, what="a ping in its send")
+    await wait_until_async(lambda: PING in send.in_send, within=10, what="a ping in its send")
     source.queue.put_nowait(b"data: 1\n\n")
     await asyncio.sleep(0.1)
     assert b"data: 1" not in server.body
-    release.set()
+    send.release.set()
     await wait_until_async(lambda: b"data: 1" in server.body, within=10, what="the frame")
-    assert not any(overlapped)
+    assert not any(send.overlapped)
     assert server.body.index(PING) < server.body.index(b"data: 1")
     server.gone.set()
     await task
@@ -240,31 +252,17 @@ async def test_send_now_sends_at_once_only_while_nothing_else_is_sent() -> None:
 
 async def test_a_send_now_that_has_to_wait_holds_back_the_streams_next_chunk() -> None:
     server, source, transport = _Server(), _Frames(), _Transport()
-    release = asyncio.Event()
-    in_send: list[bytes] = []
-    overlapped: list[bool] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        body = message.get("body", b"")
-        overlapped.append(bool(in_send))
-        in_send.append(body)
-        try:
-            server.messages.append(message)  # written, then it waits, as a paused transport
-            if body == b"data: waits\n\n":
-                await release.wait()
-        finally:
-            in_send.remove(body)
-
+    send = _HoldingSend(server, b"data: waits\n\n", written_first=True)
     response, task = await _streaming(server, source, transport, send)
     assert response.send_now(b"data: waits\n\n")
     assert not response.send_now(b"data: refused\n\n")  # the first is still in its send
     source.queue.put_nowait(b"data: next\n\n")
     await asyncio.sleep(0.1)
     assert b"data: next" not in server.body
-    release.set()
+    send.release.set()
     await wait_until_async(lambda: b"data: next" in server.body, within=10, what="next")
     assert server.body.index(b"data: waits") < server.body.index(b"data: next")
-    assert not any(overlapped) and b"refused" not in server.body
+    assert not any(send.overlapped) and b"refused" not in server.body
     server.gone.set()
     await task
 
