@@ -242,6 +242,10 @@ class Keys:
     def endpoints(self) -> str:
         return f"{self.prefix}:wh:endpoints"
 
+    def endpoints_version(self) -> str:
+        """A counter every change to the endpoint registry increments (see the router)."""
+        return f"{self.prefix}:wh:endpoints:version"
+
     def endpoint(self, endpoint_id: str) -> str:
         return f"{self.prefix}:wh:endpoint:{{{endpoint_id}}}"
 

@@ -137,6 +137,8 @@ class Settings:
     webhook_redis_connections: int = 64
     """Redis connections the webhook worker's attempts share (waiting when all are busy)."""
     webhook_registry_cache_ms: int = 1_000
+    """How often the router re-reads the endpoint list even when the registry's version
+    is unchanged (changes made through Endpoints bump it and apply at once)."""
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} "):

@@ -213,6 +213,7 @@ class Endpoints:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.endpoint(endpoint.id), mapping=fields)
             pipe.sadd(self.keys.endpoints(), endpoint.id)
+            pipe.incr(self.keys.endpoints_version())
             await pipe.execute()
         return endpoint
 
@@ -246,7 +247,8 @@ class Endpoints:
                 keys.endpoint_throttle(endpoint_id),
             )
             pipe.srem(keys.endpoints(), endpoint_id)
-            deleted, _, indexed = await pipe.execute()
+            pipe.incr(keys.endpoints_version())
+            deleted, _, indexed, _ = await pipe.execute()
         if not deleted and not indexed:
             raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
 
@@ -266,6 +268,8 @@ class Endpoints:
         )
         if done == -1:
             raise EndpointNotFound(f"no webhook endpoint {endpoint_id!r}")
+        if done:
+            await self._changed()
         return bool(done)
 
     async def update(self, endpoint_id: str, *, only_unset: bool = False, **fields: Any) -> bool:
@@ -286,7 +290,15 @@ class Endpoints:
         unset = [name for name, value in fields.items() if value is None]
         if unset:
             await self.redis.hdel(key, *unset)
+        # HSET counts new fields only: any update but an only_unset that set nothing changed
+        # the endpoint.
+        if changed or unset or not only_unset:
+            await self._changed()
         return bool(changed)
+
+    async def _changed(self) -> None:
+        """Tell routers to re-read the registry with their next batch."""
+        await self.redis.incr(self.keys.endpoints_version())
 
     async def rotate_secret(
         self, endpoint_id: str, *, secret: str | None = None, grace_s: float | None = None

@@ -7,9 +7,13 @@ with ``SET NX`` and a job whose id already exists is refused (as arq's
 ``enqueue_job`` would; see :func:`bus.webhooks.outbox.enqueue_attempts`), so a
 batch handed over twice queues nothing new.
 
-The endpoint list is cached for ``webhook_registry_cache_ms``: registering or
-enabling an endpoint takes effect within that time. A disabled endpoint that
-the cache still lists gets nothing either, as the attempt re-reads it.
+The endpoint list is cached, and every batch first reads the registry's
+version, which each change through :class:`Endpoints` (add, update, enable,
+disable, remove) increments: an endpoint registered before an event was
+published gets that event, however soon the event follows. The list is also
+re-read every ``webhook_registry_cache_ms``, for changes made past
+:class:`Endpoints`. A disabled endpoint that the cache still lists gets
+nothing either, as the attempt re-reads it.
 
 Token events (``llm.new_token``, ``stream.event``) do not repeat their run's
 tags and metadata: those ride on the run's start. When an endpoint filters
@@ -62,6 +66,7 @@ class Router:
         self.endpoints = Endpoints(redis=redis, settings=settings)
         self._cache: list[Endpoint] = []
         self._cached_at = -float("inf")
+        self._cached_version: object = None
         self._ttl_s = settings.webhook_registry_cache_ms / 1000
         self._message_ttl = message_ttl_s(settings)
         self.enqueued = 0
@@ -69,10 +74,14 @@ class Router:
         self._runs: OrderedDict[str, RunInfo] = OrderedDict()
 
     async def enabled_endpoints(self) -> list[Endpoint]:
+        # The version is read before the list: a change landing in between shows as a
+        # new version with the next batch, which reads the list again.
+        version: Any = await self.redis.get(self.keys.endpoints_version())
         now = time.monotonic()
-        if now - self._cached_at >= self._ttl_s:
+        if version != self._cached_version or now - self._cached_at >= self._ttl_s:
             self._cache = [e for e in await self.endpoints.all() if e.enabled]
             self._cached_at = now
+            self._cached_version = version
         return self._cache
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> None:

@@ -340,3 +340,23 @@ async def test_token_webhooks_filtered_on_tags_match_the_runs_start(
     await setup.run()
     got = sorted(r["headers"]["webhook-id"] for r in setup.rx.received(name))
     assert got == sorted("msg_" + e.id for e in prod)
+
+
+async def test_a_registry_change_reaches_a_router_with_a_cached_list_at_once(
+    wh_settings: Settings, async_redis: aioredis.Redis, arq_pool: ArqRedis, receiver: Receiver
+) -> None:
+    # A cache that would otherwise hold the list for an hour.
+    settings = wh_settings.replace(webhook_registry_cache_ms=3_600_000)
+    setup = Setup(settings, async_redis, arq_pool, receiver)
+    await setup.send(chain_end())  # caches a registry without the endpoint below
+    endpoint, name = await setup.endpoint(events=["chain.end"])
+    first = chain_end()
+    await setup.send(first)  # right after the endpoint was added
+    await setup.run()
+    assert [r["headers"]["webhook-id"] for r in receiver.received(name)] == ["msg_" + first.id]
+
+    await setup.registry.update(endpoint.id, events=["tool.end"])
+    await setup.send(chain_end(), tool_end())  # the new filter applies to this batch
+    await setup.run()
+    types = [verified(endpoint, r)["type"] for r in receiver.received(name)]
+    assert types == ["chain.end", "tool.end"]
