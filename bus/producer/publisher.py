@@ -258,20 +258,23 @@ class Publisher:
     def _run(self) -> None:
         linger = self.settings.flush_interval_ms / 1000
         last_stats = 0.0
-        while not self._stopping.is_set():
-            bound = self._loop_flusher is not None
-            self._wakeup.wait(timeout=WATCH_EVERY_S if bound else _STATS_EVERY_S)
-            self._wakeup.clear()
-            if (flusher := self._loop_flusher) is not None:
-                flusher.watch()
-            if linger and 0 < len(self._buffer) < self.settings.batch_size and self._drains():
-                time.sleep(linger)  # the time bound: let a batch form
-            while self._buffer and not self._stopping.is_set() and self._drains():
-                if not self._drain_once():
-                    self._stopping.wait(self._backoff())
-            if time.monotonic() - last_stats > _STATS_EVERY_S:
-                last_stats = time.monotonic()
-                self._report_stats()
+        try:
+            while not self._stopping.is_set():
+                bound = self._loop_flusher is not None
+                self._wakeup.wait(timeout=WATCH_EVERY_S if bound else _STATS_EVERY_S)
+                self._wakeup.clear()
+                if (flusher := self._loop_flusher) is not None:
+                    flusher.watch()
+                if linger and 0 < len(self._buffer) < self.settings.batch_size and self._drains():
+                    time.sleep(linger)  # the time bound: let a batch form
+                while self._buffer and not self._stopping.is_set() and self._drains():
+                    if not self._drain_once():
+                        self._stopping.wait(self._backoff())
+                if time.monotonic() - last_stats > _STATS_EVERY_S:
+                    last_stats = time.monotonic()
+                    self._report_stats()
+        finally:
+            self._sender.link.close()  # the thread's: close() leaves it to a thread mid-send
 
     def _drains(self) -> bool:
         """Whether the thread is the drainer (no loop flusher holding a link)."""
