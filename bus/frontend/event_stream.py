@@ -254,7 +254,7 @@ class EventStreamResponse(Response):
             return True
         except Exception:  # the connection is gone: the stream's task finds out itself
             return False
-        # The server's send waits after all (it wrote, then found the transport paused):
+        # The server's send waits after all (say, for a transport that paused writing):
         # a task finishes it, the stream's next send waits for that task, and the send
         # timeout watches it like any send.
         self._sending_since = asyncio.get_running_loop().time()

@@ -164,7 +164,7 @@ async def test_body_chunks_go_to_the_servers_own_send_past_the_middleware() -> N
 class _HoldingSend:
     """An ASGI send that holds ``held`` until ``release`` is set, noting each send that
     began while another was under way. ``written_first``: the body is recorded before
-    the wait (a server that wrote, then waits for its transport), else after it."""
+    the wait, else after it (servers do either)."""
 
     def __init__(self, server: _Server, held: bytes, *, written_first: bool) -> None:
         self.server, self.held, self.written_first = server, held, written_first
