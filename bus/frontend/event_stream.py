@@ -314,8 +314,7 @@ class EventStreamResponse(Response):
             self._timer = loop.call_at(since + self._send_timeout_s, self._tick)
             return
         due = self._last_sent + self._ping_s
-        pinging = self._pinging
-        if now >= due and (pinging is None or pinging.done()):
+        if now >= due:
             # Rare (a silent stream, once per interval): a task of its own sends it.
             self._pinging = asyncio.ensure_future(self._ping())
             due = now + self._ping_s

@@ -185,8 +185,7 @@ class Publisher:
             # The first detach found the thread mid-send (or opening a link), and the
             # thread stopped without its next check: close the link now, not at GC.
             flusher.detach(0.0)
-        # A thread still alive is stuck mid-send (it is a daemon): its link stays.
-        self._sender.close(link=not self._thread.is_alive())
+        self._sender.close_client()
 
     def __enter__(self) -> Publisher:
         return self
@@ -274,7 +273,7 @@ class Publisher:
                     last_stats = time.monotonic()
                     self._report_stats()
         finally:
-            self._sender.link.close()  # the thread's: close() leaves it to a thread mid-send
+            self._sender.link.close()  # also after a send that outlived close()
 
     def _drains(self) -> bool:
         """Whether the thread is the drainer (no loop flusher holding a link)."""

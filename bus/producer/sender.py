@@ -109,9 +109,8 @@ class BatchSender:
             raise PartlySent(sent.unsent_in_order(), *refused, sent.failure)
         return refused
 
-    def close(self, *, link: bool) -> None:
-        """Close the client made here and, with ``link`` (no send can be under way), the link."""
-        if link:
-            self.link.close()
+    def close_client(self) -> None:
+        """Close the client made here (the link is the flusher thread's: it closes it when
+        it stops, also after a send that outlived ``Publisher.close``)."""
         if self._injected is None and self.client is not None:
             self.client.close()
